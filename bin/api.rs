@@ -1,0 +1,98 @@
+//! `api`: the HTTP booking API, its outbox relay and the waiting-queue admission.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use booking::app::{self, ApiSettings, Resources};
+use booking::config::{duration, Common};
+use booking::queue::QueueConfig;
+use clap::Parser;
+
+/// The HTTP booking API (brief §4): users, points, catalog, waiting queue, holds, payments.
+#[derive(Parser, Debug)]
+#[command(name = "api", version)]
+struct Cli {
+    #[command(flatten)]
+    common: Common,
+
+    /// Address the HTTP API listens on.
+    #[arg(long = "listen", env = "LISTEN_ADDR", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+
+    /// Address serving /metrics and /health for Prometheus (also served on --listen).
+    #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9101")]
+    metrics_addr: SocketAddr,
+
+    /// How long a seat hold lasts before it expires.
+    #[arg(long, env = "HOLD_TTL", default_value = "5m", value_parser = duration)]
+    hold_ttl: Duration,
+
+    /// Bearer token for the admin routes (empty disables them).
+    #[arg(long, env = "ADMIN_TOKEN", default_value = "", hide_env_values = true)]
+    admin_token: String,
+
+    /// How often the waiting queue admits users.
+    #[arg(long, env = "QUEUE_TICK", default_value = "1s", value_parser = duration)]
+    queue_tick: Duration,
+
+    /// How many users one tick admits per schedule.
+    #[arg(long, env = "QUEUE_BATCH", default_value_t = 100)]
+    queue_batch: u32,
+
+    /// Most users active (allowed to book) at once per schedule.
+    #[arg(long, env = "QUEUE_MAX_ACTIVE", default_value_t = 500)]
+    queue_max_active: u32,
+
+    /// An active user lapses after this long without a request.
+    #[arg(long, env = "QUEUE_IDLE_TIMEOUT", default_value = "5m", value_parser = duration)]
+    queue_idle_timeout: Duration,
+
+    /// Secret that signs queue tokens (set the same value on every replica).
+    #[arg(long, env = "QUEUE_SECRET", hide_env_values = true)]
+    queue_secret: String,
+
+    /// Most outbox rows the relay publishes per batch.
+    #[arg(long, env = "OUTBOX_BATCH", default_value_t = 500)]
+    outbox_batch: i64,
+
+    /// Fallback poll of the outbox when no NOTIFY arrives.
+    #[arg(long, env = "OUTBOX_POLL_INTERVAL", default_value = "1s", value_parser = duration)]
+    outbox_poll_interval: Duration,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    booking::telemetry::init_logging(cli.common.log_json);
+    let metrics = booking::telemetry::install_metrics();
+    let shutdown = booking::shutdown::on_signal();
+    let res = Resources::connect(&cli.common, "api").await.context("connecting")?;
+    let listener = tokio::net::TcpListener::bind(cli.listen).await.context("binding --listen")?;
+    let ops = booking::telemetry::bind(cli.metrics_addr).await.context("binding --metrics-addr")?;
+    tracing::info!(listen = %cli.listen, metrics = %cli.metrics_addr, "api started");
+    let settings = ApiSettings {
+        hold_ttl: cli.hold_ttl,
+        admin_token: cli.admin_token,
+        queue: QueueConfig {
+            tick: cli.queue_tick,
+            batch: cli.queue_batch,
+            max_active: cli.queue_max_active,
+            idle: cli.queue_idle_timeout,
+            secret: cli.queue_secret,
+        },
+        outbox_batch: cli.outbox_batch,
+        outbox_poll: cli.outbox_poll_interval,
+    };
+    app::run_api(res, settings, listener, Some(ops), metrics, shutdown).await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn verify_cli() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}

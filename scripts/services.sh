@@ -1,0 +1,917 @@
+#!/usr/bin/env bash
+# Local PostgreSQL, Redis and Apache Kafka (KRaft, single node) for the
+# booking backend, on 127.0.0.1, without Docker.
+#
+# Everything lives under ${BOOKING_DATA_DIR:-<repo>/.data} (git-ignored).
+# Missing packages are installed with apt-get (postgresql, redis-server);
+# Kafka's jars come from Maven Central via scripts/kafka/pom.xml.
+#
+# Usage: scripts/services.sh COMMAND
+#   up                 start whatever is not running, wait until all three
+#                      answer, then print the exports below on stdout
+#                      (progress goes to stderr):  eval "$(scripts/services.sh up)"
+#   down               stop all three (clean shutdown), idempotent
+#   status             state of each service; exit 0 only if all are up
+#   env                print only the exports:     eval "$(scripts/services.sh env)"
+#   check              like status, plus a real Kafka produce/consume round trip
+#   reset              down, then delete the data directory
+#   start-postgres | start-redis | start-kafka   start one service, wait until ready
+#   stop-postgres  | stop-redis  | stop-kafka    stop one service (for fault tests)
+#
+# Environment (all optional):
+#   BOOKING_DATA_DIR              data directory (default <repo>/.data)
+#   BOOKING_PG_PORT               PostgreSQL port          (default 55432)
+#   BOOKING_REDIS_PORT            Redis port               (default 56379)
+#   BOOKING_KAFKA_PORT            Kafka broker port        (default 59092)
+#   BOOKING_KAFKA_CONTROLLER_PORT Kafka KRaft controller   (default 59093)
+#   BOOKING_SERVICES_TIMEOUT      seconds to wait for a service (default 90)
+#
+# Exports printed by `up` and `env`:
+#   DATABASE_URL=postgres://booking:booking@127.0.0.1:55432/booking  (role booking is SUPERUSER)
+#   REDIS_URL=redis://127.0.0.1:56379
+#   KAFKA_BROKERS=127.0.0.1:59092
+set -euo pipefail
+
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_DIR=$(cd "$SCRIPT_DIR/.." && pwd)
+DATA_DIR=$(realpath -m -- "${BOOKING_DATA_DIR:-$REPO_DIR/.data}")
+
+HOST=127.0.0.1
+PG_PORT=${BOOKING_PG_PORT:-55432}
+REDIS_PORT=${BOOKING_REDIS_PORT:-56379}
+KAFKA_PORT=${BOOKING_KAFKA_PORT:-59092}
+KAFKA_CONTROLLER_PORT=${BOOKING_KAFKA_CONTROLLER_PORT:-59093}
+TIMEOUT=${BOOKING_SERVICES_TIMEOUT:-90}
+
+DATA_MARKER=$DATA_DIR/.booking-services-data
+
+PG_DIR=$DATA_DIR/postgres
+PG_DATA=$PG_DIR/data
+PG_LOG=$PG_DIR/postgres.log
+PG_SOCK_DIR=$PG_DIR/run
+PG_SUPERUSER=postgres        # bootstrap superuser created by initdb
+PG_OS_USER=postgres          # OS user that owns the cluster when we are root
+
+REDIS_DIR=$DATA_DIR/redis
+REDIS_CONF=$REDIS_DIR/redis.conf
+REDIS_PID=$REDIS_DIR/redis.pid
+REDIS_LOG=$REDIS_DIR/redis.log
+
+KAFKA_POM=$SCRIPT_DIR/kafka/pom.xml
+KAFKA_DIR=$DATA_DIR/kafka
+KAFKA_LIBS=$KAFKA_DIR/libs
+KAFKA_LIBS_MARKER=$KAFKA_LIBS/.pom-sha256
+KAFKA_LOG_DIRS=$KAFKA_DIR/data
+KAFKA_LOGS=$KAFKA_DIR/logs
+KAFKA_OUT=$KAFKA_LOGS/kafka.out
+KAFKA_SERVER_LOG=$KAFKA_LOGS/server.log
+KAFKA_PROPS=$KAFKA_DIR/server.properties
+KAFKA_LOG4J=$KAFKA_DIR/log4j2.properties
+KAFKA_TOOLS_LOG4J=$KAFKA_DIR/log4j2-tools.properties
+KAFKA_PID=$KAFKA_DIR/kafka.pid
+KAFKA_CLUSTER_ID_FILE=$KAFKA_DIR/cluster.id
+KAFKA_HEALTH_TOPIC=_healthcheck
+JAVA=${JAVA_HOME:+$JAVA_HOME/bin/}java
+
+DATABASE_URL="postgres://booking:booking@$HOST:$PG_PORT/booking"
+REDIS_URL="redis://$HOST:$REDIS_PORT"
+KAFKA_BROKERS="$HOST:$KAFKA_PORT"
+
+# ---------------------------------------------------------------- helpers
+
+log() { printf '[services] %s\n' "$*" >&2; }
+die() { printf '[services] ERROR: %s\n' "$*" >&2; exit 1; }
+
+# die, showing the end of the given log files
+die_log() {
+    local msg=$1 file
+    shift
+    printf '[services] ERROR: %s\n' "$msg" >&2
+    for file in "$@"; do
+        if [[ -n $file && -s $file ]]; then
+            printf '[services] ---- last 40 lines of %s ----\n' "$file" >&2
+            tail -n 40 -- "$file" >&2 || true
+            printf '[services] ---- end of %s ----\n' "$file" >&2
+        fi
+    done
+    exit 1
+}
+
+# first line of a pid file, digits only; empty if missing (always succeeds)
+read_pid() {
+    local f=$1 pid=""
+    if [[ -f $f ]]; then
+        pid=$(head -n 1 -- "$f" 2>/dev/null | tr -dc '0-9') || pid=""
+    fi
+    printf '%s' "$pid"
+}
+
+# is the process alive? A zombie (killed, not yet reaped by its parent or
+# init) counts as dead, although kill -0 still succeeds on it.
+pid_alive() {
+    [[ -n ${1:-} ]] && kill -0 "$1" 2>/dev/null || return 1
+    local stat
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    stat=${stat##*) }
+    [[ ${stat:0:1} != Z ]]
+}
+
+# does the pid still exist at all (zombies included)?
+pid_exists() { [[ -n ${1:-} && -e /proc/$1 ]]; }
+
+# After a kill -9 the process lingers for a moment: a multi-threaded one shows
+# as a zombie while its other threads still hold its sockets, and the zombie
+# stays until reaped. Wait (bounded) until the pid has completely gone.
+wait_pid_gone() {
+    local pid=$1 start=$SECONDS
+    while pid_exists "$pid" && ! pid_alive "$pid" && ((SECONDS - start < 30)); do
+        sleep 0.2
+    done
+}
+
+# die unless $HOST:$1 is free (waits a few seconds for a dying process's socket)
+require_port_free() {
+    local port=$1 what=$2 start=$SECONDS
+    while port_open "$port"; do
+        if ((SECONDS - start >= 5)); then
+            die "$what: port $HOST:$port is already used by another process (ss -ltnp | grep $port)"
+        fi
+        sleep 0.3
+    done
+}
+
+# does process $1's command line contain every further argument?
+pid_cmdline_has() {
+    local pid=$1 cmd
+    shift
+    cmd=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) || return 1
+    local s
+    for s in "$@"; do
+        [[ $cmd == *"$s"* ]] || return 1
+    done
+}
+
+# does something accept TCP connections on $HOST:$1 ?
+port_open() {
+    # shellcheck disable=SC2016  # expanded by the inner bash
+    timeout 2 bash -c 'exec 3<>"/dev/tcp/$0/$1"' "$HOST" "$1" 2>/dev/null
+}
+
+# wait_ready WHAT LOGFILE ALIVE_FN CHECK_CMD...  (LOGFILE may list several, space-separated)
+# Polls CHECK_CMD until it succeeds; fails after $TIMEOUT s, or early once
+# ALIVE_FN (if given) reports that the service process has gone away.
+wait_ready() {
+    local what=$1 logf=$2 alive_fn=$3
+    shift 3
+    local start=$SECONDS
+    until "$@" >/dev/null 2>&1; do
+        if ((SECONDS - start >= TIMEOUT)); then
+            # shellcheck disable=SC2086
+            die_log "$what did not become ready within ${TIMEOUT}s" $logf
+        fi
+        if [[ -n $alive_fn ]] && ((SECONDS - start >= 3)) && ! "$alive_fn"; then
+            # shellcheck disable=SC2086
+            die_log "$what exited during start-up" $logf
+        fi
+        sleep 0.3
+    done
+}
+
+POLICY_RC_CREATED=0
+cleanup() {
+    if ((POLICY_RC_CREATED)); then
+        rm -f /usr/sbin/policy-rc.d
+        POLICY_RC_CREATED=0
+    fi
+}
+trap cleanup EXIT
+
+# apt-get install, without starting the packages' own system services
+# (postgresql's 'main' cluster on 5432, redis on 6379): we run our own.
+apt_install() {
+    [[ $EUID -eq 0 ]] || die "missing packages ($*): run as root, or install them first"
+    command -v apt-get >/dev/null || die "missing packages ($*) and no apt-get on this machine"
+    log "installing $* with apt-get"
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        printf '#!/bin/sh\n# temporary (scripts/services.sh): start no services during install\nexit 101\n' \
+            >/usr/sbin/policy-rc.d
+        chmod 755 /usr/sbin/policy-rc.d
+        POLICY_RC_CREATED=1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    local opts=(-y -q -o Dpkg::Use-Pty=0 --no-install-recommends -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold)
+    if ! apt-get install "${opts[@]}" "$@" >&2; then
+        log "apt-get install failed; running apt-get update and retrying"
+        apt-get update -q >&2 || die "apt-get update failed"
+        apt-get install "${opts[@]}" "$@" >&2 || die "apt-get install $* failed"
+    fi
+    cleanup
+}
+
+prepare_data_dir() {
+    mkdir -p -- "$DATA_DIR"
+    chmod 755 -- "$DATA_DIR"
+    [[ -f $DATA_MARKER ]] || printf 'created by scripts/services.sh; delete it with: scripts/services.sh reset\n' >"$DATA_MARKER"
+}
+
+LOCK_HELD=0
+take_lock() {
+    ((LOCK_HELD)) && return 0
+    prepare_data_dir
+    exec 9>"$DATA_DIR/.lock"
+    if ! flock -w 300 9; then
+        die "another scripts/services.sh is busy with $DATA_DIR (waited 300 s)"
+    fi
+    LOCK_HELD=1
+}
+
+# ---------------------------------------------------------------- PostgreSQL
+
+pg_find_bin() {
+    # Binaries of the cluster's own major version once it exists, else the newest installed.
+    local v
+    if [[ -f $PG_DATA/PG_VERSION ]]; then
+        v=$(<"$PG_DATA/PG_VERSION")
+        if [[ -x /usr/lib/postgresql/$v/bin/initdb ]]; then
+            printf '%s' "/usr/lib/postgresql/$v/bin"
+        fi
+        return 0
+    fi
+    local d found=()
+    for d in /usr/lib/postgresql/*/bin; do
+        [[ -x $d/initdb && -x $d/pg_ctl && -x $d/postgres ]] && found+=("${d%/bin}")
+    done
+    ((${#found[@]})) || return 0
+    printf '%s/bin' "$(printf '%s\n' "${found[@]}" | sort -V | tail -n 1)"
+}
+
+PG_BIN=""
+pg_require_bin() {
+    PG_BIN=$(pg_find_bin)
+    if [[ -z $PG_BIN ]]; then
+        if [[ -f $PG_DATA/PG_VERSION ]]; then
+            die "PostgreSQL $(<"$PG_DATA/PG_VERSION") binaries (/usr/lib/postgresql/$(<"$PG_DATA/PG_VERSION")/bin) are missing; install postgresql-$(<"$PG_DATA/PG_VERSION") or run 'scripts/services.sh reset'"
+        fi
+        apt_install postgresql
+        PG_BIN=$(pg_find_bin)
+        [[ -n $PG_BIN ]] || die "apt-get installed postgresql but no /usr/lib/postgresql/*/bin/initdb was found"
+    fi
+}
+
+# run a command as the cluster's owner (user postgres when we are root)
+as_pg() {
+    if [[ $EUID -eq 0 ]]; then
+        (cd / && runuser -u "$PG_OS_USER" -- "$@")
+    else
+        "$@"
+    fi
+}
+
+pg_psql() {
+    PGCONNECT_TIMEOUT=5 "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$HOST" -p "$PG_PORT" "$@"
+}
+
+pg_is_ready() {
+    "$PG_BIN/pg_isready" -q -h "$HOST" -p "$PG_PORT" -U "$PG_SUPERUSER" -d postgres -t 2 &&
+        [[ $(pg_psql -U "$PG_SUPERUSER" -d postgres -Atc 'select 1' 2>/dev/null) == 1 ]]
+}
+
+pg_pid() { read_pid "$PG_DATA/postmaster.pid"; }
+
+# postmaster alive (per postmaster.pid)?
+pg_running() {
+    local pid
+    pid=$(pg_pid)
+    pid_alive "$pid" && pid_cmdline_has "$pid" postgres "$PG_DATA"
+}
+
+pg_write_conf() {
+    local sock_dir=$PG_SOCK_DIR
+    # sun_path is 108 bytes; with a deep data dir fall back to TCP only
+    if ((${#PG_SOCK_DIR} + 20 > 107)); then
+        sock_dir=""
+    fi
+    cat >"$PG_DATA/booking.conf" <<EOF
+# Written by scripts/services.sh on every start; edits are lost.
+listen_addresses = '$HOST'
+port = $PG_PORT
+unix_socket_directories = '$sock_dir'
+max_connections = 300
+# durability stays on
+fsync = on
+synchronous_commit = on
+full_page_writes = on
+EOF
+    cat >"$PG_DATA/pg_hba.conf" <<EOF
+# Written by scripts/services.sh: trust on 127.0.0.1 only (local development).
+# TYPE  DATABASE  USER  ADDRESS        METHOD
+local   all       all                  peer
+host    all       all   $HOST/32   trust
+EOF
+    if [[ $EUID -eq 0 ]]; then
+        chown "$PG_OS_USER:" "$PG_DATA/booking.conf" "$PG_DATA/pg_hba.conf"
+    fi
+    chmod 600 "$PG_DATA/booking.conf" "$PG_DATA/pg_hba.conf"
+}
+
+pg_init() {
+    [[ -f $PG_DATA/PG_VERSION ]] && return 0
+    mkdir -p -- "$PG_DIR"
+    if [[ $EUID -eq 0 ]]; then
+        id -u "$PG_OS_USER" >/dev/null 2>&1 || die "OS user '$PG_OS_USER' does not exist (it comes with the postgresql package)"
+        chown "$PG_OS_USER:" "$PG_DIR"
+        as_pg test -w "$PG_DIR" ||
+            die "user $PG_OS_USER cannot write $PG_DIR: a parent directory is not traversable; set BOOKING_DATA_DIR elsewhere"
+    fi
+    chmod 700 "$PG_DIR"
+    log "postgres: initdb in $PG_DATA ($PG_BIN)"
+    rm -rf -- "$PG_DIR/data.init"
+    local locale=C.UTF-8
+    locale -a 2>/dev/null | grep -qiE '^c\.utf-?8$' || locale=C
+    if ! as_pg "$PG_BIN/initdb" -D "$PG_DIR/data.init" -U "$PG_SUPERUSER" -E UTF8 --locale="$locale" \
+        --auth-local=peer --auth-host=trust >"$PG_DIR/initdb.log" 2>&1; then
+        die_log "initdb failed" "$PG_DIR/initdb.log"
+    fi
+    printf "\n# scripts/services.sh settings\ninclude = 'booking.conf'\n" >>"$PG_DIR/data.init/postgresql.conf"
+    mv -- "$PG_DIR/data.init" "$PG_DATA"
+}
+
+pg_bootstrap_roles() {
+    pg_psql -U "$PG_SUPERUSER" -d postgres >/dev/null <<'SQL' || die_log "postgres: creating role/database booking failed" "$PG_LOG"
+DO $$
+BEGIN
+  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'booking') THEN
+    CREATE ROLE booking LOGIN SUPERUSER PASSWORD 'booking';
+  ELSE
+    ALTER ROLE booking LOGIN SUPERUSER PASSWORD 'booking';
+  END IF;
+END
+$$;
+SELECT 'CREATE DATABASE booking OWNER booking'
+ WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = 'booking') \gexec
+SQL
+    [[ $(PGCONNECT_TIMEOUT=5 "$PG_BIN/psql" -X -Atc 'select 1' "$DATABASE_URL" 2>/dev/null) == 1 ]] ||
+        die_log "postgres: cannot connect as $DATABASE_URL" "$PG_LOG"
+}
+
+start_postgres() {
+    pg_require_bin
+    if pg_running; then
+        wait_ready "postgres" "$PG_LOG" pg_running pg_is_ready
+        log "postgres: already running (pid $(pg_pid), $HOST:$PG_PORT)"
+        pg_bootstrap_roles
+        return 0
+    fi
+    pg_init
+    local pid
+    pid=$(pg_pid)
+    if [[ -n $pid ]]; then
+        # A killed postmaster can linger as a zombie until reaped, and postgres
+        # refuses to start while that pid exists: wait for it to go away.
+        wait_pid_gone "$pid"
+        if pid_alive "$pid"; then
+            # pid reused by an unrelated process: postgres would refuse to start
+            log "postgres: removing stale postmaster.pid and socket lock (pid $pid is not our postgres)"
+            rm -f -- "$PG_DATA/postmaster.pid" "$PG_SOCK_DIR/.s.PGSQL.$PG_PORT.lock"
+        else
+            log "postgres: stale postmaster.pid (pid $pid is gone); postgres replaces it and recovers"
+        fi
+    fi
+    require_port_free "$PG_PORT" postgres
+    pg_write_conf
+    mkdir -p -- "$PG_SOCK_DIR"
+    if [[ $EUID -eq 0 ]]; then
+        chown "$PG_OS_USER:" "$PG_SOCK_DIR"
+    fi
+    log "postgres: starting on $HOST:$PG_PORT"
+    if ! as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$PG_LOG" -w -t "$TIMEOUT" start >/dev/null 2>"$PG_DIR/pg_ctl.err" 9>&-; then
+        cat "$PG_DIR/pg_ctl.err" >&2 || true
+        die_log "postgres: pg_ctl start failed" "$PG_LOG"
+    fi
+    wait_ready "postgres" "$PG_LOG" pg_running pg_is_ready
+    pg_bootstrap_roles
+    log "postgres: ready (pid $(pg_pid))"
+}
+
+stop_postgres() {
+    PG_BIN=$(pg_find_bin)
+    if [[ ! -f $PG_DATA/PG_VERSION ]]; then
+        log "postgres: not initialised"
+        return 0
+    fi
+    if ! pg_running; then
+        log "postgres: not running"
+        return 0
+    fi
+    [[ -n $PG_BIN ]] || die "postgres is running but its binaries are missing"
+    log "postgres: stopping (pid $(pg_pid))"
+    as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" -m fast -w -t "$TIMEOUT" stop >/dev/null 2>&1 9>&- ||
+        die_log "postgres: pg_ctl stop failed" "$PG_LOG"
+}
+
+status_postgres() {
+    PG_BIN=$(pg_find_bin)
+    if [[ -z $PG_BIN ]]; then
+        echo "postgres: not installed"
+        return 1
+    fi
+    if [[ ! -f $PG_DATA/PG_VERSION ]]; then
+        echo "postgres: not initialised ($PG_DATA)"
+        return 1
+    fi
+    if pg_running && pg_is_ready; then
+        echo "postgres: up (pid $(pg_pid), $HOST:$PG_PORT, $(basename "$(dirname "$PG_BIN")"))"
+        return 0
+    fi
+    if pg_running; then
+        echo "postgres: running (pid $(pg_pid)) but not answering on $HOST:$PG_PORT"
+    else
+        echo "postgres: down"
+    fi
+    return 1
+}
+
+# ---------------------------------------------------------------- Redis
+
+redis_require_bin() {
+    if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
+        apt_install redis-server redis-tools
+    fi
+    command -v redis-server >/dev/null || die "redis-server not found after install"
+}
+
+redis_cli() { timeout 5 redis-cli -h "$HOST" -p "$REDIS_PORT" "$@"; }
+
+redis_running() {
+    local pid
+    pid=$(read_pid "$REDIS_PID")
+    pid_alive "$pid" && pid_cmdline_has "$pid" redis-server ":$REDIS_PORT"
+}
+
+redis_is_ready() { [[ $(redis_cli ping 2>/dev/null) == PONG ]]; }
+
+start_redis() {
+    redis_require_bin
+    if redis_running; then
+        wait_ready "redis" "$REDIS_LOG" redis_running redis_is_ready
+        log "redis: already running (pid $(read_pid "$REDIS_PID"), $HOST:$REDIS_PORT)"
+        return 0
+    fi
+    if [[ -f $REDIS_PID ]]; then
+        log "redis: removing stale pid file (pid $(read_pid "$REDIS_PID") is gone)"
+        wait_pid_gone "$(read_pid "$REDIS_PID")"
+        rm -f -- "$REDIS_PID"
+    fi
+    require_port_free "$REDIS_PORT" redis
+    mkdir -p -- "$REDIS_DIR/data"
+    cat >"$REDIS_CONF" <<EOF
+# Written by scripts/services.sh on every start; edits are lost.
+bind $HOST
+port $REDIS_PORT
+protected-mode yes
+daemonize yes
+supervised no
+pidfile "$REDIS_PID"
+logfile "$REDIS_LOG"
+loglevel notice
+dir "$REDIS_DIR/data"
+appendonly yes
+appendfsync everysec
+save 3600 1 300 100 60 10000
+EOF
+    log "redis: starting on $HOST:$REDIS_PORT"
+    redis-server "$REDIS_CONF" </dev/null >/dev/null 2>>"$REDIS_LOG" 9>&- ||
+        die_log "redis: redis-server failed to start" "$REDIS_LOG"
+    wait_ready "redis" "$REDIS_LOG" redis_running redis_is_ready
+    log "redis: ready (pid $(read_pid "$REDIS_PID"))"
+}
+
+stop_redis() {
+    if ! redis_running; then
+        if [[ -f $REDIS_PID ]]; then
+            log "redis: removing stale pid file"
+            rm -f -- "$REDIS_PID"
+        fi
+        log "redis: not running"
+        return 0
+    fi
+    local pid
+    pid=$(read_pid "$REDIS_PID")
+    log "redis: stopping (pid $pid)"
+    # SHUTDOWN fsyncs the AOF (and saves the RDB) before exiting
+    redis_cli shutdown >/dev/null 2>&1 || kill -TERM "$pid" 2>/dev/null || true
+    wait_pid_exit "$pid" "redis" "$REDIS_LOG"
+    rm -f -- "$REDIS_PID"
+}
+
+status_redis() {
+    if ! command -v redis-server >/dev/null; then
+        echo "redis: not installed"
+        return 1
+    fi
+    if redis_running && redis_is_ready; then
+        echo "redis: up (pid $(read_pid "$REDIS_PID"), $HOST:$REDIS_PORT)"
+        return 0
+    fi
+    if redis_running; then
+        echo "redis: running (pid $(read_pid "$REDIS_PID")) but not answering on $HOST:$REDIS_PORT"
+    else
+        echo "redis: down"
+    fi
+    return 1
+}
+
+# wait for a process to exit; SIGKILL it after $TIMEOUT s
+wait_pid_exit() {
+    local pid=$1 what=$2 logf=$3 start=$SECONDS
+    while pid_alive "$pid"; do
+        if ((SECONDS - start >= TIMEOUT)); then
+            log "$what: pid $pid still alive after ${TIMEOUT}s, sending SIGKILL (see $logf)"
+            kill -KILL "$pid" 2>/dev/null || true
+            sleep 0.5
+            break
+        fi
+        sleep 0.2
+    done
+}
+
+# ---------------------------------------------------------------- Kafka
+
+kafka_require_bin() {
+    command -v "$JAVA" >/dev/null || apt_install openjdk-17-jre-headless
+    command -v mvn >/dev/null || apt_install maven
+}
+
+# Copy Kafka's jars into $KAFKA_LIBS, unless they already match the pom.
+kafka_ensure_libs() {
+    local hash
+    hash=$(sha256sum "$KAFKA_POM" | cut -d' ' -f1)
+    if [[ -f $KAFKA_LIBS_MARKER && $(<"$KAFKA_LIBS_MARKER") == "$hash" ]]; then
+        return 0
+    fi
+    log "kafka: fetching jars with Maven ($KAFKA_POM)"
+    rm -rf -- "$KAFKA_LIBS.tmp"
+    # (sed: Debian's Maven 3.8 prints stray colour escapes even with -B -q)
+    if ! mvn -B -q -Dstyle.color=never -f "$KAFKA_POM" dependency:copy-dependencies \
+        -DincludeScope=runtime -DoutputDirectory="$KAFKA_LIBS.tmp" 2>&1 9>&- |
+        sed -e 's/\x1b\[[0-9;]*m//g' -e '/^[[:space:]]*$/d' >&2; then
+        rm -rf -- "$KAFKA_LIBS.tmp"
+        die "kafka: mvn dependency:copy-dependencies failed"
+    fi
+    ls "$KAFKA_LIBS.tmp"/kafka_2.13-*.jar >/dev/null 2>&1 || die "kafka: Maven copied no kafka_2.13 jar"
+    printf '%s\n' "$hash" >"$KAFKA_LIBS.tmp/.pom-sha256"
+    rm -rf -- "$KAFKA_LIBS"
+    mv -- "$KAFKA_LIBS.tmp" "$KAFKA_LIBS"
+}
+
+# JVM command line for Kafka's command-line tools (fast start, warnings only,
+# to stderr). An array, not a function, so that `"${KAFKA_TOOL[@]}" ... &`
+# gives $! = the JVM's own pid (a backgrounded function would be a subshell
+# whose java child survives a kill of $!).
+kafka_tool_init() {
+    KAFKA_TOOL=("$JAVA" -Xshare:auto -XX:TieredStopAtLevel=1 -XX:+UseSerialGC -Xmx256m
+        -Dlog4j2.configurationFile="$KAFKA_TOOLS_LOG4J" -cp "$KAFKA_LIBS/*")
+}
+kafka_tool_init
+kafka_tool() { "${KAFKA_TOOL[@]}" "$@"; }
+
+kafka_write_conf() {
+    mkdir -p -- "$KAFKA_LOG_DIRS" "$KAFKA_LOGS"
+    cat >"$KAFKA_PROPS" <<EOF
+# Written by scripts/services.sh on every start; edits are lost.
+# Single-node KRaft: this process is both broker and controller.
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@$HOST:$KAFKA_CONTROLLER_PORT
+listeners=PLAINTEXT://$HOST:$KAFKA_PORT,CONTROLLER://$HOST:$KAFKA_CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://$HOST:$KAFKA_PORT
+inter.broker.listener.name=PLAINTEXT
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+log.dirs=$KAFKA_LOG_DIRS
+
+# Topics are created explicitly by the application / tests.
+auto.create.topics.enable=false
+num.partitions=3
+default.replication.factor=1
+min.insync.replicas=1
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=10
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=10
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+num.recovery.threads.per.data.dir=1
+log.retention.hours=168
+EOF
+    cat >"$KAFKA_LOG4J" <<EOF
+# Written by scripts/services.sh: broker log at INFO to $KAFKA_SERVER_LOG
+status = warn
+name = booking-kafka
+appender.file.type = RollingFile
+appender.file.name = file
+appender.file.fileName = $KAFKA_SERVER_LOG
+appender.file.filePattern = $KAFKA_SERVER_LOG.%i
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+appender.file.policies.type = Policies
+appender.file.policies.size.type = SizeBasedTriggeringPolicy
+appender.file.policies.size.size = 50MB
+appender.file.strategy.type = DefaultRolloverStrategy
+appender.file.strategy.max = 3
+rootLogger.level = INFO
+rootLogger.appenderRef.file.ref = file
+logger.request.name = kafka.request.logger
+logger.request.level = WARN
+logger.statechange.name = state.change.logger
+logger.statechange.level = WARN
+EOF
+    cat >"$KAFKA_TOOLS_LOG4J" <<EOF
+# Written by scripts/services.sh: Kafka CLI tools log warnings to stderr
+status = warn
+name = booking-kafka-tools
+appender.err.type = Console
+appender.err.name = err
+appender.err.target = SYSTEM_ERR
+appender.err.layout.type = PatternLayout
+appender.err.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = WARN
+rootLogger.appenderRef.err.ref = err
+EOF
+}
+
+kafka_format_storage() {
+    [[ -f $KAFKA_LOG_DIRS/meta.properties ]] && return 0
+    local cid
+    if [[ -s $KAFKA_CLUSTER_ID_FILE ]]; then
+        cid=$(<"$KAFKA_CLUSTER_ID_FILE")
+    else
+        cid=$(kafka_tool kafka.tools.StorageTool random-uuid 2>>"$KAFKA_OUT" | tail -n 1) ||
+            die_log "kafka: StorageTool random-uuid failed" "$KAFKA_OUT"
+        [[ $cid =~ ^[A-Za-z0-9_-]{22}$ ]] || die "kafka: unexpected cluster id '$cid'"
+        printf '%s\n' "$cid" >"$KAFKA_CLUSTER_ID_FILE"
+    fi
+    log "kafka: formatting storage in $KAFKA_LOG_DIRS (cluster id $cid)"
+    kafka_tool kafka.tools.StorageTool format -t "$cid" -c "$KAFKA_PROPS" >>"$KAFKA_OUT" 2>&1 ||
+        die_log "kafka: StorageTool format failed" "$KAFKA_OUT"
+}
+
+kafka_running() {
+    local pid
+    pid=$(read_pid "$KAFKA_PID")
+    pid_alive "$pid" && pid_cmdline_has "$pid" kafka.Kafka "$KAFKA_PROPS"
+}
+
+kafka_port_ready() { port_open "$KAFKA_PORT"; }
+
+# Start the broker in the background if it is not running; does not wait.
+# Sets KAFKA_LAUNCHED=1 when it started a new process.
+KAFKA_LAUNCHED=0
+launch_kafka() {
+    kafka_require_bin
+    if kafka_running; then
+        return 0
+    fi
+    if [[ -f $KAFKA_PID ]]; then
+        log "kafka: removing stale pid file (pid $(read_pid "$KAFKA_PID") is gone)"
+        wait_pid_gone "$(read_pid "$KAFKA_PID")"
+        rm -f -- "$KAFKA_PID"
+    fi
+    require_port_free "$KAFKA_PORT" kafka
+    require_port_free "$KAFKA_CONTROLLER_PORT" kafka
+    mkdir -p -- "$KAFKA_DIR" "$KAFKA_LOGS"
+    kafka_ensure_libs
+    kafka_write_conf
+    kafka_format_storage
+    log "kafka: starting on $HOST:$KAFKA_PORT (controller $HOST:$KAFKA_CONTROLLER_PORT)"
+    printf '\n==== %s scripts/services.sh: starting kafka.Kafka ====\n' "$(date -Is)" >>"$KAFKA_OUT"
+    # New session (setsid) + nohup: survives the caller's terminal/process group.
+    # The pid file is written by the process that then execs java.
+    # shellcheck disable=SC2016  # expanded by the inner bash
+    setsid bash -c 'echo $$ >"$0"; exec nohup "$@"' "$KAFKA_PID" \
+        "$JAVA" -Xms512m -Xmx512m -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:+ExitOnOutOfMemoryError \
+        -Djava.awt.headless=true -Dkafka.logs.dir="$KAFKA_LOGS" -Dlog4j2.shutdownHookEnabled=false \
+        -Dlog4j2.configurationFile="$KAFKA_LOG4J" \
+        -cp "$KAFKA_LIBS/*" kafka.Kafka "$KAFKA_PROPS" \
+        </dev/null >>"$KAFKA_OUT" 2>&1 9>&- &
+    local i
+    for ((i = 0; i < 50; i++)); do
+        [[ -s $KAFKA_PID ]] && break
+        sleep 0.1
+    done
+    KAFKA_LAUNCHED=1
+}
+
+# One real produce -> consume round trip through the broker, using Kafka's
+# own CLI tools. Producer and consumer JVMs run in parallel; the consumer
+# reads as group _healthcheck from its committed offset (earliest the first
+# time), so it sees the new record whichever JVM is faster.
+# $1: how long producer and consumer may wait, in ms (default 30000).
+KAFKA_HEALTH_TOPIC_OK=0
+kafka_roundtrip() {
+    local wait_ms=${1:-30000}
+    local bs="$HOST:$KAFKA_PORT" out="$KAFKA_LOGS/healthcheck.$$.out" errf="$KAFKA_LOGS/healthcheck.err"
+    : >"$errf"
+    if ((!KAFKA_HEALTH_TOPIC_OK)) && [[ ! -d $KAFKA_LOG_DIRS/$KAFKA_HEALTH_TOPIC-0 ]]; then
+        kafka_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$bs" --create --if-not-exists \
+            --topic "$KAFKA_HEALTH_TOPIC" --partitions 1 --replication-factor 1 >>"$errf" 2>&1 || return 1
+    fi
+    KAFKA_HEALTH_TOPIC_OK=1
+    local token
+    token="healthcheck-$(date +%s%N)-$$-$RANDOM"
+    : >"$out"
+    "${KAFKA_TOOL[@]}" org.apache.kafka.tools.consumer.ConsoleConsumer --bootstrap-server "$bs" \
+        --topic "$KAFKA_HEALTH_TOPIC" --group _healthcheck --from-beginning --timeout-ms "$wait_ms" \
+        >"$out" 2>>"$errf" </dev/null 9>&- &
+    local cpid=$!
+    if ! printf '%s\n' "$token" | kafka_tool org.apache.kafka.tools.ConsoleProducer --bootstrap-server "$bs" \
+        --topic "$KAFKA_HEALTH_TOPIC" --producer-property max.block.ms="$wait_ms" >>"$errf" 2>&1 9>&-; then
+        kill -TERM "$cpid" 2>/dev/null || true
+        wait "$cpid" 2>/dev/null || true
+        rm -f -- "$out"
+        return 1
+    fi
+    while kill -0 "$cpid" 2>/dev/null && ! grep -qxF -- "$token" "$out"; do
+        sleep 0.1
+    done
+    # TERM lets the consumer commit its offset and leave the group
+    kill -TERM "$cpid" 2>/dev/null || true
+    wait "$cpid" 2>/dev/null || true
+    local rc=0
+    grep -qxF -- "$token" "$out" || rc=1
+    rm -f -- "$out"
+    return "$rc"
+}
+
+# Wait until the broker answers; with deep=1 also do the round trip.
+wait_kafka() {
+    local deep=$1
+    wait_ready "kafka" "$KAFKA_SERVER_LOG $KAFKA_OUT" kafka_running kafka_port_ready
+    ((deep)) || return 0
+    local start=$SECONDS attempt=1 left
+    log "kafka: produce/consume round trip on topic $KAFKA_HEALTH_TOPIC"
+    until left=$((TIMEOUT - (SECONDS - start))) && kafka_roundtrip "$(((left > 5 ? left : 5) * 1000))"; do
+        if ! kafka_running; then
+            die_log "kafka exited during start-up" "$KAFKA_SERVER_LOG" "$KAFKA_OUT"
+        fi
+        if ((SECONDS - start >= TIMEOUT)); then
+            cat "$KAFKA_LOGS/healthcheck.err" >&2 || true
+            die_log "kafka: no successful produce/consume round trip within ${TIMEOUT}s" "$KAFKA_SERVER_LOG"
+        fi
+        log "kafka: round trip attempt $attempt failed, retrying"
+        KAFKA_HEALTH_TOPIC_OK=0
+        attempt=$((attempt + 1))
+        sleep 1
+    done
+}
+
+start_kafka() {
+    launch_kafka
+    if ((KAFKA_LAUNCHED)); then
+        wait_kafka 1
+        log "kafka: ready (pid $(read_pid "$KAFKA_PID"))"
+    else
+        wait_kafka 0
+        log "kafka: already running (pid $(read_pid "$KAFKA_PID"), $HOST:$KAFKA_PORT)"
+    fi
+}
+
+stop_kafka() {
+    if ! kafka_running; then
+        if [[ -f $KAFKA_PID ]]; then
+            log "kafka: removing stale pid file"
+            rm -f -- "$KAFKA_PID"
+        fi
+        log "kafka: not running"
+        return 0
+    fi
+    local pid
+    pid=$(read_pid "$KAFKA_PID")
+    log "kafka: stopping (pid $pid)"
+    kill -TERM "$pid" 2>/dev/null || true
+    wait_pid_exit "$pid" "kafka" "$KAFKA_SERVER_LOG"
+    rm -f -- "$KAFKA_PID"
+}
+
+status_kafka() {
+    if [[ ! -f $KAFKA_LIBS_MARKER ]]; then
+        echo "kafka: not installed (jars not fetched yet)"
+        return 1
+    fi
+    if kafka_running && kafka_port_ready; then
+        local jars=("$KAFKA_LIBS"/kafka_2.13-*.jar)
+        echo "kafka: up (pid $(read_pid "$KAFKA_PID"), $HOST:$KAFKA_PORT, $(basename "${jars[0]}" .jar))"
+        return 0
+    fi
+    if kafka_running; then
+        echo "kafka: running (pid $(read_pid "$KAFKA_PID")) but not answering on $HOST:$KAFKA_PORT"
+    else
+        echo "kafka: down"
+    fi
+    return 1
+}
+
+# ---------------------------------------------------------------- commands
+
+print_env() {
+    printf 'export DATABASE_URL=%s\n' "$DATABASE_URL"
+    printf 'export REDIS_URL=%s\n' "$REDIS_URL"
+    printf 'export KAFKA_BROKERS=%s\n' "$KAFKA_BROKERS"
+}
+
+cmd_up() {
+    take_lock
+    local start=$SECONDS
+    # Kafka's JVM is the slowest to start: launch it first, then bring up
+    # PostgreSQL and Redis while it boots, then wait for it.
+    launch_kafka
+    start_postgres
+    start_redis
+    if ((KAFKA_LAUNCHED)); then
+        wait_kafka 1
+        log "kafka: ready (pid $(read_pid "$KAFKA_PID"))"
+    else
+        wait_kafka 0
+        log "kafka: already running (pid $(read_pid "$KAFKA_PID"), $HOST:$KAFKA_PORT)"
+    fi
+    log "all services up in $((SECONDS - start))s (data: $DATA_DIR)"
+}
+
+cmd_down() {
+    if [[ ! -d $DATA_DIR ]]; then
+        log "nothing to stop ($DATA_DIR does not exist)"
+        return 0
+    fi
+    take_lock
+    stop_kafka
+    stop_redis
+    stop_postgres
+}
+
+cmd_status() {
+    local rc=0
+    status_postgres || rc=1
+    status_redis || rc=1
+    status_kafka || rc=1
+    return "$rc"
+}
+
+cmd_check() {
+    cmd_status || return 1
+    if [[ -d $KAFKA_LIBS ]]; then
+        if kafka_roundtrip; then
+            echo "kafka: produce/consume round trip ok"
+        else
+            echo "kafka: produce/consume round trip FAILED (see $KAFKA_LOGS/healthcheck.err)"
+            return 1
+        fi
+    fi
+}
+
+cmd_reset() {
+    if [[ -e $DATA_DIR ]]; then
+        case $DATA_DIR in
+        / | "$HOME" | "$REPO_DIR" | "$SCRIPT_DIR") die "refusing to delete $DATA_DIR" ;;
+        esac
+        if [[ ! -f $DATA_MARKER ]] && [[ -n $(ls -A -- "$DATA_DIR" 2>/dev/null) ]]; then
+            die "refusing to delete $DATA_DIR: it was not created by this script (no $(basename "$DATA_MARKER"))"
+        fi
+    fi
+    cmd_down
+    log "deleting $DATA_DIR"
+    rm -rf -- "$DATA_DIR"
+}
+
+usage() {
+    sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'
+}
+
+main() {
+    local cmd=${1:-}
+    case $cmd in
+    up)
+        cmd_up >&2
+        print_env
+        ;;
+    down) cmd_down >&2 ;;
+    status) cmd_status ;;
+    check) take_lock && cmd_check ;;
+    env) print_env ;;
+    reset) cmd_reset >&2 ;;
+    start-postgres) take_lock && start_postgres >&2 ;;
+    start-redis) take_lock && start_redis >&2 ;;
+    start-kafka) take_lock && start_kafka >&2 ;;
+    stop-postgres) take_lock && stop_postgres >&2 ;;
+    stop-redis) take_lock && stop_redis >&2 ;;
+    stop-kafka) take_lock && stop_kafka >&2 ;;
+    -h | --help | help) usage ;;
+    *)
+        usage >&2
+        exit 2
+        ;;
+    esac
+}
+
+main "$@"

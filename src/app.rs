@@ -1,0 +1,246 @@
+//! Wiring of each daemon: connects the resources named by the flags, then runs the daemon's
+//! tasks until shutdown. The `run_*` entry points take ready resources, so tests start the same
+//! daemons against their own database, key prefix and topics.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use rdkafka::producer::{FutureProducer, Producer};
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Common;
+use crate::expiry::{self, ExpirationHandler};
+use crate::health::Health;
+use crate::kafka::{self, consumer_config, ConsumerRunner, Topics};
+use crate::keys::Keys;
+use crate::outbox::Relay;
+use crate::queue::{Queue, QueueConfig};
+use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerHandler};
+
+/// Why a daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("PostgreSQL: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("Redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("Kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+}
+
+/// Connections shared by a daemon's tasks.
+#[derive(Clone)]
+pub struct Resources {
+    pub pool: PgPool,
+    pub redis: redis::aio::ConnectionManager,
+    pub producer: FutureProducer,
+    pub brokers: String,
+    pub keys: Keys,
+    pub topics: Topics,
+    pub replication_factor: i32,
+}
+
+impl Resources {
+    /// Connects everything named by the common flags and applies pending migrations.
+    pub async fn connect(c: &Common, client_id: &str) -> Result<Self, StartError> {
+        let pool = crate::db::connect(&c.database_url, c.db_max_connections).await?;
+        crate::db::migrate(&pool).await?;
+        let client = redis::Client::open(c.redis_url.as_str())?;
+        let redis = connect_redis(client).await?;
+        let producer = kafka::producer(&c.kafka_brokers, client_id)?;
+        Ok(Self {
+            pool,
+            redis,
+            producer,
+            brokers: c.kafka_brokers.clone(),
+            keys: Keys::new(c.redis_prefix.clone()),
+            topics: Topics::new(&c.topic_prefix),
+            replication_factor: c.replication_factor,
+        })
+    }
+
+    /// Health checks over these connections.
+    pub fn health(&self) -> Arc<Health> {
+        Arc::new(Health { postgres: Some(self.pool.clone()), redis: Some(self.redis.clone()), kafka: Some(self.producer.clone()) })
+    }
+
+    /// Creates the topics, retrying until Kafka answers or `shutdown`.
+    pub async fn ensure_topics(&self, shutdown: &CancellationToken) -> bool {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match kafka::bootstrap_topics(&self.brokers, &self.topics, self.replication_factor).await {
+                Ok(()) => return true,
+                Err(e) => tracing::warn!(error = %e, "creating topics failed; retrying"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// Flushes the producer so every acknowledged-in-memory message reaches the broker.
+    pub fn flush(&self) {
+        if let Err(e) = self.producer.flush(Duration::from_secs(5)) {
+            tracing::warn!(error = %e, "producer flush failed");
+        }
+    }
+}
+
+/// A Redis connection manager that reconnects by itself; commands fail fast while Redis is down
+/// (callers retry), instead of hanging.
+pub async fn connect_redis(client: redis::Client) -> Result<redis::aio::ConnectionManager, redis::RedisError> {
+    let cfg = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Duration::from_secs(2))
+        .set_response_timeout(Duration::from_secs(2))
+        .set_number_of_retries(2);
+    redis::aio::ConnectionManager::new_with_config(client, cfg).await
+}
+
+/// Settings of the api daemon.
+#[derive(Clone, Debug)]
+pub struct ApiSettings {
+    pub hold_ttl: Duration,
+    pub admin_token: String,
+    pub queue: QueueConfig,
+    pub outbox_batch: i64,
+    pub outbox_poll: Duration,
+}
+
+/// Runs the api: HTTP on `listener`, the outbox relay, queue admission and the notification hub.
+pub async fn run_api(res: Resources, s: ApiSettings, listener: TcpListener, ops: Option<TcpListener>, metrics: PrometheusHandle, shutdown: CancellationToken) {
+    // Topics are created in the background: the api takes bookings even while Kafka is down.
+    let r = res.clone();
+    let sd = shutdown.clone();
+    let topics_task = tokio::spawn(async move { r.ensure_topics(&sd).await });
+
+    let queue = Queue::new(res.redis.clone(), res.keys.clone(), s.queue.clone());
+    let (notify_tx, _) = tokio::sync::broadcast::channel(1024);
+    let health = res.health();
+    let api = crate::http::Api {
+        pool: res.pool.clone(),
+        redis: res.redis.clone(),
+        keys: res.keys.clone(),
+        topics: res.topics.clone(),
+        queue: queue.clone(),
+        hold_ttl: s.hold_ttl,
+        admin_token: s.admin_token.clone(),
+        health: health.clone(),
+        metrics: metrics.clone(),
+        notifications: notify_tx.clone(),
+        shutdown: shutdown.clone(),
+    };
+    let relay = Relay::new(res.pool.clone(), res.producer.clone(), s.outbox_batch, s.outbox_poll);
+    let tasks = vec![
+        tokio::spawn(relay.run(shutdown.clone())),
+        tokio::spawn(queue.run_admission(res.pool.clone(), res.topics.clone(), shutdown.clone())),
+        tokio::spawn(crate::notification::run_hub(res.pool.clone(), notify_tx, shutdown.clone())),
+        tokio::spawn(serve_ops_opt(ops, metrics, health, shutdown.clone())),
+    ];
+    crate::http::serve(api, listener).await;
+    for t in tasks {
+        let _ = t.await;
+    }
+    topics_task.abort();
+    res.flush();
+    tracing::info!("api stopped");
+}
+
+async fn serve_ops_opt(ops: Option<TcpListener>, metrics: PrometheusHandle, health: Arc<Health>, shutdown: CancellationToken) {
+    if let Some(l) = ops {
+        crate::telemetry::serve_ops(l, metrics, health, shutdown).await;
+    }
+}
+
+/// Runs the delay scheduler: the consumer that feeds and cancels, and the shard loops.
+pub async fn run_scheduler(res: Resources, cfg: SchedulerConfig, group: &str, ops: TcpListener, metrics: PrometheusHandle, shutdown: CancellationToken) -> Result<(), StartError> {
+    let health = res.health();
+    let ops_task = tokio::spawn(crate::telemetry::serve_ops(ops, metrics, health, shutdown.clone()));
+    if res.ensure_topics(&shutdown).await {
+        let t = &res.topics;
+        let runner = ConsumerRunner::new(
+            &consumer_config(&res.brokers, group),
+            &[&t.reservation_created, &t.payment_completed, &t.reservation_cancelled],
+            res.producer.clone(),
+            "delay-scheduler",
+        )?;
+        let scheduler = Arc::new(Scheduler::new(res.redis.clone(), res.keys.clone(), res.producer.clone(), res.topics.clone(), cfg));
+        let loops = tokio::spawn(scheduler.clone().run(res.pool.clone(), runner.assignment(), shutdown.clone()));
+        let handler = SchedulerHandler { scheduler };
+        runner.run(&handler, shutdown.clone()).await;
+        let _ = loops.await;
+    }
+    res.flush();
+    let _ = ops_task.await;
+    tracing::info!("delay-scheduler stopped");
+    Ok(())
+}
+
+/// How the expirer finds holds to expire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExpirerMode {
+    /// Method 2: consume `reservation.expiration`, with the sweeper as a safety net.
+    After,
+    /// The design document's old way: scan every `--legacy-interval`, update row by row.
+    Before,
+}
+
+/// Settings of the expirer daemon.
+#[derive(Clone, Debug)]
+pub struct ExpirerSettings {
+    pub mode: ExpirerMode,
+    pub sweep_interval: Duration,
+    pub sweep_grace: Duration,
+    pub sweep_batch: i64,
+    pub legacy_interval: Duration,
+    pub outbox_batch: i64,
+    pub outbox_poll: Duration,
+}
+
+/// Runs the expirer in its mode, plus an outbox relay for the notifications it writes.
+pub async fn run_expirer(res: Resources, s: ExpirerSettings, group: &str, ops: TcpListener, metrics: PrometheusHandle, shutdown: CancellationToken) -> Result<(), StartError> {
+    let health = res.health();
+    let ops_task = tokio::spawn(crate::telemetry::serve_ops(ops, metrics, health, shutdown.clone()));
+    let relay = Relay::new(res.pool.clone(), res.producer.clone(), s.outbox_batch, s.outbox_poll);
+    let relay_task = tokio::spawn(relay.run(shutdown.clone()));
+    match s.mode {
+        ExpirerMode::Before => {
+            let (pool, topics) = (res.pool.clone(), res.topics.clone());
+            expiry::every(s.legacy_interval, "legacy-scan", shutdown.clone(), move || {
+                let (pool, topics) = (pool.clone(), topics.clone());
+                async move { expiry::legacy_scan(&pool, &topics).await }
+            })
+            .await;
+        }
+        ExpirerMode::After => {
+            let (pool, topics) = (res.pool.clone(), res.topics.clone());
+            let (grace, batch) = (s.sweep_grace, s.sweep_batch);
+            let sweeper = tokio::spawn(expiry::every(s.sweep_interval, "sweeper", shutdown.clone(), move || {
+                let (pool, topics) = (pool.clone(), topics.clone());
+                async move { expiry::sweep(&pool, &topics, grace, batch).await }
+            }));
+            if res.ensure_topics(&shutdown).await {
+                let runner = ConsumerRunner::new(
+                    &consumer_config(&res.brokers, group),
+                    &[&res.topics.reservation_expiration],
+                    res.producer.clone(),
+                    "expirer",
+                )?;
+                let handler = ExpirationHandler { pool: res.pool.clone(), topics: res.topics.clone() };
+                runner.run(&handler, shutdown.clone()).await;
+            }
+            let _ = sweeper.await;
+        }
+    }
+    let _ = relay_task.await;
+    res.flush();
+    let _ = ops_task.await;
+    tracing::info!("expirer stopped");
+    Ok(())
+}

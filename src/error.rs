@@ -1,0 +1,131 @@
+//! The one error type of the domain and the one place it is mapped to HTTP.
+//!
+//! Domain modules return [`Error`]; [`Error::status_code`] and [`Error::code`] decide what a
+//! client sees. Infrastructure causes (database, Redis) are logged with their detail and shown to
+//! the client only as a generic 500/503, never with internals.
+
+use warp::http::StatusCode;
+
+/// Everything that can go wrong in a request, named for what the user did or met.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{message}")]
+    InvalidInput { field: Option<String>, message: String },
+    #[error("request body is larger than 64 KiB")]
+    PayloadTooLarge,
+    #[error("missing or invalid bearer token")]
+    Unauthorized,
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("this seat is already held or sold")]
+    SeatUnavailable,
+    #[error("the reservation is not held")]
+    NotHeld,
+    #[error("the hold has expired")]
+    ReservationExpired,
+    #[error("not enough points")]
+    InsufficientPoints,
+    #[error("the Idempotency-Key was already used with a different request")]
+    IdempotencyKeyReused,
+    #[error("the queue token is not active")]
+    QueueTokenNotActive,
+    #[error("the queue token is for another schedule or user")]
+    QueueTokenMismatch,
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// A 400 naming the offending field.
+    pub fn invalid(field: &str, message: impl Into<String>) -> Self {
+        Error::InvalidInput { field: Some(field.to_string()), message: message.into() }
+    }
+
+    pub fn status_code(&self) -> StatusCode {
+        match self {
+            Error::InvalidInput { .. } => StatusCode::BAD_REQUEST,
+            Error::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::Unauthorized => StatusCode::UNAUTHORIZED,
+            Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::SeatUnavailable
+            | Error::NotHeld
+            | Error::ReservationExpired
+            | Error::InsufficientPoints => StatusCode::CONFLICT,
+            Error::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            Error::QueueTokenNotActive | Error::QueueTokenMismatch => StatusCode::FORBIDDEN,
+            Error::Database(e) if is_unavailable(e) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Redis(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Database(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The machine-readable code in `{"error":{"code":…}}`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::InvalidInput { .. } => "INVALID_INPUT",
+            Error::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
+            Error::Unauthorized => "UNAUTHORIZED",
+            Error::NotFound(_) => "NOT_FOUND",
+            Error::SeatUnavailable => "SEAT_UNAVAILABLE",
+            Error::NotHeld => "NOT_HELD",
+            Error::ReservationExpired => "RESERVATION_EXPIRED",
+            Error::InsufficientPoints => "INSUFFICIENT_POINTS",
+            Error::IdempotencyKeyReused => "IDEMPOTENCY_KEY_REUSED",
+            Error::QueueTokenNotActive => "QUEUE_TOKEN_NOT_ACTIVE",
+            Error::QueueTokenMismatch => "QUEUE_TOKEN_MISMATCH",
+            Error::Database(e) if is_unavailable(e) => "UNAVAILABLE",
+            Error::Redis(_) => "UNAVAILABLE",
+            Error::Database(_) | Error::Internal(_) => "INTERNAL",
+        }
+    }
+
+    /// The message shown to the client: the domain text, or a generic one for infrastructure.
+    pub fn public_message(&self) -> String {
+        match self {
+            Error::Database(_) | Error::Redis(_) | Error::Internal(_) => {
+                if self.status_code() == StatusCode::SERVICE_UNAVAILABLE {
+                    "a dependency is unavailable, try again shortly".into()
+                } else {
+                    "internal error".into()
+                }
+            }
+            Error::InvalidInput { field: Some(f), message } => format!("{f}: {message}"),
+            other => other.to_string(),
+        }
+    }
+
+    /// `{"error":{"code","message"[,"field"]}}` with the status; infrastructure causes are logged.
+    pub fn to_response(&self) -> warp::reply::Response {
+        use warp::Reply;
+        let status = self.status_code();
+        if status.is_server_error() {
+            tracing::error!(error = %self, "request failed");
+        }
+        let mut err = serde_json::json!({"code": self.code(), "message": self.public_message()});
+        if let Error::InvalidInput { field: Some(f), .. } = self {
+            err["field"] = serde_json::Value::String(f.clone());
+        }
+        warp::reply::with_status(warp::reply::json(&serde_json::json!({ "error": err })), status)
+            .into_response()
+    }
+}
+
+fn is_unavailable(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed)
+}
+
+/// True when `e` is a violation of the unique constraint or index named `constraint`.
+pub fn is_unique_violation(e: &sqlx::Error, constraint: &str) -> bool {
+    match e {
+        sqlx::Error::Database(db) => {
+            db.code().as_deref() == Some("23505") && db.constraint() == Some(constraint)
+        }
+        _ => false,
+    }
+}

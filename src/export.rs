@@ -1,0 +1,1 @@
+//! Data-platform export of `payment.completed` (filled in with the worker).

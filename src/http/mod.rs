@@ -1,0 +1,88 @@
+//! The HTTP API (brief §4) on warp.
+//!
+//! `filters` has one function per route (the route in its doc comment), `handlers` the plain async
+//! functions behind them. Handlers return `Result<Response, Error>`; errors travel as replies and
+//! are rendered in one place ([`crate::error::Error::to_response`]). `recover` only turns warp's
+//! own rejections (no route, wrong method, body too large) into the same JSON shape.
+
+mod body;
+pub mod filters;
+pub mod handlers;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::health::Health;
+use crate::kafka::Topics;
+use crate::keys::Keys;
+use crate::queue::Queue;
+
+/// The OpenAPI 3 description served at `/openapi.yaml`.
+pub const OPENAPI: &str = include_str!("openapi.yaml");
+
+/// Everything a request handler may use.
+#[derive(Clone)]
+pub struct Api {
+    pub pool: PgPool,
+    pub redis: redis::aio::ConnectionManager,
+    pub keys: Keys,
+    pub topics: Topics,
+    pub queue: Queue,
+    pub hold_ttl: Duration,
+    pub admin_token: String,
+    pub health: Arc<Health>,
+    pub metrics: PrometheusHandle,
+    /// Signals "user X has a new notification" to open streams.
+    pub notifications: tokio::sync::broadcast::Sender<uuid::Uuid>,
+    /// Ends open notification streams so a graceful shutdown does not wait on them.
+    pub shutdown: CancellationToken,
+}
+
+/// Serves the API on `listener` until `shutdown`; in-flight requests finish first.
+pub async fn serve(api: Api, listener: tokio::net::TcpListener) {
+    let shutdown = api.shutdown.clone();
+    warp::serve(filters::routes(api))
+        .incoming(listener)
+        .graceful(async move { shutdown.cancelled().await })
+        .run()
+        .await;
+}
+
+/// Route label for metrics: ids replaced by `{id}` so the label set stays small.
+pub fn route_label(path: &str) -> String {
+    path.split('/')
+        .map(|seg| if uuid::Uuid::parse_str(seg).is_ok() { "{id}" } else { seg })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// Records request counts and latency by route, method and status.
+pub fn with_metrics() -> warp::log::Log<impl Fn(warp::log::Info<'_>) + Clone> {
+    warp::log::custom(|info| {
+        let route = route_label(info.path());
+        let route = if known_route(&route) { route } else { "other".to_string() };
+        let labels = [
+            ("route", route),
+            ("method", info.method().to_string()),
+            ("status", info.status().as_u16().to_string()),
+        ];
+        metrics::counter!("http_requests_total", &labels).increment(1);
+        metrics::histogram!("http_request_duration_seconds", &labels).record(info.elapsed().as_secs_f64());
+    })
+}
+
+fn known_route(route: &str) -> bool {
+    const ROUTES: &[&str] = &[
+        "/v1/users", "/v1/users/me/points", "/v1/users/me/points/charges", "/v1/users/me/points/history",
+        "/v1/admin/concerts", "/v1/concerts", "/v1/concerts/{id}/schedules", "/v1/schedules/{id}/seats",
+        "/v1/queue/tokens", "/v1/queue/tokens/me", "/v1/reservations", "/v1/reservations/{id}",
+        "/v1/payments", "/v1/users/me/notifications", "/v1/users/me/notifications/stream",
+        "/v1/rankings/schedules", "/health", "/metrics", "/openapi.yaml",
+    ];
+    ROUTES.contains(&route)
+}
+

@@ -1,0 +1,98 @@
+//! `Idempotency-Key` handling. The key is claimed by inserting its row *inside* the transaction
+//! that does the work: a concurrent request with the same key blocks on the primary key until the
+//! first one commits, then replays its stored answer. If the first one fails, its transaction (key
+//! included) rolls back and the retry runs afresh, so nothing is ever half-written.
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+
+/// What claiming a key found.
+pub enum Claim {
+    /// First use: do the work, then call [`complete`].
+    Fresh,
+    /// Already done with the same request: answer this again.
+    Replay { status: u16, body: Value },
+}
+
+/// Validates the header value: 1 to 200 visible ASCII characters.
+pub fn validate_key(key: Option<&str>) -> Result<String> {
+    let key = key.ok_or_else(|| Error::invalid("Idempotency-Key", "header is required"))?;
+    if key.is_empty() || key.len() > 200 || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Error::invalid("Idempotency-Key", "must be 1 to 200 visible ASCII characters"));
+    }
+    Ok(key.to_string())
+}
+
+/// A fingerprint of the request the key was used for.
+pub fn fingerprint(parts: &[&[u8]]) -> Vec<u8> {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_be_bytes());
+        h.update(p);
+    }
+    h.finalize().to_vec()
+}
+
+/// Claims `key` for this request (see the module comment for the concurrency argument).
+pub async fn claim(
+    tx: &mut PgConnection,
+    user: Uuid,
+    scope: &str,
+    key: &str,
+    request_hash: &[u8],
+) -> Result<Claim> {
+    let inserted = sqlx::query(
+        "INSERT INTO idempotency_keys (user_id, scope, key, request_hash, status_code, response)
+         VALUES ($1, $2, $3, $4, 0, 'null') ON CONFLICT DO NOTHING",
+    )
+    .bind(user)
+    .bind(scope)
+    .bind(key)
+    .bind(request_hash)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if inserted == 1 {
+        return Ok(Claim::Fresh);
+    }
+    let (hash, status, body): (Vec<u8>, i32, Value) = sqlx::query_as(
+        "SELECT request_hash, status_code, response FROM idempotency_keys
+         WHERE user_id = $1 AND scope = $2 AND key = $3",
+    )
+    .bind(user)
+    .bind(scope)
+    .bind(key)
+    .fetch_one(&mut *tx)
+    .await?;
+    if hash != request_hash {
+        return Err(Error::IdempotencyKeyReused);
+    }
+    Ok(Claim::Replay { status: status as u16, body })
+}
+
+/// Stores the answer given for a claimed key (same transaction as the work).
+pub async fn complete(
+    tx: &mut PgConnection,
+    user: Uuid,
+    scope: &str,
+    key: &str,
+    status: u16,
+    body: &Value,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE idempotency_keys SET status_code = $4, response = $5
+         WHERE user_id = $1 AND scope = $2 AND key = $3",
+    )
+    .bind(user)
+    .bind(scope)
+    .bind(key)
+    .bind(status as i32)
+    .bind(body)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}

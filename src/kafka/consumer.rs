@@ -1,0 +1,249 @@
+//! The at-least-once consumer runner.
+//!
+//! Guarantees, and where they come from:
+//! - `enable.auto.offset.store=false`: an offset is stored only after its handler returned `Ok` or
+//!   the message was acknowledged by the dead-letter topic, so a crash at any point replays the
+//!   message instead of skipping it (handlers are idempotent for that reason).
+//! - A transient failure (database down…) is retried in place with exponential backoff; the offset
+//!   is not stored meanwhile, and on shutdown the message is left for the next owner.
+//! - A poison message (bad JSON, unknown type) goes to `<topic>.dlq` with the reason in the
+//!   `dlq-reason` header, and the runner moves on.
+//! - On shutdown the in-flight message finishes, then stored offsets are committed synchronously.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientContext;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::Topics;
+
+/// A consumed message, detached from the consumer.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<String>,
+    pub payload: Vec<u8>,
+    /// Broker timestamp in ms (append time for `reservation.expiration`).
+    pub timestamp_ms: Option<i64>,
+}
+
+/// How a handler failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HandleError {
+    /// Worth retrying: the same message may succeed later (a dependency is down).
+    #[error("transient: {0}")]
+    Transient(String),
+    /// Can never succeed: send to the dead-letter topic and move on.
+    #[error("poison: {0}")]
+    Poison(String),
+}
+
+impl From<sqlx::Error> for HandleError {
+    fn from(e: sqlx::Error) -> Self {
+        HandleError::Transient(format!("database: {e}"))
+    }
+}
+
+impl From<redis::RedisError> for HandleError {
+    fn from(e: redis::RedisError) -> Self {
+        HandleError::Transient(format!("redis: {e}"))
+    }
+}
+
+/// What a consumer does with one message. Must be idempotent: delivery is at least once.
+pub trait Handler: Send + Sync {
+    fn handle(&self, msg: &Incoming) -> impl Future<Output = Result<(), HandleError>> + Send;
+}
+
+/// The set of `(topic, partition)` this consumer currently owns, updated on every rebalance.
+pub type PartitionWatch = watch::Receiver<BTreeSet<(String, i32)>>;
+
+/// Consumer context that publishes the current assignment (the delay scheduler drains the Redis
+/// shards of the partitions it owns) and logs commit failures.
+pub struct RunnerContext {
+    assigned: watch::Sender<BTreeSet<(String, i32)>>,
+}
+
+impl ClientContext for RunnerContext {}
+
+impl ConsumerContext for RunnerContext {
+    fn post_rebalance(&self, _c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let set = tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
+                tracing::info!(?set, "partitions assigned");
+                self.assigned.send_replace(set);
+            }
+            Rebalance::Revoke(_) => {
+                tracing::info!("partitions revoked");
+                self.assigned.send_replace(BTreeSet::new());
+            }
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+        }
+    }
+
+    fn commit_callback(&self, result: rdkafka::error::KafkaResult<()>, _offsets: &rdkafka::TopicPartitionList) {
+        if let Err(e) = result {
+            if !matches!(e, KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) {
+                tracing::warn!(error = %e, "offset commit failed");
+            }
+        }
+    }
+}
+
+/// Consumer settings for at-least-once processing in `group`.
+pub fn consumer_config(brokers: &str, group: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        // The heart of at-least-once: offsets are stored by us, after the work is done.
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("fetch.wait.max.ms", "10")
+        .set("socket.keepalive.enable", "true");
+    c
+}
+
+/// Runs one consumer group member over some topics with a [`Handler`].
+pub struct ConsumerRunner {
+    consumer: StreamConsumer<RunnerContext>,
+    dlq: FutureProducer,
+    name: String,
+    assigned: PartitionWatch,
+}
+
+impl ConsumerRunner {
+    /// Creates the consumer and subscribes it to `topics`.
+    pub fn new(
+        config: &ClientConfig,
+        topics: &[&str],
+        dlq: FutureProducer,
+        name: &str,
+    ) -> Result<Self, KafkaError> {
+        let (tx, rx) = watch::channel(BTreeSet::new());
+        let consumer: StreamConsumer<RunnerContext> =
+            config.create_with_context(RunnerContext { assigned: tx })?;
+        consumer.subscribe(topics)?;
+        Ok(Self { consumer, dlq, name: name.to_string(), assigned: rx })
+    }
+
+    /// Watches the partitions this member owns.
+    pub fn assignment(&self) -> PartitionWatch {
+        self.assigned.clone()
+    }
+
+    /// Consumes until `shutdown` is cancelled, then commits stored offsets.
+    pub async fn run<H: Handler>(self, handler: &H, shutdown: CancellationToken) {
+        let name = self.name.as_str();
+        loop {
+            let msg = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                m = self.consumer.recv() => m,
+            };
+            let msg = match msg {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(consumer = name, error = %e, "consume error");
+                    metrics::counter!("kafka_consume_errors_total", "consumer" => name.to_string()).increment(1);
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
+                    }
+                }
+            };
+            let incoming = Incoming {
+                topic: msg.topic().to_string(),
+                partition: msg.partition(),
+                offset: msg.offset(),
+                key: msg.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                payload: msg.payload().unwrap_or_default().to_vec(),
+                timestamp_ms: msg.timestamp().to_millis(),
+            };
+            if !self.process(handler, &incoming, &shutdown).await {
+                // Shut down mid-retry: the offset stays unstored so the message is seen again.
+                break;
+            }
+            if let Err(e) = self.consumer.store_offset(&incoming.topic, incoming.partition, incoming.offset) {
+                tracing::warn!(consumer = name, error = %e, "storing offset failed");
+            }
+        }
+        if let Err(e) = self.consumer.commit_consumer_state(CommitMode::Sync) {
+            if !matches!(e, KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) {
+                tracing::warn!(consumer = name, error = %e, "final commit failed");
+            }
+        }
+        tracing::info!(consumer = name, "consumer stopped, offsets committed");
+    }
+
+    /// Handles one message until it succeeded or was dead-lettered (`true`), or shutdown came
+    /// during a retry (`false`).
+    async fn process<H: Handler>(&self, handler: &H, msg: &Incoming, shutdown: &CancellationToken) -> bool {
+        let name = self.name.as_str();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match handler.handle(msg).await {
+                Ok(()) => {
+                    metrics::counter!("kafka_messages_processed_total", "consumer" => name.to_string(), "topic" => msg.topic.clone()).increment(1);
+                    return true;
+                }
+                Err(HandleError::Poison(reason)) => {
+                    tracing::warn!(consumer = name, topic = %msg.topic, offset = msg.offset, %reason, "dead-lettering message");
+                    return self.dead_letter(msg, &reason, shutdown).await;
+                }
+                Err(HandleError::Transient(e)) => {
+                    tracing::warn!(consumer = name, topic = %msg.topic, offset = msg.offset, error = %e, retry_in = ?backoff, "transient failure, retrying");
+                    metrics::counter!("kafka_handler_retries_total", "consumer" => name.to_string()).increment(1);
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return false,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    async fn dead_letter(&self, msg: &Incoming, reason: &str, shutdown: &CancellationToken) -> bool {
+        let dlq_topic = Topics::dlq(&msg.topic);
+        let source = format!("{}/{}/{}", msg.topic, msg.partition, msg.offset);
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let headers = OwnedHeaders::new()
+                .insert(Header { key: "dlq-reason", value: Some(reason) })
+                .insert(Header { key: "dlq-source", value: Some(source.as_str()) })
+                .insert(Header { key: "dlq-consumer", value: Some(self.name.as_str()) });
+            let mut record = FutureRecord::to(&dlq_topic).payload(&msg.payload).headers(headers);
+            if let Some(k) = &msg.key {
+                record = record.key(k);
+            }
+            match self.dlq.send(record, Duration::from_secs(10)).await {
+                Ok(_) => {
+                    metrics::counter!("kafka_dead_letters_total", "topic" => msg.topic.clone()).increment(1);
+                    return true;
+                }
+                Err((e, _)) => {
+                    tracing::warn!(error = %e, topic = %dlq_topic, "dead-letter publish failed, retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return false,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}

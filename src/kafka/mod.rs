@@ -1,0 +1,32 @@
+//! Kafka plumbing: topic names and their configs (created by us, never by the broker), the event
+//! envelope of the design document §4-2, the idempotent producer, and the at-least-once consumer
+//! runner with retry and dead-letter handling.
+
+mod consumer;
+mod envelope;
+mod topics;
+
+pub use consumer::{
+    consumer_config, ConsumerRunner, HandleError, Handler, Incoming, PartitionWatch, RunnerContext,
+};
+pub use envelope::{Envelope, EventType};
+pub use topics::{bootstrap_topics, partition_for, Topics, PARTITIONS};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::error::KafkaError;
+use rdkafka::producer::FutureProducer;
+
+/// An idempotent producer: `acks=all` and `enable.idempotence`, so a retried send is written once
+/// and in order per partition. `message.timeout.ms` bounds how long a send waits for a broker
+/// that is down; callers treat a timeout as "not published" and try again later.
+pub fn producer(brokers: &str, client_id: &str) -> Result<FutureProducer, KafkaError> {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("client.id", client_id)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "0")
+        .set("message.timeout.ms", "10000")
+        .set("socket.keepalive.enable", "true")
+        .create()
+}

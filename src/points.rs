@@ -1,0 +1,73 @@
+//! Points: balance, idempotent charges, and the ledger. Every balance change writes a ledger row
+//! with the balance after it, in the same transaction, so balance = charges − uses + refunds.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::idempotency::{self, Claim};
+
+/// Largest single charge.
+pub const MAX_CHARGE: i64 = 10_000_000;
+
+/// Current balance.
+pub async fn balance(pool: &PgPool, user: Uuid) -> Result<i64> {
+    let b: Option<i64> = sqlx::query_scalar("SELECT balance FROM users WHERE id = $1")
+        .bind(user)
+        .fetch_optional(pool)
+        .await?;
+    b.ok_or(Error::Unauthorized)
+}
+
+/// Credits `amount` once per `key`; the same key replays the first answer.
+pub async fn charge(pool: &PgPool, user: Uuid, key: &str, amount: i64) -> Result<(u16, Value)> {
+    if !(1..=MAX_CHARGE).contains(&amount) {
+        return Err(Error::invalid("amount", format!("must be between 1 and {MAX_CHARGE}")));
+    }
+    let fp = idempotency::fingerprint(&[b"charge", &amount.to_be_bytes()]);
+    let mut tx = pool.begin().await?;
+    if let Claim::Replay { status, body } = idempotency::claim(&mut tx, user, "charge", key, &fp).await? {
+        return Ok((status, body));
+    }
+    let balance: i64 =
+        sqlx::query_scalar("UPDATE users SET balance = balance + $2 WHERE id = $1 RETURNING balance")
+            .bind(user)
+            .bind(amount)
+            .fetch_one(&mut *tx)
+            .await?;
+    sqlx::query("INSERT INTO point_ledger (user_id, kind, amount, balance_after) VALUES ($1, 'CHARGE', $2, $3)")
+        .bind(user)
+        .bind(amount)
+        .bind(balance)
+        .execute(&mut *tx)
+        .await?;
+    let body = json!({ "balance": balance });
+    idempotency::complete(&mut tx, user, "charge", key, 200, &body).await?;
+    tx.commit().await?;
+    metrics::counter!("points_charged_total").increment(amount as u64);
+    Ok((200, body))
+}
+
+/// One ledger line.
+#[derive(Debug, Serialize, sqlx::FromRow)]
+#[serde(rename_all = "camelCase")]
+pub struct LedgerItem {
+    pub kind: String,
+    pub amount: i64,
+    pub balance_after: i64,
+    pub created_at: DateTime<Utc>,
+}
+
+/// The latest 100 ledger lines, newest first.
+pub async fn history(pool: &PgPool, user: Uuid) -> Result<Vec<LedgerItem>> {
+    Ok(sqlx::query_as(
+        "SELECT kind, amount, balance_after, created_at FROM point_ledger
+         WHERE user_id = $1 ORDER BY id DESC LIMIT 100",
+    )
+    .bind(user)
+    .fetch_all(pool)
+    .await?)
+}

@@ -1,0 +1,73 @@
+//! Ranking of schedules by confirmed seats (design document §2-2: moved out of the payment path).
+//!
+//! A Redis sorted set scheduleId -> confirmed seats, incremented by the worker's consumer of
+//! `payment.completed`. Exactly once per payment, even when the message is replayed: one Lua
+//! script adds the payment id to a "counted" set and increments only if it was not there.
+
+use redis::aio::ConnectionManager;
+use redis::Script;
+use serde::Serialize;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::error::Result;
+use crate::keys::Keys;
+
+const COUNT_ONCE: &str = r#"
+if redis.call('SADD', KEYS[2], ARGV[1]) == 1 then
+  redis.call('ZINCRBY', KEYS[1], 1, ARGV[2])
+  return 1
+end
+return 0
+"#;
+
+/// Counts one confirmed seat for `schedule`; returns false if this payment was already counted.
+pub async fn record(redis: &ConnectionManager, keys: &Keys, payment: Uuid, schedule: Uuid) -> Result<bool, redis::RedisError> {
+    let mut conn = redis.clone();
+    let added: i64 = Script::new(COUNT_ONCE)
+        .key(keys.ranking())
+        .key(keys.ranking_counted())
+        .arg(payment.to_string())
+        .arg(schedule.to_string())
+        .invoke_async(&mut conn)
+        .await?;
+    Ok(added == 1)
+}
+
+/// One line of the ranking.
+#[derive(Debug, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Entry {
+    pub schedule_id: Uuid,
+    pub concert_title: String,
+    pub sold_seats: i64,
+    pub seat_count: i32,
+}
+
+/// The `limit` schedules with the most confirmed seats, most first.
+pub async fn top(redis: &ConnectionManager, keys: &Keys, pool: &PgPool, limit: usize) -> Result<Vec<Entry>> {
+    let mut conn = redis.clone();
+    let raw: Vec<(String, f64)> = redis::cmd("ZREVRANGE")
+        .arg(keys.ranking())
+        .arg(0)
+        .arg(limit.saturating_sub(1))
+        .arg("WITHSCORES")
+        .query_async(&mut conn)
+        .await?;
+    let ids: Vec<Uuid> = raw.iter().filter_map(|(s, _)| Uuid::parse_str(s).ok()).collect();
+    let rows: Vec<(Uuid, String, i32)> = sqlx::query_as(
+        "SELECT s.id, c.title, s.seat_count FROM schedules s JOIN concerts c ON c.id = s.concert_id
+         WHERE s.id = ANY($1)",
+    )
+    .bind(&ids)
+    .fetch_all(pool)
+    .await?;
+    Ok(raw
+        .into_iter()
+        .filter_map(|(s, score)| {
+            let id = Uuid::parse_str(&s).ok()?;
+            let (_, title, seats) = rows.iter().find(|r| r.0 == id)?;
+            Some(Entry { schedule_id: id, concert_title: title.clone(), sold_seats: score as i64, seat_count: *seats })
+        })
+        .collect())
+}

@@ -1,0 +1,548 @@
+//! The delay scheduler (brief §6, design document §4-3 method 2).
+//!
+//! Each hold's expiry lives in a Redis sorted set (score = `expiresAt` in ms, member = reservation
+//! id, payload beside it in a hash). The sets are sharded by the Kafka partition of
+//! `reservation.created`: the consumer that owns partition *p* drains shard *p*, so several
+//! schedulers split the load and the shards can live on different Redis Cluster slots.
+//!
+//! Guarantees, and where they come from:
+//! - **Nothing lost.** [`Scheduler::claim`] is one Lua script: with Redis `TIME` as the only
+//!   clock it moves at most `batch` due members into an in-flight set with a lease deadline. A
+//!   member leaves the in-flight set only after Kafka acknowledged its `reservation.expiration`
+//!   ([`Scheduler::step`]); a lease that runs out is claimed again. Killing the process at any
+//!   instruction therefore leaves every hold either due, in flight, or published.
+//! - **Redis can forget.** PostgreSQL is the truth: [`Scheduler::rearm`] re-adds every HELD hold
+//!   (`ZADD NX`) at start and every `--rearm-interval`; the expirer's sweeper is the last net.
+//! - **On time.** [`drive`] sleeps until the earliest due member (or `poll`, whichever is sooner)
+//!   and wakes at once when a newly scheduled hold is due before its planned wake-up.
+//! - **No useless expirations.** A payment or cancellation removes the member and leaves a
+//!   tombstone, so a `reservation.created` consumed late does not put it back.
+//! - Duplicates are possible (a lease running out during a slow publish); the expirer's
+//!   conditional update makes them harmless.
+
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use redis::aio::ConnectionManager;
+use redis::Script;
+use sqlx::PgPool;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::kafka::{partition_for, Envelope, EventType, HandleError, Handler, Incoming, PartitionWatch, Topics, PARTITIONS};
+use crate::keys::Keys;
+use crate::reservation::ReservationEvent;
+
+/// Tunables (delay-scheduler flags).
+#[derive(Clone, Debug)]
+pub struct SchedulerConfig {
+    pub batch_size: u32,
+    pub lease: Duration,
+    pub poll_interval: Duration,
+    pub rearm_interval: Duration,
+}
+
+/// What one step did on one shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tick {
+    /// Claimed members were published and acknowledged (`failed` stayed in flight for a retry).
+    Published { claimed: usize, reclaimed: usize, published: usize, failed: usize },
+    /// Nothing due; the earliest member (due or lease) is this far away, if any.
+    Idle { next_due: Option<Duration> },
+}
+
+/// Members claimed by one call of the claim script.
+#[derive(Debug, Default)]
+pub struct Claimed {
+    pub now_ms: i64,
+    pub reclaimed: usize,
+    pub members: Vec<(String, Option<String>)>,
+    pub next_due_ms: Option<i64>,
+    pub due_size: u64,
+    pub inflight_size: u64,
+}
+
+// KEYS: due, inflight, payload. ARGV: batch, lease_ms.
+const CLAIM: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local batch = tonumber(ARGV[1])
+local lease = tonumber(ARGV[2])
+local out = {}
+local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, batch)
+for _, m in ipairs(expired) do
+  redis.call('ZADD', KEYS[2], now + lease, m)
+  table.insert(out, m)
+end
+local reclaimed = #out
+if batch - reclaimed > 0 then
+  local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, batch - reclaimed)
+  for _, m in ipairs(due) do
+    redis.call('ZREM', KEYS[1], m)
+    redis.call('ZADD', KEYS[2], now + lease, m)
+    table.insert(out, m)
+  end
+end
+local payloads = {}
+if #out > 0 then payloads = redis.call('HMGET', KEYS[3], unpack(out)) end
+local nd = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+local nl = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+local next = false
+if nd[2] then next = nd[2] end
+if nl[2] and (not next or tonumber(nl[2]) < tonumber(next)) then next = nl[2] end
+return {now, reclaimed, out, payloads, next, redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[2])}
+"#;
+
+// KEYS: due, inflight, payload, tombstone. ARGV: member, score, payload. Returns 1 if added.
+const SCHEDULE: &str = r#"
+if redis.call('EXISTS', KEYS[4]) == 1 then return -1 end
+if redis.call('ZSCORE', KEYS[2], ARGV[1]) then return 0 end
+local added = redis.call('ZADD', KEYS[1], 'NX', ARGV[2], ARGV[1])
+redis.call('HSETNX', KEYS[3], ARGV[1], ARGV[3])
+return added
+"#;
+
+// KEYS: inflight, payload. ARGV: member.
+const ACK: &str = r#"
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+return 1
+"#;
+
+// KEYS: due, inflight, payload. ARGV: member. Returns 1 if it was pending.
+const CANCEL: &str = r#"
+local a = redis.call('ZREM', KEYS[1], ARGV[1])
+local b = redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
+if a + b > 0 then return 1 end
+return 0
+"#;
+
+/// How long a paid or cancelled hold's tombstone lives: the retention of `reservation.created`,
+/// after which no late copy of that message can arrive.
+const TOMBSTONE_TTL_SECS: u64 = 24 * 3600;
+
+/// Per-shard wake-up: the loop's planned wake time and a way to bring it forward.
+#[derive(Default)]
+pub struct Wake {
+    planned_ms: AtomicI64,
+    notify: Notify,
+}
+
+impl Wake {
+    /// Wakes the loop if `due_ms` comes before its planned wake-up.
+    pub fn offer(&self, due_ms: i64) {
+        if due_ms < self.planned_ms.load(Ordering::Acquire) {
+            self.notify.notify_one();
+        }
+    }
+}
+
+/// The scheduler service: Redis sets, the Kafka producer, and the wake-ups of its shard loops.
+pub struct Scheduler {
+    redis: ConnectionManager,
+    keys: Keys,
+    producer: FutureProducer,
+    topics: Topics,
+    cfg: SchedulerConfig,
+    wakes: Vec<Arc<Wake>>,
+}
+
+impl Scheduler {
+    pub fn new(redis: ConnectionManager, keys: Keys, producer: FutureProducer, topics: Topics, cfg: SchedulerConfig) -> Self {
+        let wakes = (0..PARTITIONS).map(|_| Arc::new(Wake::default())).collect();
+        Self { redis, keys, producer, topics, cfg, wakes }
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.cfg
+    }
+
+    /// Adds a hold to shard `shard` (unless it was paid or cancelled, or is in flight).
+    pub async fn schedule(&self, shard: i32, ev: &ReservationEvent) -> Result<bool, redis::RedisError> {
+        let mut conn = self.redis.clone();
+        let due_ms = ev.expires_at.timestamp_millis();
+        let payload = serde_json::to_string(ev).expect("events serialize");
+        let added: i64 = Script::new(SCHEDULE)
+            .key(self.keys.sched_due(shard))
+            .key(self.keys.sched_inflight(shard))
+            .key(self.keys.sched_payload(shard))
+            .key(self.keys.sched_cancelled(ev.reservation_id))
+            .arg(ev.reservation_id.to_string())
+            .arg(due_ms)
+            .arg(payload)
+            .invoke_async(&mut conn)
+            .await?;
+        if added == 1 {
+            if let Some(w) = self.wakes.get(shard as usize) {
+                w.offer(due_ms);
+            }
+        }
+        Ok(added == 1)
+    }
+
+    /// Removes a paid or cancelled hold from every shard and leaves a tombstone.
+    pub async fn cancel(&self, reservation: Uuid) -> Result<bool, redis::RedisError> {
+        let mut conn = self.redis.clone();
+        let _: () = redis::cmd("SET")
+            .arg(self.keys.sched_cancelled(reservation))
+            .arg(1)
+            .arg("EX")
+            .arg(TOMBSTONE_TTL_SECS)
+            .query_async(&mut conn)
+            .await?;
+        let mut removed = false;
+        for shard in 0..PARTITIONS {
+            let r: i64 = Script::new(CANCEL)
+                .key(self.keys.sched_due(shard))
+                .key(self.keys.sched_inflight(shard))
+                .key(self.keys.sched_payload(shard))
+                .arg(reservation.to_string())
+                .invoke_async(&mut conn)
+                .await?;
+            removed |= r == 1;
+        }
+        if removed {
+            metrics::counter!("scheduler_cancelled_total").increment(1);
+        }
+        Ok(removed)
+    }
+
+    /// Atomically claims due members of `shard` (and members whose lease ran out).
+    pub async fn claim(&self, shard: i32) -> Result<Claimed, redis::RedisError> {
+        let mut conn = self.redis.clone();
+        type Raw = (i64, i64, Vec<String>, Vec<Option<String>>, Option<String>, u64, u64);
+        let (now_ms, reclaimed, members, payloads, next, due_size, inflight_size): Raw = Script::new(CLAIM)
+            .key(self.keys.sched_due(shard))
+            .key(self.keys.sched_inflight(shard))
+            .key(self.keys.sched_payload(shard))
+            .arg(self.cfg.batch_size)
+            .arg(self.cfg.lease.as_millis() as u64)
+            .invoke_async(&mut conn)
+            .await?;
+        let members = members.into_iter().zip(payloads.into_iter().chain(std::iter::repeat(None))).collect();
+        Ok(Claimed {
+            now_ms,
+            reclaimed: reclaimed as usize,
+            members,
+            next_due_ms: next.and_then(|s| s.parse::<f64>().ok()).map(|f| f as i64),
+            due_size,
+            inflight_size,
+        })
+    }
+
+    /// Removes a published member from the in-flight set.
+    pub async fn ack(&self, shard: i32, member: &str) -> Result<(), redis::RedisError> {
+        let mut conn = self.redis.clone();
+        let _: i64 = Script::new(ACK)
+            .key(self.keys.sched_inflight(shard))
+            .key(self.keys.sched_payload(shard))
+            .arg(member)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// One unit of work on `shard`: claim, publish `reservation.expiration`, ack what Kafka
+    /// acknowledged. Members whose publish failed stay in flight and come back when their lease
+    /// runs out.
+    pub async fn step(&self, shard: i32) -> Result<Tick, redis::RedisError> {
+        let claimed = self.claim(shard).await?;
+        let s = shard.to_string();
+        metrics::gauge!("scheduler_due_size", "shard" => s.clone()).set(claimed.due_size as f64);
+        metrics::gauge!("scheduler_inflight_size", "shard" => s.clone()).set(claimed.inflight_size as f64);
+        if claimed.members.is_empty() {
+            let next_due = claimed.next_due_ms.map(|d| Duration::from_millis((d - claimed.now_ms).max(0) as u64));
+            return Ok(Tick::Idle { next_due });
+        }
+        metrics::counter!("scheduler_claimed_total").increment((claimed.members.len() - claimed.reclaimed) as u64);
+        metrics::counter!("scheduler_reclaimed_total").increment(claimed.reclaimed as u64);
+
+        let mut sends = Vec::with_capacity(claimed.members.len());
+        let mut orphans = Vec::new();
+        for (member, payload) in &claimed.members {
+            let Some(ev) = payload.as_deref().and_then(|p| serde_json::from_str::<ReservationEvent>(p).ok()) else {
+                // Payload gone: the hold was cancelled while in flight. Nothing to publish.
+                orphans.push(member.clone());
+                continue;
+            };
+            let env = Envelope::new(EventType::ReservationExpiration, ev.clone());
+            let body = serde_json::to_string(&env).expect("envelopes serialize");
+            let record = FutureRecord::to(&self.topics.reservation_expiration)
+                .key(member.as_str())
+                .payload(&body)
+                .partition(partition_for(member, PARTITIONS));
+            // send_result queues at once, so the whole batch goes out together.
+            match self.producer.send_result(record) {
+                Ok(fut) => sends.push((member.clone(), ev.expires_at, fut)),
+                Err((e, _)) => tracing::warn!(error = %e, reservation = %member, "expiration not queued; lease will retry"),
+            }
+        }
+        for m in orphans {
+            self.ack(shard, &m).await?;
+        }
+        let (mut published, mut failed) = (0, 0);
+        for (member, expires_at, fut) in sends {
+            match fut.await {
+                Ok(Ok(_)) => {
+                    self.ack(shard, &member).await?;
+                    published += 1;
+                    metrics::histogram!("scheduler_publish_lateness_seconds").record(lateness_secs(expires_at));
+                }
+                Ok(Err((e, _))) => {
+                    failed += 1;
+                    tracing::warn!(error = %e, reservation = %member, "expiration publish failed; lease will retry");
+                }
+                Err(_) => failed += 1,
+            }
+        }
+        metrics::counter!("scheduler_published_total").increment(published as u64);
+        Ok(Tick::Published { claimed: claimed.members.len(), reclaimed: claimed.reclaimed, published, failed })
+    }
+
+    /// Re-adds every HELD hold from PostgreSQL (`NX`: existing members keep their state).
+    pub async fn rearm(&self, pool: &PgPool) -> Result<usize, HandleError> {
+        let rows: Vec<(Uuid, Uuid, Uuid, Uuid, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT id, user_id, seat_id, schedule_id, expires_at FROM reservations
+             WHERE status = 'HELD' ORDER BY expires_at",
+        )
+        .fetch_all(pool)
+        .await?;
+        let mut added = 0;
+        for (reservation_id, user_id, seat_id, schedule_id, expires_at) in rows {
+            let ev = ReservationEvent { reservation_id, user_id, seat_id, schedule_id, expires_at };
+            let shard = partition_for(&reservation_id.to_string(), PARTITIONS);
+            if self.schedule(shard, &ev).await? {
+                added += 1;
+            }
+        }
+        metrics::counter!("scheduler_rearmed_total").increment(added as u64);
+        Ok(added)
+    }
+
+    /// The loop of one shard until `cancel`.
+    pub async fn run_shard(self: Arc<Self>, shard: i32, cancel: CancellationToken) {
+        let wake = self.wakes[shard as usize].clone();
+        let me = self.clone();
+        drive(move || { let me = me.clone(); async move { me.step(shard).await } }, self.cfg.poll_interval, &wake, cancel).await;
+    }
+
+    /// Runs the shard loops of the partitions of `reservation.created` this member owns,
+    /// starting and stopping them as the assignment changes, and re-arms periodically.
+    pub async fn run(self: Arc<Self>, pool: PgPool, mut assignment: PartitionWatch, shutdown: CancellationToken) {
+        let mut loops: HashMap<i32, (CancellationToken, tokio::task::JoinHandle<()>)> = HashMap::new();
+        let mut rearm = tokio::time::interval(self.cfg.rearm_interval);
+        rearm.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let owned: BTreeSet<i32> = assignment
+                .borrow_and_update()
+                .iter()
+                .filter(|(t, _)| *t == self.topics.reservation_created)
+                .map(|(_, p)| *p)
+                .filter(|p| (0..PARTITIONS).contains(p))
+                .collect();
+            loops.retain(|shard, (token, _)| {
+                let keep = owned.contains(shard);
+                if !keep {
+                    token.cancel();
+                }
+                keep
+            });
+            for shard in owned {
+                loops.entry(shard).or_insert_with(|| {
+                    let token = shutdown.child_token();
+                    let handle = tokio::spawn(self.clone().run_shard(shard, token.clone()));
+                    (token, handle)
+                });
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = assignment.changed() => if r.is_err() { break },
+                _ = rearm.tick() => {
+                    match self.rearm(&pool).await {
+                        Ok(n) if n > 0 => tracing::info!(rearmed = n, "re-armed holds from PostgreSQL"),
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "re-arm failed"),
+                    }
+                }
+            }
+        }
+        for (_, (token, handle)) in loops {
+            token.cancel();
+            let _ = handle.await;
+        }
+    }
+}
+
+fn lateness_secs(expires_at: DateTime<Utc>) -> f64 {
+    (Utc::now() - expires_at).num_microseconds().unwrap_or(0) as f64 / 1e6
+}
+
+/// The loop around a step: after work, step again at once; when idle, sleep until the earliest
+/// due member or `poll`, whichever is sooner, or until `wake` says an earlier member arrived.
+pub async fn drive<F, Fut, E>(mut step: F, poll: Duration, wake: &Wake, cancel: CancellationToken)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Tick, E>>,
+    E: std::fmt::Display,
+{
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if cancel.is_cancelled() {
+            break;
+        }
+        let sleep = match step().await {
+            Ok(Tick::Published { failed: 0, .. }) => {
+                backoff = Duration::from_millis(100);
+                continue;
+            }
+            Ok(Tick::Published { .. }) => poll.min(Duration::from_millis(500)),
+            Ok(Tick::Idle { next_due }) => {
+                backoff = Duration::from_millis(100);
+                next_due.map_or(poll, |d| d.min(poll))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "scheduler step failed");
+                backoff = (backoff * 2).min(poll.max(Duration::from_secs(1)));
+                backoff
+            }
+        };
+        let wake_at = Utc::now().timestamp_millis() + sleep.as_millis() as i64;
+        wake.planned_ms.store(wake_at, Ordering::Release);
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep(sleep) => {}
+            _ = wake.notify.notified() => {}
+        }
+        // While stepping, any new member is picked up by the step itself.
+        wake.planned_ms.store(i64::MIN, Ordering::Release);
+    }
+}
+
+/// Consumer of `reservation.created`, `payment.completed` and `reservation.cancelled`.
+pub struct SchedulerHandler {
+    pub scheduler: Arc<Scheduler>,
+}
+
+#[derive(serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct HasReservation {
+    reservation_id: Uuid,
+}
+
+impl Handler for SchedulerHandler {
+    async fn handle(&self, msg: &Incoming) -> Result<(), HandleError> {
+        let topics = &self.scheduler.topics;
+        if msg.topic == topics.reservation_created {
+            let env = Envelope::<ReservationEvent>::parse(&msg.payload, EventType::ReservationCreated).map_err(HandleError::Poison)?;
+            self.scheduler.schedule(msg.partition, &env.payload).await?;
+            metrics::counter!("scheduler_scheduled_total").increment(1);
+        } else if msg.topic == topics.payment_completed {
+            let env = Envelope::<HasReservation>::parse(&msg.payload, EventType::PaymentCompleted).map_err(HandleError::Poison)?;
+            self.scheduler.cancel(env.payload.reservation_id).await?;
+        } else if msg.topic == topics.reservation_cancelled {
+            let env = Envelope::<HasReservation>::parse(&msg.payload, EventType::ReservationCancelled).map_err(HandleError::Poison)?;
+            self.scheduler.cancel(env.payload.reservation_id).await?;
+        } else {
+            return Err(HandleError::Poison(format!("unexpected topic {}", msg.topic)));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use tokio::time::Instant;
+
+    /// A step that records when it ran and replays scripted outcomes.
+    fn scripted(outcomes: Vec<Tick>, calls: Arc<Mutex<Vec<Instant>>>) -> impl FnMut() -> std::future::Ready<Result<Tick, String>> {
+        let mut outcomes = outcomes.into_iter();
+        move || {
+            calls.lock().unwrap().push(Instant::now());
+            std::future::ready(Ok(outcomes.next().unwrap_or(Tick::Idle { next_due: None })))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_loop_wakes_at_the_earliest_due_time_not_at_the_next_poll() {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let step = scripted(vec![Tick::Idle { next_due: Some(Duration::from_millis(300)) }], calls.clone());
+        let wake = Wake::default();
+        let cancel = CancellationToken::new();
+        let start = Instant::now();
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+            c.cancel();
+        });
+        drive(step, Duration::from_secs(1), &wake, cancel).await;
+        let calls = calls.lock().unwrap();
+        assert_eq!(calls[0] - start, Duration::ZERO);
+        assert_eq!(calls[1] - start, Duration::from_millis(300), "second step at the due time");
+        assert_eq!(calls[2] - start, Duration::from_millis(1300), "then the poll interval bounds the sleep");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_loop_steps_again_at_once_after_publishing() {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let busy = Tick::Published { claimed: 10, reclaimed: 0, published: 10, failed: 0 };
+        let step = scripted(vec![busy.clone(), busy], calls.clone());
+        let cancel = CancellationToken::new();
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            c.cancel();
+        });
+        let start = Instant::now();
+        drive(step, Duration::from_secs(1), &Wake::default(), cancel).await;
+        let calls = calls.lock().unwrap();
+        assert!(calls.len() >= 3);
+        assert!(calls[..3].iter().all(|t| *t - start == Duration::ZERO));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_earlier_member_wakes_the_sleeping_loop_at_once() {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let step = scripted(vec![], calls.clone());
+        let wake = Arc::new(Wake::default());
+        let cancel = CancellationToken::new();
+        let (w, c) = (wake.clone(), cancel.clone());
+        let start = Instant::now();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            // Due in 50 ms: earlier than the loop's planned wake-up (poll = 1 s).
+            w.offer(Utc::now().timestamp_millis() + 50);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            c.cancel();
+        });
+        drive(step, Duration::from_secs(1), &wake, cancel).await;
+        let calls = calls.lock().unwrap();
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[1] - start, Duration::from_millis(200));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_later_member_does_not_wake_the_loop() {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let step = scripted(vec![], calls.clone());
+        let wake = Arc::new(Wake::default());
+        let cancel = CancellationToken::new();
+        let (w, c) = (wake.clone(), cancel.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            w.offer(Utc::now().timestamp_millis() + 60_000);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            c.cancel();
+        });
+        drive(step, Duration::from_secs(1), &wake, cancel).await;
+        assert_eq!(calls.lock().unwrap().len(), 1);
+    }
+}

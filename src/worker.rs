@@ -1,0 +1,1 @@
+//! The worker's consumers (filled in with the notifications issue).
