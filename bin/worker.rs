@@ -1,1 +1,89 @@
-fn main(){}
+//! `worker`: stores and delivers notifications, updates the ranking, exports payments.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use booking::app::{self, Resources, WorkerSettings};
+use booking::config::{duration, Common};
+use booking::export::Sink;
+use booking::worker::Channel;
+use clap::Parser;
+
+/// The worker: consumer groups for `notification.request` and `payment.completed`.
+#[derive(Parser, Debug)]
+#[command(name = "worker", version)]
+struct Cli {
+    #[command(flatten)]
+    common: Common,
+
+    /// Address serving /metrics and /health.
+    #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9104")]
+    metrics_addr: SocketAddr,
+
+    /// Prefix of the worker's consumer groups (`<prefix>notifications`, `<prefix>payments`).
+    #[arg(long, env = "WORKER_GROUP_PREFIX", default_value = "worker-")]
+    group_prefix: String,
+
+    /// Notification channel: `log`, or `webhook` (needs --webhook-url).
+    #[arg(long, env = "NOTIFY_CHANNEL", default_value = "log", value_parser = ["log", "webhook"])]
+    channel: String,
+
+    /// Webhook receiving notifications (channel `webhook`).
+    #[arg(long, env = "WEBHOOK_URL")]
+    webhook_url: Option<String>,
+
+    /// Secret signing webhook bodies (`X-Signature: sha256=<hmac>`).
+    #[arg(long, env = "WEBHOOK_SECRET", default_value = "", hide_env_values = true)]
+    webhook_secret: String,
+
+    /// Data-platform sink: `file:PATH` (JSON lines) or an http(s) URL.
+    #[arg(long, env = "EXPORT_SINK", default_value = "file:payments-export.jsonl")]
+    export_sink: String,
+
+    /// Fallback poll of pending deliveries.
+    #[arg(long, env = "DELIVERY_POLL_INTERVAL", default_value = "1s", value_parser = duration)]
+    delivery_poll_interval: Duration,
+
+    /// Longest wait between two delivery attempts of one notification.
+    #[arg(long, env = "DELIVERY_MAX_BACKOFF", default_value = "30s", value_parser = duration)]
+    delivery_max_backoff: Duration,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    booking::telemetry::init_logging(cli.common.log_json);
+    let metrics = booking::telemetry::install_metrics();
+    let shutdown = booking::shutdown::on_signal();
+    let channel = match cli.channel.as_str() {
+        "webhook" => Channel::Webhook {
+            url: cli.webhook_url.clone().ok_or_else(|| anyhow!("--webhook-url is required with --channel webhook"))?,
+            secret: cli.webhook_secret.clone(),
+            client: reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?,
+        },
+        _ => Channel::Log,
+    };
+    let sink = Sink::parse(&cli.export_sink).map_err(|e| anyhow!(e))?;
+    let res = Resources::connect(&cli.common, "worker").await.context("connecting")?;
+    let ops = booking::telemetry::bind(cli.metrics_addr).await.context("binding --metrics-addr")?;
+    tracing::info!(metrics = %cli.metrics_addr, channel = %cli.channel, "worker started");
+    let settings = WorkerSettings {
+        channel,
+        sink,
+        delivery_poll: cli.delivery_poll_interval,
+        delivery_batch: 200,
+        delivery_max_backoff: cli.delivery_max_backoff,
+    };
+    app::run_worker(res, settings, &cli.group_prefix, ops, metrics, shutdown).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn verify_cli() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}

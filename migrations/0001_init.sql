@@ -121,10 +121,11 @@ CREATE TABLE notifications (
     created_at   timestamptz NOT NULL DEFAULT now(),
     delivery     text NOT NULL DEFAULT 'PENDING' CHECK (delivery IN ('PENDING', 'DELIVERED', 'FAILED')),
     attempts     int NOT NULL DEFAULT 0,
+    next_attempt_at timestamptz NOT NULL DEFAULT now(),
     delivered_at timestamptz
 );
 CREATE INDEX notifications_by_user ON notifications (user_id, id);
-CREATE INDEX notifications_pending ON notifications (id) WHERE delivery = 'PENDING';
+CREATE INDEX notifications_pending ON notifications (next_attempt_at) WHERE delivery = 'PENDING';
 
 CREATE FUNCTION notification_notify() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN

@@ -244,3 +244,44 @@ pub async fn run_expirer(res: Resources, s: ExpirerSettings, group: &str, ops: T
     tracing::info!("expirer stopped");
     Ok(())
 }
+
+/// Settings of the worker daemon.
+#[derive(Clone, Debug)]
+pub struct WorkerSettings {
+    pub channel: crate::worker::Channel,
+    pub sink: crate::export::Sink,
+    pub delivery_poll: Duration,
+    pub delivery_batch: i64,
+    pub delivery_max_backoff: Duration,
+}
+
+/// Runs the worker: the notification and payment consumer groups and the delivery loop.
+pub async fn run_worker(res: Resources, s: WorkerSettings, group_prefix: &str, ops: TcpListener, metrics: PrometheusHandle, shutdown: CancellationToken) -> Result<(), StartError> {
+    use crate::worker::{Deliverer, NotificationHandler, PaymentHandler};
+    let health = res.health();
+    let ops_task = tokio::spawn(crate::telemetry::serve_ops(ops, metrics, health, shutdown.clone()));
+    let deliverer = Deliverer { pool: res.pool.clone(), channel: s.channel.clone(), batch: s.delivery_batch, max_backoff: s.delivery_max_backoff };
+    let delivery = tokio::spawn(deliverer.run(s.delivery_poll, shutdown.clone()));
+    if res.ensure_topics(&shutdown).await {
+        let notes = ConsumerRunner::new(
+            &consumer_config(&res.brokers, &format!("{group_prefix}notifications")),
+            &[&res.topics.notification_request],
+            res.producer.clone(),
+            "worker-notifications",
+        )?;
+        let pays = ConsumerRunner::new(
+            &consumer_config(&res.brokers, &format!("{group_prefix}payments")),
+            &[&res.topics.payment_completed],
+            res.producer.clone(),
+            "worker-payments",
+        )?;
+        let nh = NotificationHandler { pool: res.pool.clone() };
+        let ph = PaymentHandler { pool: res.pool.clone(), redis: res.redis.clone(), keys: res.keys.clone(), sink: s.sink.clone() };
+        tokio::join!(notes.run(&nh, shutdown.clone()), pays.run(&ph, shutdown.clone()));
+    }
+    let _ = delivery.await;
+    res.flush();
+    let _ = ops_task.await;
+    tracing::info!("worker stopped");
+    Ok(())
+}

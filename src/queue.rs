@@ -63,15 +63,19 @@ redis.call('SET', KEYS[4], ARGV[2])
 return {0, redis.call('ZRANK', KEYS[1], ARGV[1]) + 1, 0, s}
 "#;
 
-// Reads a user's place; an active user's idle deadline is pushed back (they are using it).
+// Reads a user's place. With ARGV[2] > 0 an active user's idle deadline is pushed back: booking
+// is activity, asking for one's place is not (or polling would keep a place forever).
 const TOUCH: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local a = redis.call('ZSCORE', KEYS[2], ARGV[1])
 if a and tonumber(a) > now then
-  local u = now + tonumber(ARGV[2])
-  redis.call('ZADD', KEYS[2], u, ARGV[1])
-  return {1, 0, u}
+  local idle = tonumber(ARGV[2])
+  if idle > 0 then
+    redis.call('ZADD', KEYS[2], now + idle, ARGV[1])
+    return {1, 0, now + idle}
+  end
+  return {1, 0, tonumber(a)}
 end
 local r = redis.call('ZRANK', KEYS[1], ARGV[1])
 if r then return {0, r + 1, 0} end
@@ -182,14 +186,23 @@ impl Queue {
         }
     }
 
+    /// The place of `user` in `schedule`'s queue, without counting as activity.
+    pub async fn place_of(&self, schedule: Uuid, user: Uuid) -> Result<Place> {
+        self.read_place(schedule, user, 0).await
+    }
+
     /// The place of `user` in `schedule`'s queue; an active user's idle timer restarts.
     pub async fn touch(&self, schedule: Uuid, user: Uuid) -> Result<Place> {
+        self.read_place(schedule, user, self.cfg.idle.as_millis() as u64).await
+    }
+
+    async fn read_place(&self, schedule: Uuid, user: Uuid, idle_ms: u64) -> Result<Place> {
         let mut conn = self.redis.clone();
         let (state, pos, until): (i64, u64, i64) = Script::new(TOUCH)
             .key(self.keys.queue_waiting(schedule))
             .key(self.keys.queue_active(schedule))
             .arg(user.to_string())
-            .arg(self.cfg.idle.as_millis() as u64)
+            .arg(idle_ms)
             .invoke_async(&mut conn)
             .await?;
         Ok(self.place(state, pos, until))

@@ -1,1 +1,214 @@
-//! The worker's consumers (filled in with the notifications issue).
+//! The worker's consumers (brief §3, §5):
+//! - `notification.request` → stored once by `eventId` ([`NotificationHandler`]); a separate
+//!   delivery loop ([`Deliverer`]) sends stored notifications through the configured channel and
+//!   records a delivery state per notification, retrying with backoff while the channel is down.
+//! - `payment.completed` → the ranking (exactly once per payment, [`crate::ranking`]) and the
+//!   data-platform export (once per payment, [`crate::export`]) ([`PaymentHandler`]).
+
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use serde_json::{json, Value};
+use sha2::Sha256;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::export::Sink;
+use crate::kafka::{Envelope, EventType, HandleError, Handler, Incoming};
+use crate::keys::Keys;
+use crate::notification::NotificationRequest;
+use crate::payment::PaymentCompleted;
+
+const KNOWN_TYPES: &[&str] = &["PAYMENT_CONFIRMED", "RESERVATION_EXPIRED", "QUEUE_POSITION", "QUEUE_ACTIVATED"];
+
+/// Consumer of `notification.request`: stores each request once.
+pub struct NotificationHandler {
+    pub pool: PgPool,
+}
+
+impl Handler for NotificationHandler {
+    async fn handle(&self, msg: &Incoming) -> Result<(), HandleError> {
+        let env = Envelope::<NotificationRequest>::parse(&msg.payload, EventType::NotificationRequest).map_err(HandleError::Poison)?;
+        let n = env.payload;
+        if !KNOWN_TYPES.contains(&n.kind.as_str()) {
+            return Err(HandleError::Poison(format!("unknown notification type {:?}", n.kind)));
+        }
+        let inserted = sqlx::query(
+            "INSERT INTO notifications (event_id, user_id, type, title, message, data)
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (event_id) DO NOTHING",
+        )
+        .bind(env.event_id)
+        .bind(n.user_id)
+        .bind(&n.kind)
+        .bind(&n.title)
+        .bind(&n.message)
+        .bind(&n.data)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        let outcome = if inserted == 1 { "stored" } else { "duplicate" };
+        metrics::counter!("notifications_stored_total", "type" => n.kind.clone(), "outcome" => outcome).increment(1);
+        Ok(())
+    }
+}
+
+/// How notifications reach the user's device.
+#[derive(Clone, Debug)]
+pub enum Channel {
+    /// Writes a log line (design document §5-4).
+    Log,
+    /// POSTs JSON with an `X-Signature: sha256=<hmac>` header over the body.
+    Webhook { url: String, secret: String, client: reqwest::Client },
+}
+
+impl Channel {
+    async fn deliver(&self, n: &Value) -> Result<(), String> {
+        match self {
+            Channel::Log => {
+                tracing::info!(target: "notification", notification = %n, "notification delivered");
+                Ok(())
+            }
+            Channel::Webhook { url, secret, client } => {
+                let body = serde_json::to_vec(n).expect("json values serialize");
+                let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
+                mac.update(&body);
+                let sig = hex::encode(mac.finalize().into_bytes());
+                let resp = client
+                    .post(url)
+                    .header("content-type", "application/json")
+                    .header("x-signature", format!("sha256={sig}"))
+                    .header("x-event-id", n["eventId"].as_str().unwrap_or_default())
+                    .body(body)
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if resp.status().is_success() {
+                    Ok(())
+                } else {
+                    Err(format!("webhook answered {}", resp.status()))
+                }
+            }
+        }
+    }
+}
+
+/// Delivers stored notifications that are still PENDING, oldest first.
+pub struct Deliverer {
+    pub pool: PgPool,
+    pub channel: Channel,
+    pub batch: i64,
+    pub max_backoff: Duration,
+}
+
+impl Deliverer {
+    /// Delivers one batch; returns (delivered, failed). Rows are locked with `SKIP LOCKED` so
+    /// several workers share the work; a failed row is retried after an exponential backoff.
+    pub async fn step(&self) -> Result<(usize, usize), sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let rows: Vec<(i64, Uuid, Uuid, String, String, String, Value, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
+            "SELECT id, event_id, user_id, type, title, message, data, created_at FROM notifications
+             WHERE delivery = 'PENDING' AND next_attempt_at <= now()
+             ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(self.batch)
+        .fetch_all(&mut *tx)
+        .await?;
+        let (mut ok, mut failed) = (0, 0);
+        for (id, event_id, user_id, kind, title, message, data, created_at) in rows {
+            let n = json!({"notificationId": id.to_string(), "eventId": event_id, "userId": user_id, "type": kind,
+                           "title": title, "message": message, "data": data, "createdAt": created_at});
+            match self.channel.deliver(&n).await {
+                Ok(()) => {
+                    sqlx::query("UPDATE notifications SET delivery = 'DELIVERED', delivered_at = now(), attempts = attempts + 1 WHERE id = $1")
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?;
+                    metrics::counter!("notifications_delivered_total").increment(1);
+                    ok += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(notification = id, error = %e, "delivery failed; will retry");
+                    sqlx::query(
+                        "UPDATE notifications SET attempts = attempts + 1,
+                                next_attempt_at = now() + make_interval(secs => least(0.2 * power(2, attempts), $2))
+                         WHERE id = $1",
+                    )
+                    .bind(id)
+                    .bind(self.max_backoff.as_secs_f64())
+                        .execute(&mut *tx)
+                        .await?;
+                    metrics::counter!("notifications_delivery_failures_total").increment(1);
+                    failed += 1;
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok((ok, failed))
+    }
+
+    /// Runs until `shutdown`, woken by new notifications and polling every `poll`.
+    pub async fn run(self, poll: Duration, shutdown: CancellationToken) {
+        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await.ok();
+        if let Some(l) = listener.as_mut() {
+            let _ = l.listen("notification_new").await;
+        }
+        loop {
+            let busy = match self.step().await {
+                Ok((ok, failed)) => ok + failed > 0 && failed == 0,
+                Err(e) => {
+                    tracing::warn!(error = %e, "delivery step failed");
+                    false
+                }
+            };
+            if busy {
+                continue;
+            }
+            let notified = async {
+                match listener.as_mut() {
+                    Some(l) => {
+                        let _ = l.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = notified => {}
+                _ = tokio::time::sleep(poll) => {}
+            }
+        }
+    }
+}
+
+/// Consumer of `payment.completed`: ranking and export, each once per payment.
+pub struct PaymentHandler {
+    pub pool: PgPool,
+    pub redis: redis::aio::ConnectionManager,
+    pub keys: Keys,
+    pub sink: Sink,
+}
+
+impl Handler for PaymentHandler {
+    async fn handle(&self, msg: &Incoming) -> Result<(), HandleError> {
+        let env = Envelope::<PaymentCompleted>::parse(&msg.payload, EventType::PaymentCompleted).map_err(HandleError::Poison)?;
+        let p = &env.payload;
+        if crate::ranking::record(&self.redis, &self.keys, p.payment_id, p.schedule_id).await? {
+            metrics::counter!("ranking_increments_total").increment(1);
+        }
+        let mut tx = self.pool.begin().await?;
+        let fresh = sqlx::query("INSERT INTO processed_events (consumer, event_id) VALUES ('export', $1) ON CONFLICT DO NOTHING")
+            .bind(p.payment_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+            == 1;
+        if fresh {
+            let record = serde_json::to_value(p).expect("payments serialize");
+            self.sink.send(&record).await.map_err(|e| HandleError::Transient(e.to_string()))?;
+            tx.commit().await?;
+            metrics::counter!("exports_total").increment(1);
+        }
+        Ok(())
+    }
+}

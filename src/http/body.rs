@@ -58,7 +58,8 @@ pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Error> {
         };
         // serde reports "unknown field `x`" at the parent path; name the field itself.
         let field = if let Some(rest) = msg.strip_prefix("unknown field `") {
-            rest.split('`').next().map(|f| if path == "." { f.to_string() } else { format!("{path}.{f}") })
+            // The path already ends with the unknown field's name.
+            if path == "." { rest.split('`').next().map(str::to_string) } else { Some(path) }
         } else if msg.starts_with("missing field `") {
             msg.split('`').nth(1).map(|f| if path == "." { f.to_string() } else { format!("{path}.{f}") })
         } else {

@@ -130,7 +130,7 @@ pub async fn queue_me(api: Api, auth: Option<String>, token: Option<String>) -> 
     let user = authed(&api, &auth).await?;
     let token = token.ok_or_else(|| Error::invalid("X-Queue-Token", "header is required"))?;
     let schedule = api.queue.verify(Some(&token), user)?;
-    let place = api.queue.touch(schedule, user).await?;
+    let place = api.queue.place_of(schedule, user).await?;
     Ok(json_reply(StatusCode::OK, &place))
 }
 

@@ -75,14 +75,17 @@ pub fn with_metrics() -> warp::log::Log<impl Fn(warp::log::Info<'_>) + Clone> {
     })
 }
 
-fn known_route(route: &str) -> bool {
-    const ROUTES: &[&str] = &[
+/// Every route served, as `route_label` names it (the OpenAPI test compares this list with the
+/// description's paths).
+pub const ROUTES: &[&str] = &[
         "/v1/users", "/v1/users/me/points", "/v1/users/me/points/charges", "/v1/users/me/points/history",
         "/v1/admin/concerts", "/v1/concerts", "/v1/concerts/{id}/schedules", "/v1/schedules/{id}/seats",
         "/v1/queue/tokens", "/v1/queue/tokens/me", "/v1/reservations", "/v1/reservations/{id}",
         "/v1/payments", "/v1/users/me/notifications", "/v1/users/me/notifications/stream",
         "/v1/rankings/schedules", "/health", "/metrics", "/openapi.yaml",
-    ];
+];
+
+fn known_route(route: &str) -> bool {
     ROUTES.contains(&route)
 }
 

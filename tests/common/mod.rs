@@ -1,0 +1,285 @@
+//! Test harness: every test gets its own PostgreSQL database, Redis key prefix, Kafka topics and
+//! consumer groups, against the real services started by `scripts/services.sh`.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use booking::app::{ApiSettings, Resources};
+use booking::kafka::{Envelope, Topics};
+use booking::keys::Keys;
+use booking::queue::QueueConfig;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use serde_json::{json, Value};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+pub fn var(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run the tests through scripts/test.sh"))
+}
+
+/// One isolated world on the shared services.
+#[derive(Clone)]
+pub struct TestEnv {
+    pub db_url: String,
+    pub redis_url: String,
+    pub brokers: String,
+    pub prefix: String,
+    pub pool: PgPool,
+    pub res: Resources,
+}
+
+impl TestEnv {
+    pub async fn new() -> Self {
+        let base = var("DATABASE_URL");
+        let brokers = var("KAFKA_BROKERS");
+        let redis_url = var("REDIS_URL");
+        let id = Uuid::new_v4().simple().to_string()[..12].to_string();
+        let db = format!("test_{id}");
+        let admin = PgPoolOptions::new().max_connections(1).connect(&base).await.expect("admin connection");
+        sqlx::query(&format!("CREATE DATABASE {db}")).execute(&admin).await.expect("create database");
+        admin.close().await;
+        let (head, _) = base.rsplit_once('/').expect("database url has a path");
+        let db_url = format!("{head}/{db}");
+        let prefix = format!("t{id}.");
+        let common = booking::config::Common {
+            database_url: db_url.clone(),
+            redis_url: redis_url.clone(),
+            kafka_brokers: brokers.clone(),
+            topic_prefix: prefix.clone(),
+            redis_prefix: prefix.clone(),
+            replication_factor: 1,
+            db_max_connections: 40,
+            log_json: false,
+        };
+        let res = Resources::connect(&common, "test").await.expect("resources");
+        booking::kafka::bootstrap_topics(&brokers, &res.topics, 1).await.expect("topics");
+        let pool = res.pool.clone();
+        Self { db_url, redis_url, brokers, prefix, pool, res }
+    }
+
+    pub fn topics(&self) -> &Topics {
+        &self.res.topics
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.res.keys
+    }
+
+    /// Flags shared by every binary for this environment.
+    pub fn common_args(&self) -> Vec<String> {
+        vec![
+            "--database-url".into(), self.db_url.clone(),
+            "--redis-url".into(), self.redis_url.clone(),
+            "--kafka-brokers".into(), self.brokers.clone(),
+            "--topic-prefix".into(), self.prefix.clone(),
+            "--redis-prefix".into(), self.prefix.clone(),
+        ]
+    }
+
+    /// Starts the api in-process on a random port.
+    pub async fn api(&self, hold_ttl: Duration, queue: QueueSettings) -> TestApi {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let settings = ApiSettings {
+            hold_ttl,
+            admin_token: ADMIN.into(),
+            queue: QueueConfig { tick: queue.tick, batch: queue.batch, max_active: queue.max_active, idle: queue.idle, secret: "test-secret".into() },
+            outbox_batch: 500,
+            outbox_poll: Duration::from_millis(200),
+        };
+        let metrics = booking::telemetry::install_metrics();
+        let handle = tokio::spawn(booking::app::run_api(self.res.clone(), settings, listener, None, metrics, shutdown.clone()));
+        TestApi { base: format!("http://{addr}"), http: reqwest::Client::new(), shutdown, handle: Some(handle) }
+    }
+
+    /// Reads every message of `topic` from the beginning until `want` arrived or `timeout`.
+    pub async fn read_topic(&self, topic: &str, want: usize, timeout: Duration) -> Vec<(Option<String>, Value, Vec<(String, String)>)> {
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("group.id", format!("reader-{}", Uuid::new_v4()))
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..booking::kafka::PARTITIONS {
+            tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+        }
+        consumer.assign(&tpl).unwrap();
+        let mut out = Vec::new();
+        let deadline = tokio::time::Instant::now() + timeout;
+        while out.len() < want {
+            let Ok(msg) = tokio::time::timeout_at(deadline, consumer.recv()).await else { break };
+            let msg = msg.unwrap();
+            let key = msg.key().map(|k| String::from_utf8_lossy(k).into_owned());
+            let value = serde_json::from_slice(msg.payload().unwrap_or_default()).unwrap_or(Value::Null);
+            let headers = msg.headers().map(|h| {
+                use rdkafka::message::Headers;
+                h.iter().map(|hd| (hd.key.to_string(), String::from_utf8_lossy(hd.value.unwrap_or_default()).into_owned())).collect()
+            }).unwrap_or_default();
+            out.push((key, value, headers));
+        }
+        out
+    }
+
+    /// Like `read_topic`, then keeps listening for `settle` to catch unexpected extras.
+    pub async fn read_topic_settled(&self, topic: &str, want: usize, timeout: Duration, settle: Duration) -> Vec<Value> {
+        let mut got = self.read_topic(topic, want, timeout).await;
+        if got.len() >= want {
+            tokio::time::sleep(settle).await;
+            got = self.read_topic(topic, usize::MAX, Duration::from_secs(3)).await;
+        }
+        got.into_iter().map(|(_, v, _)| v).collect()
+    }
+}
+
+pub const ADMIN: &str = "admin-secret";
+
+#[derive(Clone, Copy)]
+pub struct QueueSettings {
+    pub tick: Duration,
+    pub batch: u32,
+    pub max_active: u32,
+    pub idle: Duration,
+}
+
+impl Default for QueueSettings {
+    fn default() -> Self {
+        Self { tick: Duration::from_millis(100), batch: 1000, max_active: 100_000, idle: Duration::from_secs(300) }
+    }
+}
+
+/// A running api and a client for it.
+pub struct TestApi {
+    pub base: String,
+    pub http: reqwest::Client,
+    pub shutdown: CancellationToken,
+    pub handle: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// A user as the tests drive it.
+#[derive(Clone, Debug)]
+pub struct User {
+    pub id: String,
+    pub token: String,
+}
+
+impl TestApi {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(h) = self.handle.take() {
+            let _ = h.await;
+        }
+    }
+
+    pub async fn user(&self, name: &str) -> User {
+        let r = self.http.post(self.url("/v1/users")).json(&json!({"name": name})).send().await.unwrap();
+        assert_eq!(r.status(), 201);
+        let v: Value = r.json().await.unwrap();
+        User { id: v["userId"].as_str().unwrap().into(), token: v["token"].as_str().unwrap().into() }
+    }
+
+    pub async fn charge(&self, u: &User, amount: i64) -> Value {
+        let r = self.http.post(self.url("/v1/users/me/points/charges")).bearer_auth(&u.token)
+            .header("Idempotency-Key", Uuid::new_v4().to_string()).json(&json!({"amount": amount})).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.json().await.unwrap()
+    }
+
+    /// Creates a concert with one schedule of `seats` seats at `price`; returns (scheduleId, seat ids).
+    pub async fn concert(&self, seats: i32, price: i64) -> (String, Vec<String>) {
+        let body = json!({"title": "Test concert", "schedules": [{"startsAt": "2030-01-01T19:00:00Z", "bookingOpensAt": "2020-01-01T00:00:00Z", "seatCount": seats, "price": price}]});
+        let r = self.http.post(self.url("/v1/admin/concerts")).bearer_auth(ADMIN).json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 201);
+        let v: Value = r.json().await.unwrap();
+        let schedule = v["schedules"][0]["scheduleId"].as_str().unwrap().to_string();
+        let seats = self.seats(&schedule).await.iter().map(|s| s["seatId"].as_str().unwrap().to_string()).collect();
+        (schedule, seats)
+    }
+
+    pub async fn seats(&self, schedule: &str) -> Vec<Value> {
+        let v: Value = self.http.get(self.url(&format!("/v1/schedules/{schedule}/seats"))).send().await.unwrap().json().await.unwrap();
+        v["items"].as_array().unwrap().clone()
+    }
+
+    pub async fn seat_status(&self, schedule: &str, seat: &str) -> String {
+        self.seats(schedule).await.iter().find(|s| s["seatId"] == seat).unwrap()["status"].as_str().unwrap().to_string()
+    }
+
+    pub async fn enter_queue(&self, u: &User, schedule: &str) -> Value {
+        let r = self.http.post(self.url("/v1/queue/tokens")).bearer_auth(&u.token).json(&json!({"scheduleId": schedule})).send().await.unwrap();
+        assert_eq!(r.status(), 201);
+        r.json().await.unwrap()
+    }
+
+    pub async fn queue_status(&self, u: &User, token: &str) -> Value {
+        let r = self.http.get(self.url("/v1/queue/tokens/me")).bearer_auth(&u.token).header("X-Queue-Token", token).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.json().await.unwrap()
+    }
+
+    /// Enters the queue and waits until the token is ACTIVE.
+    pub async fn active_token(&self, u: &User, schedule: &str) -> String {
+        let token = self.enter_queue(u, schedule).await["queueToken"].as_str().unwrap().to_string();
+        let token2 = token.clone();
+        eventually(Duration::from_secs(20), || {
+            let t = token2.clone();
+            async move { self.queue_status(u, &t).await["status"] == "ACTIVE" }
+        })
+        .await;
+        token
+    }
+
+    pub async fn hold(&self, u: &User, token: &str, seat: &str) -> reqwest::Response {
+        self.http.post(self.url("/v1/reservations")).bearer_auth(&u.token).header("X-Queue-Token", token)
+            .json(&json!({"seatId": seat})).send().await.unwrap()
+    }
+
+    pub async fn pay(&self, u: &User, key: &str, reservation: &str) -> reqwest::Response {
+        self.http.post(self.url("/v1/payments")).bearer_auth(&u.token).header("Idempotency-Key", key)
+            .json(&json!({"reservationId": reservation})).send().await.unwrap()
+    }
+
+    pub async fn reservation(&self, u: &User, id: &str) -> reqwest::Response {
+        self.http.get(self.url(&format!("/v1/reservations/{id}"))).bearer_auth(&u.token).send().await.unwrap()
+    }
+
+    pub async fn balance(&self, u: &User) -> i64 {
+        let v: Value = self.http.get(self.url("/v1/users/me/points")).bearer_auth(&u.token).send().await.unwrap().json().await.unwrap();
+        v["balance"].as_i64().unwrap()
+    }
+}
+
+/// Polls `check` until it holds or `timeout` passes (then panics).
+pub async fn eventually<F, Fut>(timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "condition not met within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Envelope payload helper.
+pub fn payload(v: &Value) -> &Value {
+    &v["payload"]
+}
+
+pub fn parse_env<T: serde::de::DeserializeOwned + serde::Serialize>(v: &Value) -> Envelope<T> {
+    serde_json::from_value(v.clone()).unwrap()
+}
