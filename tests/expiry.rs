@@ -1,0 +1,287 @@
+//! The hold expiry pipeline: delay-scheduler and expirer against the real services.
+
+mod common;
+
+
+use std::time::Duration;
+
+use booking::app::{self, ExpirerMode, ExpirerSettings};
+use booking::kafka::partition_for;
+use booking::reservation::ReservationEvent;
+use booking::scheduler::{Scheduler, SchedulerConfig};
+use common::{QueueSettings, TestApi, TestEnv, User};
+use rdkafka::producer::FutureRecord;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+fn sched_cfg(lease: Duration) -> SchedulerConfig {
+    SchedulerConfig { batch_size: 100, lease, poll_interval: Duration::from_secs(1), rearm_interval: Duration::from_secs(3600) }
+}
+
+fn expirer_cfg(mode: ExpirerMode, sweep_interval: Duration, sweep_grace: Duration) -> ExpirerSettings {
+    ExpirerSettings { mode, sweep_interval, sweep_grace, sweep_batch: 1000, legacy_interval: Duration::from_secs(1), outbox_batch: 500, outbox_poll: Duration::from_millis(200) }
+}
+
+async fn ops() -> tokio::net::TcpListener {
+    tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()
+}
+
+/// Starts a delay-scheduler in-process; returns its shutdown token and task.
+async fn scheduler(env: &TestEnv, lease: Duration) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let t = CancellationToken::new();
+    let (res, group, sd) = (env.res.clone(), format!("{}scheduler", env.prefix), t.clone());
+    let listener = ops().await;
+    let h = tokio::spawn(async move {
+        app::run_scheduler(res, sched_cfg(lease), &group, listener, booking::telemetry::install_metrics(), sd).await.unwrap();
+    });
+    (t, h)
+}
+
+async fn expirer(env: &TestEnv, s: ExpirerSettings) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let t = CancellationToken::new();
+    let (res, group, sd) = (env.res.clone(), format!("{}expirer", env.prefix), t.clone());
+    let listener = ops().await;
+    let h = tokio::spawn(async move {
+        app::run_expirer(res, s, &group, listener, booking::telemetry::install_metrics(), sd).await.unwrap();
+    });
+    (t, h)
+}
+
+async fn stop(x: (CancellationToken, tokio::task::JoinHandle<()>)) {
+    x.0.cancel();
+    let _ = x.1.await;
+}
+
+async fn hold_one(api: &TestApi, name: &str, schedule: &str, seat: &str) -> (User, String) {
+    let u = api.user(name).await;
+    api.charge(&u, 10_000).await;
+    let t = api.active_token(&u, schedule).await;
+    let r = api.hold(&u, &t, seat).await;
+    assert_eq!(r.status(), 201);
+    let v: Value = r.json().await.unwrap();
+    (u, v["reservationId"].as_str().unwrap().to_string())
+}
+
+async fn status_of(env: &TestEnv, id: &str) -> String {
+    sqlx::query_scalar("SELECT status FROM reservations WHERE id = $1::uuid").bind(id).fetch_one(&env.pool).await.unwrap()
+}
+
+async fn expired_notifications(env: &TestEnv, id: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM outbox WHERE topic = $1 AND envelope->'payload'->>'type' = 'RESERVATION_EXPIRED'
+         AND envelope->'payload'->'data'->>'reservationId' = $2",
+    )
+    .bind(&env.topics().notification_request)
+    .bind(id)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap()
+}
+
+async fn await_status(env: &TestEnv, id: &str, want: &str, timeout: Duration) {
+    common::eventually(timeout, || async { status_of(env, id).await == want }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_second_hold_expires_frees_its_seat_and_notifies_once() {
+    let env = TestEnv::new().await;
+    let api = env.api(Duration::from_secs(2), QueueSettings::default()).await;
+    let s = scheduler(&env, Duration::from_secs(5)).await;
+    let e = expirer(&env, expirer_cfg(ExpirerMode::After, Duration::from_secs(3600), Duration::from_secs(3600))).await;
+    let (schedule, seats) = api.concert(1, 10).await;
+    let (u, id) = hold_one(&api, "slow-payer", &schedule, &seats[0]).await;
+    await_status(&env, &id, "EXPIRED", Duration::from_secs(30)).await;
+    assert_eq!(api.seat_status(&schedule, &seats[0]).await, "AVAILABLE");
+    let r: Value = api.reservation(&u, &id).await.json().await.unwrap();
+    assert_eq!(r["status"], "EXPIRED");
+    // Exactly one RESERVATION_EXPIRED request is published for it.
+    let notes = env.read_topic_settled(&env.topics().notification_request, 3, Duration::from_secs(20), Duration::from_secs(1)).await;
+    let expired: Vec<&Value> = notes.iter().filter(|n| n["payload"]["type"] == "RESERVATION_EXPIRED").collect();
+    assert_eq!(expired.len(), 1, "{notes:?}");
+    assert_eq!(expired[0]["payload"]["data"]["reservationId"], id.as_str());
+    assert_eq!(expired[0]["payload"]["title"], "예약 만료");
+    // The sweeper never had to act: the pipeline did it.
+    let sweeper_path = expired_notifications(&env, &id).await;
+    assert_eq!(sweeper_path, 1);
+    stop(s).await;
+    stop(e).await;
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_paid_or_cancelled_before_expiry_never_expires_and_sends_no_expiration() {
+    let env = TestEnv::new().await;
+    let api = env.api(Duration::from_secs(3), QueueSettings::default()).await;
+    let s = scheduler(&env, Duration::from_secs(5)).await;
+    let e = expirer(&env, expirer_cfg(ExpirerMode::After, Duration::from_secs(3600), Duration::from_secs(3600))).await;
+    let (schedule, seats) = api.concert(3, 10).await;
+    let (payer, paid) = hold_one(&api, "payer", &schedule, &seats[0]).await;
+    let (canceller, cancelled) = hold_one(&api, "canceller", &schedule, &seats[1]).await;
+    let (_, control) = hold_one(&api, "control", &schedule, &seats[2]).await;
+    assert_eq!(api.pay(&payer, "k", &paid).await.status(), 201);
+    let r = api.http.delete(api.url(&format!("/v1/reservations/{cancelled}"))).bearer_auth(&canceller.token).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    // The control hold expires; by then the other two were due as well.
+    await_status(&env, &control, "EXPIRED", Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(status_of(&env, &paid).await, "CONFIRMED");
+    assert_eq!(status_of(&env, &cancelled).await, "CANCELLED");
+    let msgs = env.read_topic(&env.topics().reservation_expiration, usize::MAX, Duration::from_secs(3)).await;
+    let ids: Vec<String> = msgs.iter().map(|(_, v, _)| v["payload"]["reservationId"].as_str().unwrap().to_string()).collect();
+    assert!(ids.contains(&control));
+    assert!(!ids.contains(&paid), "no expiration for the paid hold: {ids:?}");
+    assert!(!ids.contains(&cancelled), "no expiration for the cancelled hold: {ids:?}");
+    stop(s).await;
+    stop(e).await;
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduler_that_dies_between_claim_and_publish_loses_nothing() {
+    let env = TestEnv::new().await;
+    let api = env.api(Duration::from_secs(1), QueueSettings::default()).await;
+    let (schedule, seats) = api.concert(1, 10).await;
+    let (_, id) = hold_one(&api, "victim", &schedule, &seats[0]).await;
+    let rid = Uuid::parse_str(&id).unwrap();
+    // A scheduler instance schedules the hold, claims it once it is due, then "dies" before
+    // publishing: nothing is acknowledged, the member sits in flight with its lease.
+    let doomed = Scheduler::new(env.res.redis.clone(), env.keys().clone(), env.res.producer.clone(), env.topics().clone(), sched_cfg(Duration::from_secs(2)));
+    let (uid, sid, seat, exp): (Uuid, Uuid, Uuid, chrono::DateTime<chrono::Utc>) =
+        sqlx::query_as("SELECT user_id, seat_id, schedule_id, expires_at FROM reservations WHERE id = $1").bind(rid).fetch_one(&env.pool).await.unwrap();
+    let ev = ReservationEvent { reservation_id: rid, user_id: uid, seat_id: seat, schedule_id: sid, expires_at: exp };
+    let shard = partition_for(&id, booking::kafka::PARTITIONS);
+    doomed.schedule(shard, &ev).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let claimed = doomed.claim(shard).await.unwrap();
+    assert_eq!(claimed.members.len(), 1, "claimed before the crash");
+    drop(doomed);
+    assert_eq!(status_of(&env, &id).await, "HELD");
+
+    // A healthy scheduler and the expirer take over once the lease runs out. The sweeper is far
+    // away, so only the lease can bring the hold back.
+    let s = scheduler(&env, Duration::from_secs(2)).await;
+    let e = expirer(&env, expirer_cfg(ExpirerMode::After, Duration::from_secs(3600), Duration::from_secs(3600))).await;
+    await_status(&env, &id, "EXPIRED", Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(expired_notifications(&env, &id).await, 1, "expired once");
+    stop(s).await;
+    stop(e).await;
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holds_survive_redis_forgetting_them_through_rearm_and_the_sweeper() {
+    let env = TestEnv::new().await;
+    let api = env.api(Duration::from_secs(3), QueueSettings::default()).await;
+    let (schedule, seats) = api.concert(2, 10).await;
+    let s = scheduler(&env, Duration::from_secs(5)).await;
+    let (_, first) = hold_one(&api, "a", &schedule, &seats[0]).await;
+    // Wait until the scheduler has it, then make Redis forget everything of this world. (The
+    // services are shared by parallel tests, so "FLUSHALL" is the deletion of every key under
+    // this test's prefix, which is all the product has in Redis.)
+    let mut conn = env.res.redis.clone();
+    let due_key = env.keys().sched_due(partition_for(&first, booking::kafka::PARTITIONS));
+    common::eventually(Duration::from_secs(20), || {
+        let (mut c, k, f) = (conn.clone(), due_key.clone(), first.clone());
+        async move { redis::cmd("ZSCORE").arg(&k).arg(&f).query_async::<Option<f64>>(&mut c).await.unwrap().is_some() }
+    }).await;
+    stop(s).await;
+    forget_everything(&mut conn, &env.prefix).await;
+    // A restarted scheduler re-arms from PostgreSQL.
+    let s = scheduler(&env, Duration::from_secs(5)).await;
+    let e = expirer(&env, expirer_cfg(ExpirerMode::After, Duration::from_secs(3600), Duration::from_secs(3600))).await;
+    await_status(&env, &first, "EXPIRED", Duration::from_secs(30)).await;
+    stop(s).await;
+    stop(e).await;
+
+    // With no scheduler at all and Redis forgotten again, the sweeper is the last net.
+    let (_, second) = hold_one(&api, "b", &schedule, &seats[1]).await;
+    forget_everything(&mut conn, &env.prefix).await;
+    let e = expirer(&env, expirer_cfg(ExpirerMode::After, Duration::from_millis(300), Duration::from_millis(100))).await;
+    await_status(&env, &second, "EXPIRED", Duration::from_secs(30)).await;
+    assert_eq!(expired_notifications(&env, &second).await, 1);
+    stop(e).await;
+    api.stop().await;
+}
+
+async fn forget_everything(conn: &mut redis::aio::ConnectionManager, prefix: &str) {
+    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}*")).query_async(conn).await.unwrap();
+    if !keys.is_empty() {
+        let _: () = redis::cmd("DEL").arg(&keys).query_async(conn).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_expirations_and_two_schedulers_still_expire_each_hold_once() {
+    let env = TestEnv::new().await;
+    let api = env.api(Duration::from_secs(2), QueueSettings::default()).await;
+    let (schedule, seats) = api.concert(4, 10).await;
+    let s1 = scheduler(&env, Duration::from_secs(5)).await;
+    let s2 = scheduler(&env, Duration::from_secs(5)).await;
+    let e = expirer(&env, expirer_cfg(ExpirerMode::After, Duration::from_secs(3600), Duration::from_secs(3600))).await;
+    let mut ids = Vec::new();
+    for (i, seat) in seats.iter().enumerate() {
+        ids.push(hold_one(&api, &format!("u{i}"), &schedule, seat).await.1);
+    }
+    for id in &ids {
+        await_status(&env, id, "EXPIRED", Duration::from_secs(30)).await;
+    }
+    // Deliver every expiration again, twice.
+    let msgs = env.read_topic(&env.topics().reservation_expiration, ids.len(), Duration::from_secs(10)).await;
+    for _ in 0..2 {
+        for (key, v, _) in &msgs {
+            let body = serde_json::to_string(v).unwrap();
+            let k = key.clone().unwrap();
+            env.res.producer.send(FutureRecord::to(&env.topics().reservation_expiration).key(&k).payload(&body), Duration::from_secs(5)).await.unwrap();
+        }
+    }
+    let expected = msgs.len() * 3;
+    let all = env.read_topic(&env.topics().reservation_expiration, expected, Duration::from_secs(10)).await;
+    assert!(all.len() >= expected);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for id in &ids {
+        assert_eq!(expired_notifications(&env, id).await, 1, "one notification for {id}");
+        let exp: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar("SELECT expired_at FROM reservations WHERE id = $1::uuid").bind(id).fetch_one(&env.pool).await.unwrap();
+        assert!(exp.is_some());
+    }
+    stop(s1).await;
+    stop(s2).await;
+    stop(e).await;
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_before_mode_expires_holds_by_scanning() {
+    let env = TestEnv::new().await;
+    let api = env.api(Duration::from_secs(1), QueueSettings::default()).await;
+    let e = expirer(&env, expirer_cfg(ExpirerMode::Before, Duration::from_secs(3600), Duration::from_secs(3600))).await;
+    let (schedule, seats) = api.concert(1, 10).await;
+    let (_, id) = hold_one(&api, "legacy", &schedule, &seats[0]).await;
+    await_status(&env, &id, "EXPIRED", Duration::from_secs(20)).await;
+    assert_eq!(expired_notifications(&env, &id).await, 1);
+    stop(e).await;
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_reservation_created_goes_to_the_dead_letter_topic_and_the_scheduler_carries_on() {
+    let env = TestEnv::new().await;
+    let api = env.api(Duration::from_secs(2), QueueSettings::default()).await;
+    let topic = env.topics().reservation_created.clone();
+    for p in 0..booking::kafka::PARTITIONS {
+        env.res.producer.send(FutureRecord::to(&topic).key("junk").payload("{not json").partition(p), Duration::from_secs(5)).await.unwrap();
+    }
+    let s = scheduler(&env, Duration::from_secs(5)).await;
+    let e = expirer(&env, expirer_cfg(ExpirerMode::After, Duration::from_secs(3600), Duration::from_secs(3600))).await;
+    let (schedule, seats) = api.concert(1, 10).await;
+    let (_, id) = hold_one(&api, "after-junk", &schedule, &seats[0]).await;
+    await_status(&env, &id, "EXPIRED", Duration::from_secs(30)).await;
+    let dlq = env.read_topic(&format!("{topic}.dlq"), 3, Duration::from_secs(20)).await;
+    assert_eq!(dlq.len(), 3);
+    assert!(dlq.iter().all(|(_, _, h)| h.iter().any(|(k, v)| k == "dlq-reason" && v.contains("malformed"))), "{dlq:?}");
+    stop(s).await;
+    stop(e).await;
+    api.stop().await;
+}
+
