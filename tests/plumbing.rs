@@ -1,0 +1,218 @@
+//! Kafka plumbing and the daemons themselves (issue: foundation).
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use booking::kafka::{consumer_config, ConsumerRunner, Envelope, EventType, HandleError, Handler, Incoming};
+use common::TestEnv;
+use rdkafka::producer::FutureRecord;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+/// Records what it saw; fails transiently the first time it sees `flaky`, and calls anything
+/// that is not an envelope poison.
+#[derive(Default)]
+struct Recorder {
+    seen: Mutex<Vec<Envelope<Value>>>,
+    attempts_on_flaky: AtomicUsize,
+}
+
+impl Handler for Recorder {
+    async fn handle(&self, msg: &Incoming) -> Result<(), HandleError> {
+        let env = Envelope::<Value>::parse(&msg.payload, EventType::NotificationRequest).map_err(HandleError::Poison)?;
+        if env.payload["flaky"] == true && self.attempts_on_flaky.fetch_add(1, Ordering::SeqCst) == 0 {
+            return Err(HandleError::Transient("database down (simulated)".into()));
+        }
+        self.seen.lock().unwrap().push(env);
+        Ok(())
+    }
+}
+
+async fn run_for(env: &TestEnv, group: &str, handler: &Recorder, until: impl Fn(&Recorder) -> bool) {
+    let topic = env.topics().notification_request.clone();
+    let runner = ConsumerRunner::new(&consumer_config(&env.brokers, group), &[&topic], env.res.producer.clone(), "test").unwrap();
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    let watcher = async {
+        common::eventually(Duration::from_secs(30), || async { until(handler) }).await;
+        s.cancel();
+    };
+    tokio::join!(runner.run(handler, stop.clone()), watcher);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_runner_receives_what_the_producer_sent_retries_transient_failures_and_dead_letters_poison() {
+    let env = TestEnv::new().await;
+    let topic = env.topics().notification_request.clone();
+    let send = |payload: String, key: &'static str| {
+        let (p, t) = (env.res.producer.clone(), topic.clone());
+        async move { p.send(FutureRecord::to(&t).key(key).payload(&payload).partition(0), Duration::from_secs(5)).await.unwrap() }
+    };
+    let first = Envelope::new(EventType::NotificationRequest, json!({"n": 1}));
+    let flaky = Envelope::new(EventType::NotificationRequest, json!({"n": 2, "flaky": true}));
+    let last = Envelope::new(EventType::NotificationRequest, json!({"n": 3}));
+    send(serde_json::to_string(&first).unwrap(), "a").await;
+    send(serde_json::to_string(&flaky).unwrap(), "a").await;
+    send("this is not an envelope".into(), "a").await;
+    send(serde_json::to_string(&last).unwrap(), "a").await;
+
+    let group = format!("{}runner", env.prefix);
+    let rec = Recorder::default();
+    run_for(&env, &group, &rec, |r| r.seen.lock().unwrap().len() == 3).await;
+    let seen = rec.seen.lock().unwrap().clone();
+    assert_eq!(seen, vec![first, flaky, last.clone()], "envelopes intact and in order");
+    assert_eq!(rec.attempts_on_flaky.load(Ordering::SeqCst), 2, "the transient failure was seen again");
+
+    let dlq = env.read_topic(&format!("{topic}.dlq"), 1, Duration::from_secs(20)).await;
+    assert_eq!(dlq.len(), 1);
+    assert!(dlq[0].2.iter().any(|(k, v)| k == "dlq-reason" && v.contains("malformed")));
+
+    // Offsets were committed only for handled messages: the same group resumes after them.
+    let after = Envelope::new(EventType::NotificationRequest, json!({"n": 4}));
+    send(serde_json::to_string(&after).unwrap(), "a").await;
+    let rec2 = Recorder::default();
+    run_for(&env, &group, &rec2, |r| !r.seen.lock().unwrap().is_empty()).await;
+    assert_eq!(rec2.seen.lock().unwrap().clone(), vec![after]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_during_a_transient_retry_stores_no_offset() {
+    let env = TestEnv::new().await;
+    let topic = env.topics().notification_request.clone();
+    let always = Envelope::new(EventType::NotificationRequest, json!({"flaky": true}));
+    env.res.producer.send(FutureRecord::to(&topic).key("k").payload(&serde_json::to_string(&always).unwrap()).partition(1), Duration::from_secs(5)).await.unwrap();
+    let group = format!("{}stop", env.prefix);
+    // First member: fails once, and is stopped while waiting to retry.
+    let rec = Recorder::default();
+    let runner = ConsumerRunner::new(&consumer_config(&env.brokers, &group), &[&topic], env.res.producer.clone(), "test").unwrap();
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    let watcher = async {
+        common::eventually(Duration::from_secs(30), || async { rec.attempts_on_flaky.load(Ordering::SeqCst) >= 1 }).await;
+        s.cancel();
+    };
+    tokio::join!(runner.run(&rec, stop.clone()), watcher);
+    assert!(rec.seen.lock().unwrap().is_empty());
+    // The next member of the group gets the message again.
+    let rec2 = Recorder::default();
+    rec2.attempts_on_flaky.store(1, Ordering::SeqCst);
+    run_for(&env, &group, &rec2, |r| !r.seen.lock().unwrap().is_empty()).await;
+    assert_eq!(rec2.seen.lock().unwrap().clone(), vec![always]);
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn spawn(bin: &str, args: &[String]) -> Child {
+    Command::new(bin).args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("binary starts")
+}
+
+async fn health(port: u16) -> Option<(u16, Value)> {
+    let r = reqwest::Client::new().get(format!("http://127.0.0.1:{port}/health")).timeout(Duration::from_secs(5)).send().await.ok()?;
+    let s = r.status().as_u16();
+    Some((s, r.json().await.ok()?))
+}
+
+fn sigterm(child: &Child) {
+    let ok = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap().success();
+    assert!(ok);
+}
+
+async fn exits_cleanly_within(mut child: Child, limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "exit status {status}");
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("did not exit within {limit:?} of SIGTERM");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn daemon_args(env: &TestEnv, bin: &str, metrics_port: u16, redis_url: Option<&str>) -> Vec<String> {
+    let mut args = env.common_args();
+    if let Some(url) = redis_url {
+        let i = args.iter().position(|a| a == "--redis-url").unwrap();
+        args[i + 1] = url.to_string();
+    }
+    args.extend(["--metrics-addr".to_string(), format!("127.0.0.1:{metrics_port}")]);
+    match bin {
+        "api" => args.extend(["--listen".into(), format!("127.0.0.1:{}", free_port()), "--queue-secret".into(), "s".into()]),
+        "delay-scheduler" | "expirer" => args.extend(["--group".into(), format!("{}{bin}", env.prefix)]),
+        "worker" => args.extend([
+            "--group-prefix".into(), format!("{}w-", env.prefix),
+            "--export-sink".into(), format!("file:{}/export-{}.jsonl", std::env::temp_dir().display(), env.prefix),
+        ]),
+        _ => {}
+    }
+    args
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_daemon_is_healthy_serves_metrics_and_exits_zero_on_sigterm() {
+    let env = TestEnv::new().await;
+    let bins = [
+        ("api", env!("CARGO_BIN_EXE_api")),
+        ("delay-scheduler", env!("CARGO_BIN_EXE_delay-scheduler")),
+        ("expirer", env!("CARGO_BIN_EXE_expirer")),
+        ("worker", env!("CARGO_BIN_EXE_worker")),
+    ];
+    for (name, path) in bins {
+        let port = free_port();
+        let child = spawn(path, &daemon_args(&env, name, port, None));
+        common::eventually(Duration::from_secs(30), || async {
+            matches!(health(port).await, Some((200, v)) if v["dependencies"]["postgres"]["status"] == "ok"
+                && v["dependencies"]["redis"]["status"] == "ok" && v["dependencies"]["kafka"]["status"] == "ok")
+        }).await;
+        let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.unwrap();
+        assert_eq!(metrics.status(), 200, "{name} /metrics");
+        let text = metrics.text().await.unwrap();
+        assert!(text.contains("dependency_up"), "{name} serves Prometheus text");
+        sigterm(&child);
+        exits_cleanly_within(child, Duration::from_secs(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_turns_503_naming_redis_while_redis_is_down_and_recovers() {
+    let env = TestEnv::new().await;
+    // A private Redis, so stopping it disturbs no other test.
+    let redis_port = free_port();
+    let dir = std::env::temp_dir().join(format!("redis-{}", env.prefix));
+    std::fs::create_dir_all(&dir).unwrap();
+    let start_redis = || {
+        Command::new("redis-server")
+            .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", dir.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH (installed by scripts/services.sh)")
+    };
+    let mut redis = start_redis();
+    let url = format!("redis://127.0.0.1:{redis_port}");
+    common::eventually(Duration::from_secs(10), || async { std::net::TcpStream::connect(("127.0.0.1", redis_port)).is_ok() }).await;
+    let port = free_port();
+    let child = spawn(env!("CARGO_BIN_EXE_delay-scheduler"), &daemon_args(&env, "delay-scheduler", port, Some(&url)));
+    common::eventually(Duration::from_secs(30), || async { matches!(health(port).await, Some((200, _))) }).await;
+
+    redis.kill().unwrap();
+    redis.wait().unwrap();
+    common::eventually(Duration::from_secs(20), || async {
+        matches!(health(port).await, Some((503, v)) if v["dependencies"]["redis"]["status"] == "down" && v["dependencies"]["postgres"]["status"] == "ok")
+    }).await;
+
+    let mut redis = start_redis();
+    common::eventually(Duration::from_secs(30), || async { matches!(health(port).await, Some((200, _))) }).await;
+    sigterm(&child);
+    exits_cleanly_within(child, Duration::from_secs(10)).await;
+    redis.kill().unwrap();
+    let _ = redis.wait();
+}
