@@ -1,0 +1,63 @@
+//! Kafka really stopped: bookings go on, and the outbox publishes every event once when Kafka is
+//! back. This is its own test binary because it stops the shared broker (cargo runs test binaries
+//! one after another, so no other test is running meanwhile).
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{QueueSettings, TestEnv};
+use serde_json::Value;
+
+fn services(cmd: &str) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services.sh");
+    let ok = Command::new("bash").arg(script).arg(cmd).status().expect("services.sh runs").success();
+    assert!(ok, "services.sh {cmd}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_kafka_stopped_holds_and_payments_succeed_and_every_event_is_published_once_after() {
+    let env = TestEnv::new().await;
+    let api = env.api(Duration::from_secs(300), QueueSettings::default()).await;
+    let (schedule, seats) = api.concert(4, 10).await;
+    let u = api.user("during-outage").await;
+    api.charge(&u, 1000).await;
+    let t = api.active_token(&u, &schedule).await;
+
+    services("stop-kafka");
+    let result = async {
+        let mut held = Vec::new();
+        for seat in &seats[..3] {
+            let r = api.hold(&u, &t, seat).await;
+            assert_eq!(r.status(), 201, "holds go on without Kafka");
+            held.push(r.json::<Value>().await.unwrap()["reservationId"].as_str().unwrap().to_string());
+        }
+        let r = api.pay(&u, "outage-pay", &held[0]).await;
+        assert_eq!(r.status(), 201, "payments go on without Kafka");
+        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetch_one(&env.pool).await.unwrap();
+        assert!(pending >= 4, "events wait in the outbox: {pending}");
+        held
+    };
+    let held = tokio::time::timeout(Duration::from_secs(60), result).await;
+    services("start-kafka");
+    let held = held.expect("requests did not wait for Kafka");
+
+    common::eventually(Duration::from_secs(90), || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetch_one(&env.pool).await.unwrap();
+        n == 0
+    }).await;
+    let created = env.read_topic_settled(&env.topics().reservation_created, 3, Duration::from_secs(30), Duration::from_secs(1)).await;
+    let mut ids: Vec<String> = created.iter().map(|e| e["payload"]["reservationId"].as_str().unwrap().to_string()).collect();
+    ids.sort();
+    let mut want = held.clone();
+    want.sort();
+    assert_eq!(ids, want, "each reservation.created exactly once");
+    let paid = env.read_topic_settled(&env.topics().payment_completed, 1, Duration::from_secs(30), Duration::from_secs(1)).await;
+    assert_eq!(paid.len(), 1, "payment.completed exactly once");
+    let outbox_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(&env.pool).await.unwrap();
+    let notes = env.read_topic(&env.topics().notification_request, usize::MAX, Duration::from_secs(3)).await;
+    let all = created.len() + paid.len() + notes.len();
+    assert_eq!(all as i64, outbox_rows, "every outbox row published once");
+    api.stop().await;
+}
