@@ -72,9 +72,24 @@ pub type PartitionWatch = watch::Receiver<BTreeSet<(String, i32)>>;
 /// shards of the partitions it owns) and logs commit failures.
 pub struct RunnerContext {
     assigned: watch::Sender<BTreeSet<(String, i32)>>,
+    group: String,
 }
 
-impl ClientContext for RunnerContext {}
+impl ClientContext for RunnerContext {
+    /// librdkafka's statistics (every `statistics.interval.ms`): publishes the consumer lag of
+    /// each owned partition, the figure the design document (§8-1) pages on.
+    fn stats(&self, stats: rdkafka::Statistics) {
+        for (topic, t) in &stats.topics {
+            for (partition, p) in &t.partitions {
+                if *partition < 0 || p.consumer_lag < 0 {
+                    continue;
+                }
+                metrics::gauge!("kafka_consumer_lag", "group" => self.group.clone(), "topic" => topic.clone(), "partition" => partition.to_string())
+                    .set(p.consumer_lag as f64);
+            }
+        }
+    }
+}
 
 impl ConsumerContext for RunnerContext {
     fn post_rebalance(&self, _c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -114,6 +129,7 @@ pub fn consumer_config(brokers: &str, group: &str) -> ClientConfig {
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
         .set("fetch.wait.max.ms", "10")
+        .set("statistics.interval.ms", "5000")
         .set("socket.keepalive.enable", "true");
     c
 }
@@ -135,8 +151,9 @@ impl ConsumerRunner {
         name: &str,
     ) -> Result<Self, KafkaError> {
         let (tx, rx) = watch::channel(BTreeSet::new());
+        let group = config.get("group.id").unwrap_or_default().to_string();
         let consumer: StreamConsumer<RunnerContext> =
-            config.create_with_context(RunnerContext { assigned: tx })?;
+            config.create_with_context(RunnerContext { assigned: tx, group })?;
         consumer.subscribe(topics)?;
         Ok(Self { consumer, dlq, name: name.to_string(), assigned: rx })
     }
