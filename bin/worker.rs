@@ -45,6 +45,11 @@ struct Cli {
     #[arg(long, env = "DELIVERY_POLL_INTERVAL", default_value = "1s", value_parser = duration)]
     delivery_poll_interval: Duration,
 
+    /// How often the worker checks that Redis still has the ranking, rebuilding it from
+    /// PostgreSQL if it was lost (flush, restart without data).
+    #[arg(long, env = "RANKING_RECONCILE_INTERVAL", default_value = "10s", value_parser = duration)]
+    ranking_reconcile_interval: Duration,
+
     /// Longest wait between two delivery attempts of one notification.
     #[arg(long, env = "DELIVERY_MAX_BACKOFF", default_value = "30s", value_parser = duration)]
     delivery_max_backoff: Duration,
@@ -74,6 +79,7 @@ async fn main() -> anyhow::Result<()> {
         delivery_poll: cli.delivery_poll_interval,
         delivery_batch: 200,
         delivery_max_backoff: cli.delivery_max_backoff,
+        ranking_reconcile: cli.ranking_reconcile_interval,
     };
     app::run_worker(res, settings, &cli.group_prefix, ops, metrics, shutdown).await?;
     Ok(())

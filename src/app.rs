@@ -253,6 +253,8 @@ pub struct WorkerSettings {
     pub delivery_poll: Duration,
     pub delivery_batch: i64,
     pub delivery_max_backoff: Duration,
+    /// How often the ranking is checked (and rebuilt from PostgreSQL if Redis lost it).
+    pub ranking_reconcile: Duration,
 }
 
 /// Runs the worker: the notification and payment consumer groups and the delivery loop.
@@ -262,6 +264,7 @@ pub async fn run_worker(res: Resources, s: WorkerSettings, group_prefix: &str, o
     let ops_task = tokio::spawn(crate::telemetry::serve_ops(ops, metrics, health, shutdown.clone()));
     let deliverer = Deliverer { pool: res.pool.clone(), channel: s.channel.clone(), batch: s.delivery_batch, max_backoff: s.delivery_max_backoff };
     let delivery = tokio::spawn(deliverer.run(s.delivery_poll, shutdown.clone()));
+    let reconciler = tokio::spawn(crate::worker::run_ranking_reconciler(res.pool.clone(), res.redis.clone(), res.keys.clone(), s.ranking_reconcile, shutdown.clone()));
     if res.ensure_topics(&shutdown).await {
         let notes = ConsumerRunner::new(
             &consumer_config(&res.brokers, &format!("{group_prefix}notifications")),
@@ -280,6 +283,7 @@ pub async fn run_worker(res: Resources, s: WorkerSettings, group_prefix: &str, o
         tokio::join!(notes.run(&nh, shutdown.clone()), pays.run(&ph, shutdown.clone()));
     }
     let _ = delivery.await;
+    let _ = reconciler.await;
     res.flush();
     let _ = ops_task.await;
     tracing::info!("worker stopped");

@@ -60,6 +60,11 @@ impl Keys {
     pub fn ranking(&self) -> String {
         format!("{}{{ranking}}:schedules", self.prefix)
     }
+    /// Marker that the ranking is complete in this Redis; missing after a flush or a restart
+    /// without data, which makes the worker rebuild the ranking from PostgreSQL.
+    pub fn ranking_built(&self) -> String {
+        format!("{}{{ranking}}:built", self.prefix)
+    }
     /// SET of payment ids already counted in the ranking (exactly-once increments).
     pub fn ranking_counted(&self) -> String {
         format!("{}{{ranking}}:counted", self.prefix)

@@ -34,6 +34,31 @@ pub async fn record(redis: &ConnectionManager, keys: &Keys, payment: Uuid, sched
     Ok(added == 1)
 }
 
+/// Rebuilds the ranking from PostgreSQL if Redis lost it (the `built` marker is missing): every
+/// confirmed payment is counted with the same count-once script the consumer uses, so payments
+/// counted meanwhile by the consumer are not counted twice. Returns the payments newly counted,
+/// or `None` when the ranking was intact.
+pub async fn reconcile(redis: &ConnectionManager, keys: &Keys, pool: &PgPool) -> Result<Option<usize>> {
+    let mut conn = redis.clone();
+    let built: bool = redis::cmd("EXISTS").arg(keys.ranking_built()).query_async(&mut conn).await?;
+    if built {
+        return Ok(None);
+    }
+    let rows: Vec<(Uuid, Uuid)> = sqlx::query_as(
+        "SELECT p.id, r.schedule_id FROM payments p JOIN reservations r ON r.id = p.reservation_id",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut added = 0;
+    for (payment, schedule) in rows {
+        if record(redis, keys, payment, schedule).await? {
+            added += 1;
+        }
+    }
+    let _: () = redis::cmd("SET").arg(keys.ranking_built()).arg(1).query_async(&mut conn).await?;
+    Ok(Some(added))
+}
+
 /// One line of the ranking.
 #[derive(Debug, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]

@@ -167,7 +167,10 @@ impl Deliverer {
             let notified = async {
                 match listener.as_mut() {
                     Some(l) => {
-                        let _ = l.recv().await;
+                        // While PostgreSQL is down recv fails at once: wait a poll instead.
+                        if l.recv().await.is_err() {
+                            tokio::time::sleep(poll).await;
+                        }
                     }
                     None => std::future::pending().await,
                 }
@@ -177,6 +180,26 @@ impl Deliverer {
                 _ = notified => {}
                 _ = tokio::time::sleep(poll) => {}
             }
+        }
+    }
+}
+
+/// Keeps the ranking whole: every `interval`, rebuilds it from PostgreSQL if Redis lost it.
+pub async fn run_ranking_reconciler(pool: PgPool, redis: redis::aio::ConnectionManager, keys: Keys, interval: Duration, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        match crate::ranking::reconcile(&redis, &keys, &pool).await {
+            Ok(Some(n)) => {
+                metrics::counter!("ranking_rebuilds_total").increment(1);
+                tracing::info!(counted = n, "ranking rebuilt from PostgreSQL");
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "ranking reconcile failed"),
         }
     }
 }

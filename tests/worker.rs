@@ -31,6 +31,7 @@ async fn worker(env: &TestEnv, group_prefix: &str, channel: Channel) -> Task {
         delivery_poll: Duration::from_millis(200),
         delivery_batch: 100,
         delivery_max_backoff: Duration::from_millis(500),
+        ranking_reconcile: Duration::from_secs(1),
     };
     let (res, gp, sd) = (env.res.clone(), group_prefix.to_string(), t.clone());
     let ops = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -309,6 +310,16 @@ async fn the_ranking_orders_schedules_by_confirmed_seats_as_the_database_does() 
     assert!(items.iter().all(|e| e["concertTitle"] == "Test concert" && e["seatCount"] == 3));
     let r = api.http.get(api.url("/v1/rankings/schedules?limit=1")).send().await.unwrap().json::<Value>().await.unwrap();
     assert_eq!(r["items"].as_array().unwrap().len(), 1);
+    // Redis forgets the ranking (flush or restart without data): the worker rebuilds it from
+    // PostgreSQL, without counting any payment twice.
+    let mut conn = env.res.redis.clone();
+    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{}*ranking*", env.prefix)).query_async(&mut conn).await.unwrap();
+    assert!(!keys.is_empty());
+    let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await.unwrap();
+    assert!(ranking(&api).await.is_empty());
+    common::eventually(Duration::from_secs(30), || async { ranking(&api).await.iter().map(|e| e["soldSeats"].as_i64().unwrap()).sum::<i64>() == 6 }).await;
+    let rebuilt: Vec<(String, i64)> = ranking(&api).await.iter().map(|e| (e["scheduleId"].as_str().unwrap().to_string(), e["soldSeats"].as_i64().unwrap())).collect();
+    assert_eq!(rebuilt, db);
     stop(vec![w]).await;
     api.stop().await;
 }
