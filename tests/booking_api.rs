@@ -304,6 +304,12 @@ async fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
     assert_eq!(body["error"]["field"], "amount", "the field is named: {body}");
     let (_, body) = send(h.post(&charge).bearer_auth(&u.token).header("Idempotency-Key", "l").json(&json!({"amount": 1, "bonus": 1}))).await;
     assert_eq!(body["error"]["field"], "bonus", "the unknown field is named: {body}");
+    let r = h.put(api.url("/v1/users")).send().await.unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(r.headers()["allow"], "POST");
+    let r = h.patch(api.url(&format!("/v1/reservations/{}", Uuid::new_v4()))).send().await.unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(r.headers()["allow"], "GET, DELETE");
     assert_eq!(api.balance(&u).await, 0, "nothing was credited");
     let ledger: i64 = sqlx::query_scalar("SELECT count(*) FROM point_ledger").fetch_one(&env.pool).await.unwrap();
     assert_eq!(ledger, 0);

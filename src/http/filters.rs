@@ -51,6 +51,7 @@ pub fn routes(api: Api) -> BoxedFilter<(Response,)> {
         .or(rankings(&api)).unify()
         .or(openapi()).unify()
         .or(ops).unify()
+        .or(unmatched()).unify()
         .boxed();
     all.recover(recover)
         .unify()
@@ -174,21 +175,33 @@ fn openapi() -> Route {
         .boxed()
 }
 
+/// Remembers the path of a request no route took, so `recover` can tell 404 from 405 and name the
+/// allowed methods.
+#[derive(Debug)]
+struct Unmatched(String);
+impl warp::reject::Reject for Unmatched {}
+
+fn unmatched() -> Route {
+    warp::path::full()
+        .and_then(|p: warp::path::FullPath| async move { Err::<Response, _>(warp::reject::custom(Unmatched(p.as_str().to_string()))) })
+        .boxed()
+}
+
 /// Turns warp's own rejections into the error JSON of the brief.
 async fn recover(r: Rejection) -> Result<Response, Rejection> {
-    let (status, code, message) = if r.is_not_found() {
-        (StatusCode::NOT_FOUND, "NOT_FOUND", "no such route".to_string())
-    } else if r.find::<warp::reject::MethodNotAllowed>().is_some() {
-        (StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED", "method not allowed on this route".to_string())
-    } else if let Some(e) = r.find::<warp::reject::InvalidHeader>() {
+    let allow = r.find::<Unmatched>().and_then(|u| super::allowed_methods(&super::route_label(&u.0)));
+    let (status, code, message) = if let Some(e) = r.find::<warp::reject::InvalidHeader>() {
         (StatusCode::BAD_REQUEST, "INVALID_INPUT", format!("{}: invalid header value", e.name()))
     } else if r.find::<warp::reject::PayloadTooLarge>().is_some() {
         (StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE", "request body is larger than 64 KiB".to_string())
     } else if r.find::<warp::reject::InvalidQuery>().is_some() {
         (StatusCode::BAD_REQUEST, "INVALID_INPUT", "invalid query string".to_string())
+    } else if let Some(methods) = allow {
+        let body = serde_json::json!({"error": {"code": "METHOD_NOT_ALLOWED", "message": format!("this route answers {methods}")}});
+        let reply = warp::reply::with_status(warp::reply::json(&body), StatusCode::METHOD_NOT_ALLOWED);
+        return Ok(warp::reply::with_header(reply, "allow", methods).into_response());
     } else {
-        tracing::warn!(rejection = ?r, "unhandled rejection");
-        (StatusCode::BAD_REQUEST, "BAD_REQUEST", "bad request".to_string())
+        (StatusCode::NOT_FOUND, "NOT_FOUND", "no such route".to_string())
     };
     let body = serde_json::json!({"error": {"code": code, "message": message}});
     Ok(warp::reply::with_status(warp::reply::json(&body), status).into_response())

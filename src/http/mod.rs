@@ -85,6 +85,17 @@ pub const ROUTES: &[&str] = &[
         "/v1/rankings/schedules", "/health", "/metrics", "/openapi.yaml",
 ];
 
+/// The methods a route answers (the `Allow` header of a 405).
+pub fn allowed_methods(route: &str) -> Option<&'static str> {
+    Some(match route {
+        "/v1/users" | "/v1/users/me/points/charges" | "/v1/admin/concerts" | "/v1/queue/tokens"
+        | "/v1/reservations" | "/v1/payments" => "POST",
+        "/v1/reservations/{id}" => "GET, DELETE",
+        r if ROUTES.contains(&r) => "GET",
+        _ => return None,
+    })
+}
+
 fn known_route(route: &str) -> bool {
     ROUTES.contains(&route)
 }
