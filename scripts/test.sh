@@ -14,6 +14,30 @@ if ! command -v cmake >/dev/null || ! command -v make >/dev/null || ! dpkg -s zl
   apt-get update -qq && apt-get install -y -qq cmake make g++ zlib1g-dev pkg-config >/dev/null
 fi
 
+# promtool (Debian package `prometheus`) checks the Prometheus config, the alert rules and each
+# daemon's /metrics output (tests/observability.rs). policy-rc.d keeps the package's own
+# Prometheus server from being started by the install; we only want the tool.
+if ! command -v promtool >/dev/null; then
+  (
+    export DEBIAN_FRONTEND=noninteractive
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+      printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d
+      trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  )
+fi
+
+# schemathesis (PyPI) fuzzes the API against its OpenAPI description (tests/schemathesis.rs); it
+# lives in a virtualenv of its own under ~/.cache so it is installed once per machine.
+VENV="$HOME/.cache/booking-venv"
+if [[ ! -x "$VENV/bin/schemathesis" ]]; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q schemathesis
+fi
+export SCHEMATHESIS="$VENV/bin/schemathesis"
+
 eval "$(scripts/services.sh up)"
 export DATABASE_URL REDIS_URL KAFKA_BROKERS
 export PATH="$PATH:/usr/sbin"   # redis-server for the tests that need a private one
