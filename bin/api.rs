@@ -66,6 +66,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     booking::telemetry::init_logging(cli.common.log_json);
     let metrics = booking::telemetry::install_metrics();
+    booking::telemetry::describe_metrics(booking::telemetry::Daemon::Api, &cli.common.topic_prefix);
     let shutdown = booking::shutdown::on_signal();
     let res = Resources::connect(&cli.common, "api").await.context("connecting")?;
     let listener = tokio::net::TcpListener::bind(cli.listen).await.context("binding --listen")?;

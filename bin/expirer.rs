@@ -58,6 +58,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     booking::telemetry::init_logging(cli.common.log_json);
     let metrics = booking::telemetry::install_metrics();
+    booking::telemetry::describe_metrics(booking::telemetry::Daemon::Expirer, &cli.common.topic_prefix);
     let shutdown = booking::shutdown::on_signal();
     let res = Resources::connect(&cli.common, "expirer").await.context("connecting")?;
     let ops = booking::telemetry::bind(cli.metrics_addr).await.context("binding --metrics-addr")?;

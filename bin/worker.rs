@@ -60,6 +60,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     booking::telemetry::init_logging(cli.common.log_json);
     let metrics = booking::telemetry::install_metrics();
+    booking::telemetry::describe_metrics(booking::telemetry::Daemon::Worker, &cli.common.topic_prefix);
     let shutdown = booking::shutdown::on_signal();
     let channel = match cli.channel.as_str() {
         "webhook" => Channel::Webhook {

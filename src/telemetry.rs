@@ -2,12 +2,15 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
+use metrics::Unit;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 use warp::Filter;
 
-use crate::health::Health;
+use crate::health::{Check, Health};
+use crate::kafka::Topics;
 
 /// Starts structured logging; `json` selects JSON lines. `RUST_LOG` refines the filter.
 pub fn init_logging(json: bool) {
@@ -41,19 +44,189 @@ pub fn install_metrics() -> PrometheusHandle {
         .clone()
 }
 
-/// Serves `GET /metrics` and `GET /health` on `listener` until `shutdown` is cancelled.
+/// The daemon a process runs; selects the series [`describe_metrics`] registers at zero.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Daemon {
+    Api,
+    DelayScheduler,
+    Expirer,
+    Worker,
+}
+
+/// The expirer's paths to an expired hold (`expiry_*{path}`); the api has one more,
+/// `hold_takeover`: it ends a stale hold when the seat is held again.
+const EXPIRY_PATHS: &[&str] = &["pipeline", "sweeper", "legacy"];
+/// `payments_total{outcome}`: a confirmation or the refusal's error code (`payment.rs`).
+const PAYMENT_OUTCOMES: &[&str] = &["confirmed", "RESERVATION_EXPIRED", "NOT_HELD", "INSUFFICIENT_POINTS"];
+/// `notifications_stored_total{type}`: the worker's known notification types.
+const NOTIFICATION_TYPES: &[&str] = &["PAYMENT_CONFIRMED", "RESERVATION_EXPIRED", "QUEUE_POSITION", "QUEUE_ACTIVATED"];
+
+/// Describes every metric of the catalogue (README "Metrics") and registers, at zero, the
+/// counters `daemon` produces, with the label values known at start.
+///
+/// The exporter renders a metric only once it was touched, so without this a counter that has
+/// not counted yet is absent: a dashboard panel stays empty, and worse, an alert on
+/// `increase(x[10m]) > 0` misses the first event, because a series born at 1 has no increase.
+/// Gauges are not registered (a made-up 0 would be a lie: `dependency_up 0` pages); they are set
+/// by the code that measures them. Histograms are only described: an empty histogram is not
+/// rendered by the exporter, and recording a fake sample would distort it.
+pub fn describe_metrics(daemon: Daemon, topic_prefix: &str) {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+
+    // HTTP (api).
+    describe_counter!("http_requests_total", "HTTP requests served, by route, method and status");
+    describe_histogram!("http_request_duration_seconds", Unit::Seconds, "HTTP request latency, by route, method and status");
+    // Booking (api).
+    describe_counter!("holds_total", "Seat hold attempts, by outcome (held, unavailable)");
+    describe_counter!("payments_total", "Payments confirmed, or refused by error code (outcome)");
+    describe_counter!("cancellations_total", "Holds cancelled by their user");
+    describe_counter!("users_created_total", "Users created");
+    describe_counter!("points_charged_total", "Points charged to balances");
+    // Waiting queue (api).
+    describe_gauge!("queue_waiting", "Users waiting in the queue, by schedule");
+    describe_gauge!("queue_active", "Users admitted and allowed to book, by schedule");
+    describe_counter!("queue_entries_total", "Users entering a waiting queue (first entry per user and schedule)");
+    describe_counter!("queue_admitted_total", "Users admitted from the waiting queue");
+    // Outbox (api, expirer).
+    describe_gauge!("outbox_backlog", "Outbox events not yet published to Kafka");
+    describe_gauge!("outbox_oldest_unpublished_age_seconds", Unit::Seconds, "Age of the oldest unpublished outbox event (0 when none)");
+    describe_counter!("outbox_published_total", "Outbox events published to Kafka");
+    describe_counter!("outbox_publish_failures_total", "Outbox relay batches in which a publish failed");
+    // Delay scheduler.
+    describe_gauge!("scheduler_due_size", "Holds waiting in the scheduler's Redis set for their expiry, by shard");
+    describe_gauge!("scheduler_inflight_size", "Holds claimed but not yet acknowledged by Kafka, by shard");
+    describe_counter!("scheduler_scheduled_total", "reservation.created messages scheduled (added to the Redis set)");
+    describe_counter!("scheduler_claimed_total", "Due holds claimed for the first time");
+    describe_counter!("scheduler_reclaimed_total", "Holds claimed again after their lease ran out");
+    describe_counter!("scheduler_published_total", "reservation.expiration messages acknowledged by Kafka");
+    describe_counter!("scheduler_rearmed_total", "HELD holds missing from Redis, added back from PostgreSQL");
+    describe_counter!("scheduler_cancelled_total", "Holds removed from the scheduler because they were paid or cancelled");
+    describe_histogram!("scheduler_publish_lateness_seconds", Unit::Seconds, "Kafka acknowledgement time of reservation.expiration minus expiresAt");
+    // Expiry (expirer; hold_takeover in the api).
+    describe_histogram!("expiry_lateness_seconds", Unit::Seconds, "expiredAt minus expiresAt, by path (pipeline, sweeper, legacy)");
+    describe_histogram!("expiry_message_lateness_seconds", Unit::Seconds, "Broker append time of reservation.expiration minus expiresAt");
+    describe_counter!("expiry_transitions_total", "Expiry updates that turned a HELD hold EXPIRED, by path");
+    describe_counter!("expiry_already_final_total", "Expiry updates that found the hold already final, by path");
+    describe_counter!("sweeper_caught_total", "Holds only the sweeper caught (the pipeline missed them; should stay 0)");
+    // Worker.
+    describe_counter!("notifications_stored_total", "Notification requests consumed, by type and outcome (stored, duplicate)");
+    describe_counter!("notifications_delivered_total", "Notifications delivered on the channel");
+    describe_counter!("notifications_delivery_failures_total", "Notification delivery attempts that failed (retried with backoff)");
+    describe_counter!("ranking_increments_total", "Ranking increments from payment.completed");
+    describe_counter!("ranking_rebuilds_total", "Rankings rebuilt from PostgreSQL because Redis had lost them");
+    describe_counter!("exports_total", "Payments exported to the data platform");
+    // Kafka consumers.
+    describe_counter!("kafka_messages_processed_total", "Messages handled successfully, by consumer and topic");
+    describe_counter!("kafka_handler_retries_total", "Transient handler failures retried, by consumer");
+    describe_counter!("kafka_consume_errors_total", "Errors receiving from Kafka, by consumer");
+    describe_counter!("kafka_dead_letters_total", "Messages sent to <topic>.dlq, by source topic");
+    describe_gauge!("kafka_consumer_lag", "Messages behind the partition end, by group, topic and partition (rdkafka statistics)");
+    // Every daemon.
+    describe_gauge!("dependency_up", "1 when the last health check of the dependency succeeded, else 0");
+
+    let zero = |name: &'static str| metrics::counter!(name).increment(0);
+    let topics = Topics::new(topic_prefix);
+    let consumer = |name: &'static str, consumed: &[&String]| {
+        metrics::counter!("kafka_handler_retries_total", "consumer" => name).increment(0);
+        metrics::counter!("kafka_consume_errors_total", "consumer" => name).increment(0);
+        for topic in consumed {
+            metrics::counter!("kafka_messages_processed_total", "consumer" => name, "topic" => (*topic).clone()).increment(0);
+            metrics::counter!("kafka_dead_letters_total", "topic" => (*topic).clone()).increment(0);
+        }
+    };
+    match daemon {
+        Daemon::Api => {
+            for outcome in ["held", "unavailable"] {
+                metrics::counter!("holds_total", "outcome" => outcome).increment(0);
+            }
+            for outcome in PAYMENT_OUTCOMES {
+                metrics::counter!("payments_total", "outcome" => *outcome).increment(0);
+            }
+            for name in ["cancellations_total", "users_created_total", "points_charged_total", "queue_entries_total", "queue_admitted_total"] {
+                zero(name);
+            }
+            zero("outbox_published_total");
+            zero("outbox_publish_failures_total");
+            metrics::counter!("expiry_transitions_total", "path" => "hold_takeover").increment(0);
+        }
+        Daemon::DelayScheduler => {
+            for name in [
+                "scheduler_scheduled_total",
+                "scheduler_claimed_total",
+                "scheduler_reclaimed_total",
+                "scheduler_published_total",
+                "scheduler_rearmed_total",
+                "scheduler_cancelled_total",
+            ] {
+                zero(name);
+            }
+            // The consumer names are those given to `ConsumerRunner::new` in `app.rs`.
+            consumer("delay-scheduler", &[&topics.reservation_created, &topics.payment_completed, &topics.reservation_cancelled]);
+        }
+        Daemon::Expirer => {
+            zero("outbox_published_total");
+            zero("outbox_publish_failures_total");
+            zero("sweeper_caught_total");
+            for path in EXPIRY_PATHS {
+                metrics::counter!("expiry_transitions_total", "path" => *path).increment(0);
+            }
+            // The sweeper expires in one statement and counts no "already final".
+            for path in ["pipeline", "legacy"] {
+                metrics::counter!("expiry_already_final_total", "path" => path).increment(0);
+            }
+            consumer("expirer", &[&topics.reservation_expiration]);
+        }
+        Daemon::Worker => {
+            for kind in NOTIFICATION_TYPES {
+                for outcome in ["stored", "duplicate"] {
+                    metrics::counter!("notifications_stored_total", "type" => *kind, "outcome" => outcome).increment(0);
+                }
+            }
+            for name in ["notifications_delivered_total", "notifications_delivery_failures_total", "ranking_increments_total", "ranking_rebuilds_total", "exports_total"] {
+                zero(name);
+            }
+            consumer("worker-notifications", &[&topics.notification_request]);
+            consumer("worker-payments", &[&topics.payment_completed]);
+        }
+    }
+}
+
+/// How often `dependency_up` is refreshed when nothing calls `/health`.
+const HEALTH_PROBE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Serves `GET /metrics` and `GET /health` on `listener` until `shutdown` is cancelled, and keeps
+/// `dependency_up` current by checking the dependencies every [`HEALTH_PROBE_INTERVAL`] (so the
+/// gauge exists, and the `DependencyDown` alert works, even where no probe calls `/health`).
 pub async fn serve_ops(
     listener: tokio::net::TcpListener,
     metrics: PrometheusHandle,
     health: Arc<Health>,
     shutdown: CancellationToken,
 ) {
+    let probe = tokio::spawn(probe_health(health.clone(), shutdown.clone()));
     let routes = ops_routes(metrics, health);
     warp::serve(routes)
         .incoming(listener)
         .graceful(async move { shutdown.cancelled().await })
         .run()
         .await;
+    let _ = probe.await;
+}
+
+async fn probe_health(health: Arc<Health>, shutdown: CancellationToken) {
+    loop {
+        let checks = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            c = health.check() => c,
+        };
+        for (name, c) in checks {
+            metrics::gauge!("dependency_up", "dependency" => name).set(if c == Check::Ok { 1.0 } else { 0.0 });
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(HEALTH_PROBE_INTERVAL) => {}
+        }
+    }
 }
 
 /// The `/metrics` and `/health` routes, also mounted by the api on its own listener.
