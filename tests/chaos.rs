@@ -231,9 +231,11 @@ async fn under_faults_nothing_is_lost_and_nothing_is_double_sold() {
         d.healthy().await;
     }
 
-    // A sale: 8 schedules of 20 seats, 24 customers with plenty of points.
+    // A sale: schedules of seats, 24 customers with plenty of points. The long run has enough
+    // seats that the sale does not sell out before the last fault.
+    let (n_schedules, n_seats) = if full { (20, 50) } else { (8, 20) };
     let client = Arc::new(Client { http: reqwest::Client::new(), base: base.clone() });
-    let body = json!({"title": "Chaos night", "schedules": (0..8).map(|_| json!({"startsAt": "2030-01-01T19:00:00Z", "bookingOpensAt": "2020-01-01T00:00:00Z", "seatCount": 20, "price": 1000})).collect::<Vec<_>>()});
+    let body = json!({"title": "Chaos night", "schedules": (0..n_schedules).map(|_| json!({"startsAt": "2030-01-01T19:00:00Z", "bookingOpensAt": "2020-01-01T00:00:00Z", "seatCount": n_seats, "price": 1000})).collect::<Vec<_>>()});
     let (_, created) = client.send(client.http.post(client.url("/v1/admin/concerts")).bearer_auth("adm").json(&body)).await.unwrap();
     let schedules: Arc<Vec<String>> = Arc::new(created["schedules"].as_array().unwrap().iter().map(|s| s["scheduleId"].as_str().unwrap().to_string()).collect());
     let ops = Arc::new(Ops::default());
