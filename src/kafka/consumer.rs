@@ -79,13 +79,26 @@ impl ClientContext for RunnerContext {
     /// librdkafka's statistics (every `statistics.interval.ms`): publishes the consumer lag of
     /// each owned partition, the figure the design document (§8-1) pages on.
     fn stats(&self, stats: rdkafka::Statistics) {
+        let owned = self.assigned.borrow().clone();
         for (topic, t) in &stats.topics {
-            for (partition, p) in &t.partitions {
-                if *partition < 0 || p.consumer_lag < 0 {
-                    continue;
+            for (&partition, p) in &t.partitions {
+                if partition < 0 {
+                    continue; // librdkafka's internal "unassigned" partition
                 }
+                let end = if p.ls_offset >= 0 { p.ls_offset } else { p.hi_offset };
+                let lag = if !owned.contains(&(topic.clone(), partition)) {
+                    0 // not ours (any more): clear a stale figure; the owner reports the real one
+                } else if p.consumer_lag >= 0 {
+                    p.consumer_lag
+                } else if p.consumer_lag_stored >= 0 {
+                    p.consumer_lag_stored
+                } else if p.committed_offset < 0 && end >= 0 && p.lo_offset >= 0 {
+                    end - p.lo_offset // nothing committed yet: everything from the start is due
+                } else {
+                    continue;
+                };
                 metrics::gauge!("kafka_consumer_lag", "group" => self.group.clone(), "topic" => topic.clone(), "partition" => partition.to_string())
-                    .set(p.consumer_lag as f64);
+                    .set(lag as f64);
             }
         }
     }
