@@ -1,0 +1,286 @@
+//! `bench`: the design document's spike scenarios against a running stack (issue 7).
+//!
+//! `bench --scenario all --out docs/bench/latest` runs the scenarios and writes
+//! `<out>.json` and `<out>.md`; `bench report --input a.json --input b.json --out …` merges runs
+//! (such as the expiry before/after runs of `scripts/bench.sh`). The scenarios live in
+//! `booking::bench`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use booking::bench::report::{Machine, Report, Results, RunInfo};
+use booking::bench::{cpu, end_to_end, expiry, queue_spike, seat_fight, sell_out, Api, Ctx};
+use booking::config::duration;
+use clap::{Args, Parser, Subcommand};
+
+/// Benchmark of the booking backend: queue spike, seat fight, sell-out, payments, expiry
+/// accuracy before/after, end to end over the notification stream.
+#[derive(Parser, Debug)]
+#[command(name = "bench", version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Merges the JSON files of several runs into one report (`<out>.json`, `<out>.md`).
+    Report {
+        /// A JSON file written by a run (repeat the flag).
+        #[arg(long = "input", required = true)]
+        inputs: Vec<PathBuf>,
+        /// Output prefix.
+        #[arg(long, default_value = "docs/bench/latest")]
+        out: PathBuf,
+    },
+}
+
+const SCENARIOS: &[&str] = &["queue-spike", "seat-fight", "sell-out", "payments", "end-to-end", "expiry"];
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Base URL of the running api.
+    #[arg(long, env = "BENCH_API", default_value = "http://127.0.0.1:8080")]
+    api: String,
+
+    /// The api's --admin-token (concerts are created through the admin route).
+    #[arg(long, env = "ADMIN_TOKEN", default_value = "", hide_env_values = true)]
+    admin_token: String,
+
+    /// The stack's PostgreSQL (read for lateness, statistics views and checks).
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: Option<String>,
+
+    /// The stack's Redis (only asked for its version).
+    #[arg(long, env = "REDIS_URL")]
+    redis_url: Option<String>,
+
+    /// Kafka's version, for the report (brokers do not tell clients).
+    #[arg(long, env = "KAFKA_VERSION")]
+    kafka_version: Option<String>,
+
+    /// Scenarios, comma separated: queue-spike, seat-fight, sell-out, payments, end-to-end,
+    /// expiry, or all. They run in that order; payments pays the sell-out's holds (and runs it).
+    #[arg(long, value_delimiter = ',', default_value = "all")]
+    scenario: Vec<String>,
+
+    /// Name of this run; also the key of the expiry result (use `after` / `before`).
+    #[arg(long, default_value = "after")]
+    label: String,
+
+    /// Queue spike: users entering one schedule's queue.
+    #[arg(long, default_value_t = 100_000)]
+    users: usize,
+
+    /// Seat fight: simultaneous holds on one seat.
+    #[arg(long, default_value_t = 500)]
+    fighters: usize,
+
+    /// Sell-out: schedules of 50 seats to fill.
+    #[arg(long, default_value_t = 20)]
+    schedules: usize,
+
+    /// Sell-out: seats per schedule.
+    #[arg(long, default_value_t = 50)]
+    seats: usize,
+
+    /// Sell-out: concurrent clients.
+    #[arg(long, default_value_t = 64)]
+    clients: usize,
+
+    /// Payments: concurrent payments.
+    #[arg(long, default_value_t = 32)]
+    pay_concurrency: usize,
+
+    /// Expiry: holds whose expiries are spread over --window.
+    #[arg(long, default_value_t = 10_000)]
+    holds: usize,
+
+    /// Expiry: the window the hold requests (hence the expiries) are spread over.
+    #[arg(long, default_value = "2s", value_parser = duration)]
+    window: Duration,
+
+    /// Expiry: wait for PostgreSQL's statistics to settle before each snapshot (backends flush
+    /// within 10 s once idle).
+    #[arg(long, default_value = "11s", value_parser = duration)]
+    stats_settle: Duration,
+
+    /// Expiry and end to end: longest wait past the last hold's expiresAt.
+    #[arg(long, default_value = "60s", value_parser = duration)]
+    expiry_timeout: Duration,
+
+    /// End to end: users with an open notification stream, one payment and one expiry each.
+    #[arg(long, default_value_t = 100)]
+    e2e_users: usize,
+
+    /// Queue spike: longest wait for the notification backlog.
+    #[arg(long, default_value = "180s", value_parser = duration)]
+    drain_timeout: Duration,
+
+    /// Concurrent requests for setup, entries and holds.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+
+    /// Output prefix: writes <out>.json and <out>.md.
+    #[arg(long, default_value = "docs/bench/latest")]
+    out: PathBuf,
+
+    /// A note on how the stack was started (repeat the flag); shown in the report.
+    #[arg(long = "note")]
+    notes: Vec<String>,
+
+    /// Count CPU of api/worker/expirer/delay-scheduler processes only when their command line
+    /// contains this (e.g. the stack's --topic-prefix); others count as "other".
+    #[arg(long)]
+    cpu_marker: Option<String>,
+
+    /// No progress bars.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Some(Cmd::Report { inputs, out }) => {
+            let reports = inputs.iter().map(|p| Report::read(p)).collect::<Result<Vec<_>>>()?;
+            let report = Report::merge(reports);
+            report.write(&out)?;
+            eprintln!("wrote {} and {}", out.with_extension("json").display(), out.with_extension("md").display());
+            Ok(())
+        }
+        None => run(cli.run).await,
+    }
+}
+
+async fn run(a: RunArgs) -> Result<()> {
+    let mut chosen: Vec<&str> = Vec::new();
+    for s in &a.scenario {
+        match s.trim() {
+            "all" => chosen.extend(SCENARIOS),
+            s if SCENARIOS.contains(&s) => chosen.push(SCENARIOS.iter().find(|x| **x == s).expect("listed")),
+            other => bail!("unknown scenario {other:?}: use {} or all", SCENARIOS.join(", ")),
+        }
+    }
+    let wants = |s: &str| chosen.contains(&s);
+    let db = a.database_url.clone().context("--database-url (or DATABASE_URL) is required")?;
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(&db).await.context("connecting to PostgreSQL")?;
+    let api = Api::new(&a.api, &a.admin_token)?;
+    api.health().await.with_context(|| format!("is the api running at {}?", a.api))?;
+    let ctx = Ctx::new(api, pool.clone(), !a.quiet);
+    let machine = Machine::detect(&pool, a.redis_url.as_deref(), a.kafka_version.as_deref()).await;
+    let started = chrono::Utc::now();
+    let load_start = cpu::load_average();
+    let marker = a.cpu_marker.as_deref();
+    let mut results = Results::default();
+    let mut failures = Vec::new();
+    let c = a.concurrency;
+
+    if wants("queue-spike") {
+        let cfg = queue_spike::Config { users: a.users, concurrency: c, pollers: (c / 4).max(1), drain_timeout_s: a.drain_timeout.as_secs_f64() };
+        let cpu0 = cpu::snapshot(marker);
+        let r = queue_spike::run(&ctx, &cfg).await;
+        results.cpu.insert("queue-spike".into(), cpu0.usage_since(marker));
+        match r {
+            Ok(r) => results.queue_spike = Some(r),
+            Err(e) => failures.push(format!("queue-spike: {e:#}")),
+        }
+    }
+    if wants("seat-fight") {
+        let cpu0 = cpu::snapshot(marker);
+        let r = seat_fight::run(&ctx, &seat_fight::Config { fighters: a.fighters, concurrency: c }).await;
+        results.cpu.insert("seat-fight".into(), cpu0.usage_since(marker));
+        match r {
+            Ok(r) => results.seat_fight = Some(r),
+            Err(e) => failures.push(format!("seat-fight: {e:#}")),
+        }
+    }
+    if wants("sell-out") || wants("payments") {
+        let cfg = sell_out::Config { schedules: a.schedules, seats_per_schedule: a.seats, clients: a.clients };
+        let cpu0 = cpu::snapshot(marker);
+        let r = sell_out::run(&ctx, &cfg).await;
+        results.cpu.insert("sell-out".into(), cpu0.usage_since(marker));
+        match r {
+            Ok(sold) => {
+                results.sell_out = Some(sold.result.clone());
+                if wants("payments") {
+                    let pc = sell_out::PaymentsConfig { concurrency: a.pay_concurrency, ranking_timeout_s: 30.0 };
+                    let cpu0 = cpu::snapshot(marker);
+                    let r = sell_out::payments(&ctx, &pc, &sold).await;
+                    results.cpu.insert("payments".into(), cpu0.usage_since(marker));
+                    match r {
+                        Ok(p) => results.payments = Some(p),
+                        Err(e) => failures.push(format!("payments: {e:#}")),
+                    }
+                }
+            }
+            Err(e) => failures.push(format!("sell-out: {e:#}")),
+        }
+    }
+    if wants("end-to-end") {
+        let cfg = end_to_end::Config { users: a.e2e_users, pay_concurrency: 4, concurrency: c, timeout_s: a.expiry_timeout.as_secs_f64() };
+        let cpu0 = cpu::snapshot(marker);
+        let r = end_to_end::run(&ctx, &cfg).await;
+        results.cpu.insert("end-to-end".into(), cpu0.usage_since(marker));
+        match r {
+            Ok(r) => results.end_to_end = Some(r),
+            Err(e) => failures.push(format!("end-to-end: {e:#}")),
+        }
+    }
+    if wants("expiry") {
+        let cfg = expiry::Config {
+            label: a.label.clone(),
+            holds: a.holds,
+            window_ms: a.window.as_millis() as u64,
+            concurrency: c,
+            stats_settle_ms: a.stats_settle.as_millis() as u64,
+            timeout_s: a.expiry_timeout.as_secs_f64(),
+        };
+        let cpu0 = cpu::snapshot(marker);
+        let r = expiry::run(&ctx, &cfg).await;
+        results.cpu.insert(format!("expiry {}", a.label), cpu0.usage_since(marker));
+        match r {
+            Ok(r) => {
+                results.expiry.insert(a.label.clone(), r);
+            }
+            Err(e) => failures.push(format!("expiry: {e:#}")),
+        }
+    }
+
+    let mut notes = a.notes.clone();
+    notes.extend(failures.iter().map(|f| format!("FAILED {f}")));
+    let run = RunInfo {
+        label: a.label.clone(),
+        scenarios: chosen.iter().map(|s| s.to_string()).collect(),
+        api: a.api.clone(),
+        started_at: Some(started),
+        finished_at: Some(chrono::Utc::now()),
+        notes,
+        load_average_start: load_start,
+        load_average_end: cpu::load_average(),
+    };
+    let report = Report { machine, runs: vec![run], results, ..Default::default() }.finish();
+    report.write(&a.out)?;
+    eprintln!("wrote {} and {}", a.out.with_extension("json").display(), a.out.with_extension("md").display());
+    for f in &report.figures {
+        eprintln!("  {:<62} {}", f.what, f.ours);
+    }
+    if !failures.is_empty() {
+        bail!("{} scenario(s) failed:\n{}", failures.len(), failures.join("\n"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn verify_cli() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}

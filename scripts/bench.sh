@@ -1,0 +1,179 @@
+#!/usr/bin/env bash
+# The benchmark of issue 7, from a clean stack, in one command:
+#
+#   scripts/bench.sh            # moderate sizes (see below); about 5–10 minutes on 2 cores
+#   scripts/bench.sh --small    # a quick smoke run
+#
+# It starts the services (scripts/services.sh up), builds the release binaries, creates a fresh
+# database (bench_<timestamp>) with fresh Kafka topic and Redis key prefixes, and runs the four
+# daemons on fixed ports with bench-friendly flags (the queue admits everyone at the next tick).
+# Then, in three phases:
+#   1. api --hold-ttl 5m:                 queue-spike, seat-fight, sell-out, payments
+#   2. api --hold-ttl $BENCH_HOLD_TTL:    end-to-end, expiry --label after
+#      (delay-scheduler + expirer --mode after)
+#   3. delay-scheduler stopped, expirer --mode before (the old 10 s scan): expiry --label before
+# and merges the three JSON files into $BENCH_OUT.{json,md} (default docs/bench/latest) and draws
+# the charts with scripts/bench_charts.py. Daemon logs and the per-phase JSON stay in
+# .data/bench/<timestamp>/.
+#
+# Sizes (environment):
+#   BENCH_USERS=20000 BENCH_FIGHTERS=500 BENCH_SCHEDULES=20 BENCH_CLIENTS=64 BENCH_PAY_CONCURRENCY=32
+#   BENCH_HOLDS=10000 BENCH_WINDOW=2s BENCH_E2E_USERS=100 BENCH_CONCURRENCY=64
+#   BENCH_HOLD_TTL=60s  (must exceed the time to take the holds + 11 s for clean DB statistics)
+#   BENCH_PORT=28080    (api; the daemons' metrics on BENCH_PORT+21 … +24)   BENCH_OUT=docs/bench/latest
+#   BENCH_KEEP_DB=1     keep the bench database afterwards
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/booking-target}"
+
+if [[ "${1:-}" == "--small" ]]; then
+  : "${BENCH_USERS:=2000}" "${BENCH_FIGHTERS:=200}" "${BENCH_SCHEDULES:=4}" "${BENCH_CLIENTS:=16}"
+  : "${BENCH_HOLDS:=1000}" "${BENCH_E2E_USERS:=20}" "${BENCH_HOLD_TTL:=20s}" "${BENCH_CONCURRENCY:=32}"
+  shift
+elif [[ -n "${1:-}" ]]; then
+  echo "usage: scripts/bench.sh [--small]" >&2
+  exit 2
+fi
+USERS=${BENCH_USERS:-20000}
+FIGHTERS=${BENCH_FIGHTERS:-500}
+SCHEDULES=${BENCH_SCHEDULES:-20}
+CLIENTS=${BENCH_CLIENTS:-64}
+PAY_CONCURRENCY=${BENCH_PAY_CONCURRENCY:-32}
+HOLDS=${BENCH_HOLDS:-10000}
+WINDOW=${BENCH_WINDOW:-2s}
+E2E_USERS=${BENCH_E2E_USERS:-100}
+CONCURRENCY=${BENCH_CONCURRENCY:-64}
+HOLD_TTL=${BENCH_HOLD_TTL:-60s}
+PORT=${BENCH_PORT:-28080}
+M_API=$((PORT + 21)) M_SCHED=$((PORT + 22)) M_EXP=$((PORT + 23)) M_WORK=$((PORT + 24))
+OUT=${BENCH_OUT:-docs/bench/latest}
+
+log() { echo "[bench] $*" >&2; }
+
+eval "$(scripts/services.sh up)"
+export DATABASE_URL REDIS_URL KAFKA_BROKERS
+
+log "building release binaries"
+cargo build --release --bins
+BIN="$CARGO_TARGET_DIR/release"
+
+STAMP=$(date -u +%Y%m%d%H%M%S)
+DB="bench_$STAMP"
+PREFIX="bench$STAMP."
+WORK="$ROOT/.data/bench/$STAMP"
+mkdir -p "$WORK"
+psql "$DATABASE_URL" -qAtc "CREATE DATABASE $DB" >/dev/null
+BENCH_DB_URL="${DATABASE_URL%/*}/$DB"
+KAFKA_VERSION=$(ls "${BOOKING_DATA_DIR:-$ROOT/.data}"/kafka/libs/kafka-clients-*.jar 2>/dev/null | head -1 | sed -E 's/.*kafka-clients-(.*)\.jar/\1/')
+KAFKA_VERSION=${KAFKA_VERSION:-unknown}
+log "database $DB, prefix $PREFIX, logs in $WORK"
+
+COMMON=(--database-url "$BENCH_DB_URL" --redis-url "$REDIS_URL" --kafka-brokers "$KAFKA_BROKERS"
+        --topic-prefix "$PREFIX" --redis-prefix "$PREFIX")
+API_FLAGS=(--listen "127.0.0.1:$PORT" --metrics-addr "127.0.0.1:$M_API" --admin-token bench-admin
+           --queue-secret bench-secret --queue-tick 100ms --queue-batch 100000 --queue-max-active 1000000
+           --queue-idle-timeout 30m --db-max-connections 32)
+SCHED_FLAGS=(--metrics-addr "127.0.0.1:$M_SCHED" --group "${PREFIX}scheduler" --rearm-interval 1h --db-max-connections 10)
+EXPIRER_FLAGS=(--metrics-addr "127.0.0.1:$M_EXP" --group "${PREFIX}expirer" --db-max-connections 10)
+WORKER_FLAGS=(--metrics-addr "127.0.0.1:$M_WORK" --group-prefix "${PREFIX}worker-" --export-sink "file:$WORK/payments-export.jsonl"
+              --db-max-connections 10)
+
+API_PID= SCHED_PID= EXPIRER_PID= WORKER_PID=
+stop_pid() {
+  local pid=$1
+  [[ -n "$pid" ]] || return 0
+  kill -TERM "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
+cleanup() {
+  stop_pid "$API_PID"; stop_pid "$SCHED_PID"; stop_pid "$EXPIRER_PID"; stop_pid "$WORKER_PID"
+  if [[ "${BENCH_KEEP_DB:-0}" != 1 ]]; then
+    psql "$DATABASE_URL" -qAtc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1 || true
+    if command -v redis-cli >/dev/null; then
+      redis-cli -u "$REDIS_URL" --scan --pattern "${PREFIX}*" 2>/dev/null | xargs -r -n 500 redis-cli -u "$REDIS_URL" DEL >/dev/null 2>&1 || true
+    fi
+  fi
+}
+trap cleanup EXIT
+
+port_free() { # port
+  if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then
+    echo "[bench] port $1 is taken by another process; set BENCH_PORT to a free range" >&2
+    exit 1
+  fi
+}
+wait_health() { # url name pid
+  for _ in $(seq 1 150); do
+    kill -0 "$3" 2>/dev/null || { echo "[bench] $2 exited; see $WORK/$2*.log" >&2; tail -5 "$WORK/$2"*.log >&2; exit 1; }
+    curl -fs "$1" >/dev/null 2>&1 && return 0
+    sleep 0.2
+  done
+  echo "[bench] $2 did not become healthy; see $WORK/$2*.log" >&2
+  exit 1
+}
+start_api() { # hold ttl
+  "$BIN/api" "${COMMON[@]}" "${API_FLAGS[@]}" --hold-ttl "$1" >>"$WORK/api-$1.log" 2>&1 &
+  API_PID=$!
+  wait_health "http://127.0.0.1:$PORT/health" api "$API_PID"
+}
+start_scheduler() {
+  "$BIN/delay-scheduler" "${COMMON[@]}" "${SCHED_FLAGS[@]}" >>"$WORK/delay-scheduler.log" 2>&1 &
+  SCHED_PID=$!
+  wait_health "http://127.0.0.1:$M_SCHED/health" delay-scheduler "$SCHED_PID"
+}
+start_expirer() { # mode
+  "$BIN/expirer" "${COMMON[@]}" "${EXPIRER_FLAGS[@]}" --mode "$1" >>"$WORK/expirer-$1.log" 2>&1 &
+  EXPIRER_PID=$!
+  wait_health "http://127.0.0.1:$M_EXP/health" "expirer-$1" "$EXPIRER_PID"
+}
+start_worker() {
+  "$BIN/worker" "${COMMON[@]}" "${WORKER_FLAGS[@]}" >>"$WORK/worker.log" 2>&1 &
+  WORKER_PID=$!
+  wait_health "http://127.0.0.1:$M_WORK/health" worker "$WORKER_PID"
+}
+
+BENCH=("$BIN/bench" --api "http://127.0.0.1:$PORT" --admin-token bench-admin --database-url "$BENCH_DB_URL"
+       --redis-url "$REDIS_URL" --kafka-version "$KAFKA_VERSION" --concurrency "$CONCURRENCY" --cpu-marker "$PREFIX")
+QUEUE_NOTE="api --queue-tick 100ms --queue-batch 100000 --queue-max-active 1000000"
+
+for p in "$PORT" "$M_API" "$M_SCHED" "$M_EXP" "$M_WORK"; do port_free "$p"; done
+
+log "phase 1: queue spike, seat fight, sell-out, payments (api --hold-ttl 5m)"
+start_api 5m
+start_scheduler
+start_expirer after
+start_worker
+"${BENCH[@]}" --scenario queue-spike,seat-fight,sell-out,payments --label spike \
+  --users "$USERS" --fighters "$FIGHTERS" --schedules "$SCHEDULES" --clients "$CLIENTS" --pay-concurrency "$PAY_CONCURRENCY" \
+  --note "$QUEUE_NOTE --hold-ttl 5m" --note "delay-scheduler, expirer --mode after, worker (log channel, ranking consumer)" \
+  --out "$WORK/spike"
+
+log "phase 2: end to end and expiry after (api --hold-ttl $HOLD_TTL, delay-scheduler + expirer --mode after)"
+stop_pid "$API_PID"
+start_api "$HOLD_TTL"
+"${BENCH[@]}" --scenario end-to-end,expiry --label after --holds "$HOLDS" --window "$WINDOW" --e2e-users "$E2E_USERS" \
+  --note "$QUEUE_NOTE --hold-ttl $HOLD_TTL" --note "delay-scheduler (--poll-interval 1s), expirer --mode after (sweeper 30s/10s), worker" \
+  --out "$WORK/after"
+
+log "phase 3: expiry before (delay-scheduler stopped, expirer --mode before: scan every 10 s)"
+stop_pid "$SCHED_PID"; SCHED_PID=
+stop_pid "$EXPIRER_PID"
+start_expirer before
+"${BENCH[@]}" --scenario expiry --label before --holds "$HOLDS" --window "$WINDOW" \
+  --note "$QUEUE_NOTE --hold-ttl $HOLD_TTL" --note "no delay-scheduler; expirer --mode before (--legacy-interval 10s); worker" \
+  --expiry-timeout 90s --out "$WORK/before"
+
+stop_pid "$API_PID"; API_PID=
+stop_pid "$EXPIRER_PID"; EXPIRER_PID=
+stop_pid "$WORKER_PID"; WORKER_PID=
+
+mkdir -p "$(dirname "$OUT")"
+"$BIN/bench" report --input "$WORK/spike.json" --input "$WORK/after.json" --input "$WORK/before.json" --out "$OUT"
+
+if ! python3 -c 'import matplotlib' 2>/dev/null; then
+  log "installing matplotlib for the charts"
+  python3 -m pip install --quiet matplotlib 2>/dev/null || python3 -m pip install --quiet --break-system-packages matplotlib
+fi
+python3 scripts/bench_charts.py "$OUT.json" "$(dirname "$OUT")"
+log "done: $OUT.md, $OUT.json and the charts in $(dirname "$OUT")/"

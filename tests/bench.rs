@@ -1,0 +1,219 @@
+//! The benchmark harness (issue 7) at a small size against the real services: every scenario
+//! through the library entry points the `bench` binary uses, with the daemons in-process.
+//! These tests check the harness is right (counts add up, one winner, lateness read from the
+//! database), never speed.
+
+mod common;
+
+use std::time::Duration;
+
+use booking::app::{self, ExpirerMode, ExpirerSettings, WorkerSettings};
+use booking::bench::report::{markdown, Report, Results};
+use booking::bench::{end_to_end, expiry, queue_spike, seat_fight, sell_out, Api, Ctx};
+use booking::export::Sink;
+use booking::scheduler::SchedulerConfig;
+use booking::worker::Channel;
+use common::{QueueSettings, TestEnv, ADMIN};
+use tokio_util::sync::CancellationToken;
+
+type Task = (CancellationToken, tokio::task::JoinHandle<()>);
+
+async fn ops() -> tokio::net::TcpListener {
+    tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()
+}
+
+async fn stop(t: Task) {
+    t.0.cancel();
+    let _ = t.1.await;
+}
+
+/// Bench-friendly queue flags: everyone is admitted at the next tick.
+fn open_queue() -> QueueSettings {
+    QueueSettings { tick: Duration::from_millis(100), batch: 100_000, max_active: 1_000_000, idle: Duration::from_secs(300) }
+}
+
+async fn worker(env: &TestEnv) -> Task {
+    let t = CancellationToken::new();
+    let settings = WorkerSettings {
+        channel: Channel::Log,
+        sink: Sink::File(std::env::temp_dir().join(format!("bench-export-{}.jsonl", env.prefix))),
+        delivery_poll: Duration::from_millis(200),
+        delivery_batch: 200,
+        delivery_max_backoff: Duration::from_millis(500),
+        ranking_reconcile: Duration::from_secs(3600),
+    };
+    let (res, gp, sd, l) = (env.res.clone(), format!("{}worker-", env.prefix), t.clone(), ops().await);
+    let h = tokio::spawn(async move {
+        app::run_worker(res, settings, &gp, l, booking::telemetry::install_metrics(), sd).await.unwrap();
+    });
+    (t, h)
+}
+
+async fn scheduler(env: &TestEnv) -> Task {
+    let t = CancellationToken::new();
+    let cfg = SchedulerConfig { batch_size: 500, lease: Duration::from_secs(5), poll_interval: Duration::from_secs(1), rearm_interval: Duration::from_secs(3600) };
+    let (res, group, sd, l) = (env.res.clone(), format!("{}scheduler", env.prefix), t.clone(), ops().await);
+    let h = tokio::spawn(async move {
+        app::run_scheduler(res, cfg, &group, l, booking::telemetry::install_metrics(), sd).await.unwrap();
+    });
+    (t, h)
+}
+
+async fn expirer(env: &TestEnv, mode: ExpirerMode) -> Task {
+    let t = CancellationToken::new();
+    let s = ExpirerSettings {
+        mode,
+        sweep_interval: Duration::from_secs(3600),
+        sweep_grace: Duration::from_secs(3600),
+        sweep_batch: 1000,
+        legacy_interval: Duration::from_secs(1),
+        outbox_batch: 500,
+        outbox_poll: Duration::from_millis(200),
+    };
+    let (res, group, sd, l) = (env.res.clone(), format!("{}expirer-{mode:?}", env.prefix), t.clone(), ops().await);
+    let h = tokio::spawn(async move {
+        app::run_expirer(res, s, &group, l, booking::telemetry::install_metrics(), sd).await.unwrap();
+    });
+    (t, h)
+}
+
+fn ctx(env: &TestEnv, base: &str) -> Ctx {
+    Ctx::new(Api::new(base, ADMIN).unwrap(), env.pool.clone(), false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_spike_seat_fight_sell_out_and_payments_at_a_small_size() {
+    let env = TestEnv::new().await;
+    let api = env.api(Duration::from_secs(300), open_queue()).await;
+    let w = worker(&env).await;
+    let ctx = ctx(&env, &api.base);
+
+    let q = queue_spike::run(&ctx, &queue_spike::Config { users: 40, concurrency: 8, pollers: 2, drain_timeout_s: 60.0 }).await.unwrap();
+    assert_eq!(q.user_creation.count, 40);
+    assert_eq!(q.entry.count, 40, "every user entered");
+    assert_eq!(q.entry_errors, 0);
+    assert_eq!(q.entry_latency.count, 40);
+    assert_eq!(q.admission.active, 40, "every user became ACTIVE");
+    assert!(q.position_latency.count >= 40, "at least one position query per user");
+    assert_eq!(q.position_errors, 0);
+    let n = &q.notifications;
+    assert_eq!(n.expected, 80, "one QUEUE_POSITION and one QUEUE_ACTIVATED per user");
+    assert!(n.drained && n.stored == 80, "{n:?}");
+    assert_eq!(n.outbox_to_stored.count, 80);
+    assert!(n.outbox_to_stored.min_ms >= 0.0);
+
+    let f = seat_fight::run(&ctx, &seat_fight::Config { fighters: 30, concurrency: 8 }).await.unwrap();
+    assert_eq!(f.winners, 1, "exactly one winner: {f:?}");
+    assert_eq!(f.losers, 29);
+    assert_eq!(f.others, 0);
+    assert_eq!(f.db_active_reservations, 1);
+    assert_eq!(f.latency.count, 30);
+    assert_eq!(f.loser_latency.count, 29);
+    assert!(f.all_decided_ms >= f.latency.max_ms * 0.5 && f.latency.max_ms >= f.latency.p99_ms && f.latency.p99_ms >= f.latency.p50_ms);
+
+    let sold = sell_out::run(&ctx, &sell_out::Config { schedules: 3, seats_per_schedule: 10, clients: 6 }).await.unwrap();
+    let s = &sold.result;
+    assert_eq!(s.seats, 30);
+    assert_eq!(s.holds, 30, "every seat held once: {s:?}");
+    assert_eq!(s.errors, 0);
+    assert_eq!(s.db_held, 30);
+    assert_eq!(s.latency.count, s.holds + s.conflicts, "every attempt is a hold or a conflict");
+    assert_eq!(sold.held.len(), 30);
+
+    let p = sell_out::payments(&ctx, &sell_out::PaymentsConfig { concurrency: 4, ranking_timeout_s: 30.0 }, &sold).await.unwrap();
+    assert_eq!(p.payments, 30);
+    assert_eq!(p.confirmed, 30, "{p:?}");
+    assert_eq!(p.db_confirmed, 30);
+    assert_eq!(p.latency.count, 30);
+    assert!(p.ranking_caught_up_ms.is_some(), "the ranking consumer shows every payment");
+
+    // The report renders every figure with the document's beside it.
+    let results = Results { queue_spike: Some(q), seat_fight: Some(f), sell_out: Some(s.clone()), payments: Some(p), ..Default::default() };
+    let report = Report { results, ..Default::default() }.finish();
+    assert!(report.figures.iter().any(|f| f.reference == "§2-2 bottleneck 1" && f.document.contains("25 s")));
+    assert!(report.figures.iter().any(|f| f.document.contains("160 ms")));
+    assert!(report.figures.iter().any(|f| f.document.contains("10,000+")));
+    let md = markdown(&report);
+    assert!(md.contains("| Seat fight: winners | 1 winner, 29 × 409"), "{md}");
+
+    stop(w).await;
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn end_to_end_and_expiry_before_and_after_at_a_small_size() {
+    let env = TestEnv::new().await;
+    let api = env.api(Duration::from_secs(4), open_queue()).await;
+    let w = worker(&env).await;
+    let s = scheduler(&env).await;
+    let e = expirer(&env, ExpirerMode::After).await;
+    let ctx = ctx(&env, &api.base);
+
+    let ee = end_to_end::run(&ctx, &end_to_end::Config { users: 4, pay_concurrency: 2, concurrency: 4, timeout_s: 60.0 }).await.unwrap();
+    assert_eq!(ee.streams, 4);
+    assert_eq!(ee.payments, 4);
+    assert_eq!(ee.payment_events_missing, 0, "{ee:?}");
+    assert_eq!(ee.payment_to_stream.count, 4);
+    assert_eq!(ee.expiries, 4);
+    assert_eq!(ee.expiry_events_missing, 0, "{ee:?}");
+    assert_eq!(ee.expiry_lateness.count, 4);
+    assert!(ee.expiry_lateness.min_ms >= 0.0, "{ee:?}");
+    assert_eq!(ee.duplicates, 0);
+
+    let cfg = |label: &str| expiry::Config { label: label.into(), holds: 24, window_ms: 1000, concurrency: 4, stats_settle_ms: 500, timeout_s: 60.0 };
+    let after = expiry::run(&ctx, &cfg("after")).await.unwrap();
+    stop(s).await;
+    stop(e).await;
+    let e = expirer(&env, ExpirerMode::Before).await;
+    let before = expiry::run(&ctx, &cfg("before")).await.unwrap();
+    stop(e).await;
+
+    for r in [&after, &before] {
+        assert_eq!(r.holds, 24, "{r:?}");
+        assert_eq!(r.hold_errors, 0);
+        assert_eq!(r.expired, 24, "every hold expired: {r:?}");
+        assert_eq!(r.not_expired, 0);
+        assert_eq!(r.lateness.count, 24);
+        assert_eq!(r.early, 0, "lateness from the database is never negative");
+        assert!(r.lateness.min_ms >= 0.0);
+        assert!(r.ttl_ms > 3000.0 && r.ttl_ms < 5000.0, "{r:?}");
+        assert!(r.reservations.n_tup_upd >= 0 && r.rows_read_per_expiry >= 0.0);
+    }
+    // The report puts both side by side with the document's claims.
+    let mut results = Results { end_to_end: Some(ee), ..Default::default() };
+    results.expiry.insert("after".into(), after);
+    results.expiry.insert("before".into(), before);
+    let merged = Report::merge(vec![Report { results, ..Default::default() }]);
+    assert!(merged.figures.iter().any(|f| f.what.contains("(after)") && f.document == "±100 ms"));
+    assert!(merged.figures.iter().any(|f| f.what.contains("(before)") && f.document.contains("10 s")));
+    assert!(merged.figures.iter().any(|f| f.document.contains("80 %")));
+    let json = serde_json::to_string(&merged).unwrap();
+    let back: Report = serde_json::from_str(&json).unwrap();
+    assert_eq!(back.figures, merged.figures);
+
+    stop(w).await;
+    api.stop().await;
+}
+
+#[test]
+fn percentiles_and_sse_parsing() {
+    use booking::bench::sse::parse_events;
+    use booking::bench::stats::{percentile, Summary};
+    let v: Vec<f64> = (1..=100).map(f64::from).collect();
+    assert_eq!(percentile(&v, 50.0), 50.0);
+    assert_eq!(percentile(&v, 99.0), 99.0);
+    assert_eq!(percentile(&v, 100.0), 100.0);
+    let s = Summary::from_ms((1..=5000).rev().map(f64::from).collect());
+    assert_eq!((s.count, s.min_ms, s.max_ms, s.p50_ms), (5000, 1.0, 5000.0, 2500.0));
+    assert_eq!(s.samples_ms.len(), booking::bench::stats::KEPT_SAMPLES);
+    let mut buf = String::from(": keep-alive\n\nid: 7\nevent: PAYMENT_CONFIRMED\ndata: {\"type\":\"PAYMENT_CONFIRMED\"}\n\nid: 8\r\ndata: {\"a\":");
+    let events = parse_events(&mut buf);
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].id.as_deref(), Some("7"));
+    assert_eq!(events[0].json()["type"], "PAYMENT_CONFIRMED");
+    buf.push_str("1}\n\n");
+    let events = parse_events(&mut buf);
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].json()["a"], 1);
+    assert!(buf.is_empty());
+}
