@@ -76,6 +76,58 @@ impl Handler for ExpirationHandler {
         expire(&self.pool, &self.topics, env.payload.reservation_id, "pipeline").await?;
         Ok(())
     }
+
+    /// Expires every hold of the batch in one transaction (one commit instead of one per hold:
+    /// what keeps the expirer on time when thousands of holds fall due in the same second).
+    async fn handle_batch(&self, msgs: &[Incoming]) -> Vec<Result<(), HandleError>> {
+        let mut out: Vec<Result<(), HandleError>> = Vec::with_capacity(msgs.len());
+        let mut ids = Vec::new();
+        for msg in msgs {
+            match Envelope::<ReservationEvent>::parse(&msg.payload, EventType::ReservationExpiration) {
+                Ok(env) => {
+                    if let Some(ts) = msg.timestamp_ms {
+                        let late = (ts - env.payload.expires_at.timestamp_millis()) as f64 / 1000.0;
+                        metrics::histogram!("expiry_message_lateness_seconds").record(late);
+                    }
+                    ids.push(env.payload.reservation_id);
+                    out.push(Ok(()));
+                }
+                Err(reason) => out.push(Err(HandleError::Poison(reason))),
+            }
+        }
+        if let Err(e) = expire_many(&self.pool, &self.topics, &ids, "pipeline").await {
+            let reason = format!("database: {e}");
+            for r in out.iter_mut().filter(|r| r.is_ok()) {
+                *r = Err(HandleError::Transient(reason.clone()));
+            }
+        }
+        out
+    }
+}
+
+/// [`expire`] for many holds in one transaction; returns how many changed.
+pub async fn expire_many(pool: &PgPool, topics: &Topics, ids: &[Uuid], path: &'static str) -> Result<usize, sqlx::Error> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let mut tx = pool.begin().await?;
+    let rows: Vec<Reservation> = sqlx::query_as(&format!(
+        "UPDATE reservations SET status = 'EXPIRED', expired_at = clock_timestamp()
+         WHERE id = ANY($1) AND status = 'HELD' RETURNING {COLUMNS}"
+    ))
+    .bind(ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    for r in &rows {
+        expired_effects(&mut tx, topics, r).await?;
+    }
+    tx.commit().await?;
+    for r in &rows {
+        observe(path, r);
+    }
+    let unchanged = ids.len().saturating_sub(rows.len());
+    metrics::counter!("expiry_already_final_total", "path" => path).increment(unchanged as u64);
+    Ok(rows.len())
 }
 
 /// Expires, in one statement, at most `limit` HELD holds whose expiry passed more than `grace`

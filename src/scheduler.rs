@@ -108,11 +108,11 @@ redis.call('HSETNX', KEYS[3], ARGV[1], ARGV[3])
 return added
 "#;
 
-// KEYS: inflight, payload. ARGV: member.
+// KEYS: inflight, payload. ARGV: members.
 const ACK: &str = r#"
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('HDEL', KEYS[2], ARGV[1])
-return 1
+redis.call('ZREM', KEYS[1], unpack(ARGV))
+redis.call('HDEL', KEYS[2], unpack(ARGV))
+return #ARGV
 "#;
 
 // KEYS: due, inflight, payload. ARGV: member. Returns 1 if it was pending.
@@ -237,13 +237,16 @@ impl Scheduler {
         })
     }
 
-    /// Removes a published member from the in-flight set.
-    pub async fn ack(&self, shard: i32, member: &str) -> Result<(), redis::RedisError> {
+    /// Removes published members from the in-flight set.
+    pub async fn ack(&self, shard: i32, members: &[String]) -> Result<(), redis::RedisError> {
+        if members.is_empty() {
+            return Ok(());
+        }
         let mut conn = self.redis.clone();
         let _: i64 = Script::new(ACK)
             .key(self.keys.sched_inflight(shard))
             .key(self.keys.sched_payload(shard))
-            .arg(member)
+            .arg(members)
             .invoke_async(&mut conn)
             .await?;
         Ok(())
@@ -284,15 +287,13 @@ impl Scheduler {
                 Err((e, _)) => tracing::warn!(error = %e, reservation = %member, "expiration not queued; lease will retry"),
             }
         }
-        for m in orphans {
-            self.ack(shard, &m).await?;
-        }
-        let (mut published, mut failed) = (0, 0);
+        self.ack(shard, &orphans).await?;
+        let mut acked = Vec::with_capacity(sends.len());
+        let mut failed = 0;
         for (member, expires_at, fut) in sends {
             match fut.await {
                 Ok(Ok(_)) => {
-                    self.ack(shard, &member).await?;
-                    published += 1;
+                    acked.push(member);
                     metrics::histogram!("scheduler_publish_lateness_seconds").record(lateness_secs(expires_at));
                 }
                 Ok(Err((e, _))) => {
@@ -302,6 +303,9 @@ impl Scheduler {
                 Err(_) => failed += 1,
             }
         }
+        // Only now, after Kafka acknowledged them, do the members leave the in-flight set.
+        self.ack(shard, &acked).await?;
+        let published = acked.len();
         metrics::counter!("scheduler_published_total").increment(published as u64);
         Ok(Tick::Published { claimed: claimed.members.len(), reclaimed: claimed.reclaimed, published, failed })
     }

@@ -51,6 +51,61 @@ impl Handler for NotificationHandler {
         metrics::counter!("notifications_stored_total", "type" => n.kind.clone(), "outcome" => outcome).increment(1);
         Ok(())
     }
+
+    /// Stores a whole batch with one statement (`UNNEST`), duplicates skipped by `eventId`.
+    async fn handle_batch(&self, msgs: &[Incoming]) -> Vec<Result<(), HandleError>> {
+        let mut out: Vec<Result<(), HandleError>> = Vec::with_capacity(msgs.len());
+        let (mut ids, mut users, mut kinds, mut titles, mut messages, mut data) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+        for msg in msgs {
+            match Envelope::<NotificationRequest>::parse(&msg.payload, EventType::NotificationRequest) {
+                Ok(env) if KNOWN_TYPES.contains(&env.payload.kind.as_str()) => {
+                    let n = env.payload;
+                    ids.push(env.event_id);
+                    users.push(n.user_id);
+                    kinds.push(n.kind);
+                    titles.push(n.title);
+                    messages.push(n.message);
+                    data.push(n.data);
+                    out.push(Ok(()));
+                }
+                Ok(env) => out.push(Err(HandleError::Poison(format!("unknown notification type {:?}", env.payload.kind)))),
+                Err(reason) => out.push(Err(HandleError::Poison(reason))),
+            }
+        }
+        if ids.is_empty() {
+            return out;
+        }
+        let stored: Result<Vec<String>, sqlx::Error> = sqlx::query_scalar(
+            "INSERT INTO notifications (event_id, user_id, type, title, message, data)
+             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::jsonb[])
+             ON CONFLICT (event_id) DO NOTHING RETURNING type",
+        )
+        .bind(&ids)
+        .bind(&users)
+        .bind(&kinds)
+        .bind(&titles)
+        .bind(&messages)
+        .bind(&data)
+        .fetch_all(&self.pool)
+        .await;
+        match stored {
+            Ok(stored) => {
+                for kind in KNOWN_TYPES {
+                    let total = kinds.iter().filter(|k| k.as_str() == *kind).count();
+                    let new = stored.iter().filter(|k| k.as_str() == *kind).count();
+                    metrics::counter!("notifications_stored_total", "type" => *kind, "outcome" => "stored").increment(new as u64);
+                    metrics::counter!("notifications_stored_total", "type" => *kind, "outcome" => "duplicate").increment((total - new) as u64);
+                }
+            }
+            Err(e) => {
+                let reason = format!("database: {e}");
+                for r in out.iter_mut().filter(|r| r.is_ok()) {
+                    *r = Err(HandleError::Transient(reason.clone()));
+                }
+            }
+        }
+        out
+    }
 }
 
 /// How notifications reach the user's device.
@@ -114,37 +169,36 @@ impl Deliverer {
         .bind(self.batch)
         .fetch_all(&mut *tx)
         .await?;
-        let (mut ok, mut failed) = (0, 0);
+        let (mut delivered, mut failed) = (Vec::new(), Vec::new());
         for (id, event_id, user_id, kind, title, message, data, created_at) in rows {
             let n = json!({"notificationId": id.to_string(), "eventId": event_id, "userId": user_id, "type": kind,
                            "title": title, "message": message, "data": data, "createdAt": created_at});
             match self.channel.deliver(&n).await {
-                Ok(()) => {
-                    sqlx::query("UPDATE notifications SET delivery = 'DELIVERED', delivered_at = now(), attempts = attempts + 1 WHERE id = $1")
-                        .bind(id)
-                        .execute(&mut *tx)
-                        .await?;
-                    metrics::counter!("notifications_delivered_total").increment(1);
-                    ok += 1;
-                }
+                Ok(()) => delivered.push(id),
                 Err(e) => {
                     tracing::warn!(notification = id, error = %e, "delivery failed; will retry");
-                    sqlx::query(
-                        "UPDATE notifications SET attempts = attempts + 1,
-                                next_attempt_at = now() + make_interval(secs => least(0.2 * power(2, attempts), $2))
-                         WHERE id = $1",
-                    )
-                    .bind(id)
-                    .bind(self.max_backoff.as_secs_f64())
-                        .execute(&mut *tx)
-                        .await?;
-                    metrics::counter!("notifications_delivery_failures_total").increment(1);
-                    failed += 1;
+                    failed.push(id);
                 }
             }
         }
+        // The delivery state of the whole batch in two statements.
+        sqlx::query("UPDATE notifications SET delivery = 'DELIVERED', delivered_at = now(), attempts = attempts + 1 WHERE id = ANY($1)")
+            .bind(&delivered)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "UPDATE notifications SET attempts = attempts + 1,
+                    next_attempt_at = now() + make_interval(secs => least(0.2 * power(2, attempts), $2))
+             WHERE id = ANY($1)",
+        )
+        .bind(&failed)
+        .bind(self.max_backoff.as_secs_f64())
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
-        Ok((ok, failed))
+        metrics::counter!("notifications_delivered_total").increment(delivered.len() as u64);
+        metrics::counter!("notifications_delivery_failures_total").increment(failed.len() as u64);
+        Ok((delivered.len(), failed.len()))
     }
 
     /// Runs until `shutdown`, woken by new notifications and polling every `poll`.

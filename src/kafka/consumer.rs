@@ -63,7 +63,32 @@ impl From<redis::RedisError> for HandleError {
 /// What a consumer does with one message. Must be idempotent: delivery is at least once.
 pub trait Handler: Send + Sync {
     fn handle(&self, msg: &Incoming) -> impl Future<Output = Result<(), HandleError>> + Send;
+
+    /// Handles messages already fetched together (one transaction for all of them is what makes
+    /// a consumer keep up with a spike). Returns one outcome per message, in order. An override
+    /// must keep the order of effects: all or nothing, like one transaction. The default handles
+    /// them one by one and stops at the first transient failure, leaving the rest to be retried
+    /// in order after it.
+    fn handle_batch(&self, msgs: &[Incoming]) -> impl Future<Output = Vec<Result<(), HandleError>>> + Send {
+        async move {
+            let mut out = Vec::with_capacity(msgs.len());
+            let mut failed = false;
+            for m in msgs {
+                if failed {
+                    out.push(Err(HandleError::Transient("an earlier message of the batch failed".into())));
+                    continue;
+                }
+                let r = self.handle(m).await;
+                failed = matches!(r, Err(HandleError::Transient(_)));
+                out.push(r);
+            }
+            out
+        }
+    }
 }
+
+/// Most messages handed to [`Handler::handle_batch`] at once.
+pub const MAX_BATCH: usize = 500;
 
 /// The set of `(topic, partition)` this consumer currently owns, updated on every rebalance.
 pub type PartitionWatch = watch::Receiver<BTreeSet<(String, i32)>>;
@@ -126,6 +151,17 @@ impl ConsumerContext for RunnerContext {
                 tracing::warn!(error = %e, "offset commit failed");
             }
         }
+    }
+}
+
+fn incoming(msg: &rdkafka::message::BorrowedMessage<'_>) -> Incoming {
+    Incoming {
+        topic: msg.topic().to_string(),
+        partition: msg.partition(),
+        offset: msg.offset(),
+        key: msg.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+        payload: msg.payload().unwrap_or_default().to_vec(),
+        timestamp_ms: msg.timestamp().to_millis(),
     }
 }
 
@@ -195,20 +231,50 @@ impl ConsumerRunner {
                     }
                 }
             };
-            let incoming = Incoming {
-                topic: msg.topic().to_string(),
-                partition: msg.partition(),
-                offset: msg.offset(),
-                key: msg.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-                payload: msg.payload().unwrap_or_default().to_vec(),
-                timestamp_ms: msg.timestamp().to_millis(),
-            };
-            if !self.process(handler, &incoming, &shutdown).await {
-                // Shut down mid-retry: the offset stays unstored so the message is seen again.
-                break;
+            // Take whatever else is already fetched (without waiting) into the same batch.
+            let mut batch = vec![incoming(&msg)];
+            drop(msg);
+            while batch.len() < MAX_BATCH {
+                match futures_util::FutureExt::now_or_never(self.consumer.recv()) {
+                    Some(Ok(m)) => batch.push(incoming(&m)),
+                    _ => break,
+                }
             }
-            if let Err(e) = self.consumer.store_offset(&incoming.topic, incoming.partition, incoming.offset) {
-                tracing::warn!(consumer = name, error = %e, "storing offset failed");
+            let results = handler.handle_batch(&batch).await;
+            let mut stopped = false;
+            // Offsets are stored in order, and only up to the first message that is not done: a
+            // later message's offset must never be committed past an unhandled earlier one.
+            for (msg, result) in batch.iter().zip(results) {
+                let done = match result {
+                    Ok(()) => {
+                        metrics::counter!("kafka_messages_processed_total", "consumer" => name.to_string(), "topic" => msg.topic.clone()).increment(1);
+                        true
+                    }
+                    Err(HandleError::Poison(reason)) => {
+                        tracing::warn!(consumer = name, topic = %msg.topic, offset = msg.offset, %reason, "dead-lettering message");
+                        self.dead_letter(msg, &reason, &shutdown).await
+                    }
+                    Err(HandleError::Transient(e)) => {
+                        // Back off once before retrying this message on its own.
+                        tracing::warn!(consumer = name, topic = %msg.topic, offset = msg.offset, error = %e, "transient failure, retrying");
+                        metrics::counter!("kafka_handler_retries_total", "consumer" => name.to_string()).increment(1);
+                        tokio::select! {
+                            _ = shutdown.cancelled() => false,
+                            _ = tokio::time::sleep(Duration::from_millis(100)) => self.process(handler, msg, &shutdown).await,
+                        }
+                    }
+                };
+                if !done {
+                    // Shut down mid-retry: the offset stays unstored so the message is seen again.
+                    stopped = true;
+                    break;
+                }
+                if let Err(e) = self.consumer.store_offset(&msg.topic, msg.partition, msg.offset) {
+                    tracing::warn!(consumer = name, error = %e, "storing offset failed");
+                }
+            }
+            if stopped {
+                break;
             }
         }
         if let Err(e) = self.consumer.commit_consumer_state(CommitMode::Sync) {
