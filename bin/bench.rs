@@ -113,6 +113,14 @@ struct RunArgs {
     #[arg(long, default_value = "60s", value_parser = duration)]
     expiry_timeout: Duration,
 
+    /// Expiry: the delay-scheduler's /metrics URL (splits the lateness by stage).
+    #[arg(long)]
+    scheduler_metrics: Option<String>,
+
+    /// Expiry: the expirer's /metrics URL.
+    #[arg(long)]
+    expirer_metrics: Option<String>,
+
     /// End to end: users with an open notification stream, one payment and one expiry each.
     #[arg(long, default_value_t = 100)]
     e2e_users: usize,
@@ -240,6 +248,8 @@ async fn run(a: RunArgs) -> Result<()> {
             concurrency: c,
             stats_settle_ms: a.stats_settle.as_millis() as u64,
             timeout_s: a.expiry_timeout.as_secs_f64(),
+            scheduler_metrics: a.scheduler_metrics.clone(),
+            expirer_metrics: a.expirer_metrics.clone(),
         };
         let cpu0 = cpu::snapshot(marker);
         let r = expiry::run(&ctx, &cfg).await;

@@ -152,7 +152,8 @@ start_worker
 log "phase 2: end to end and expiry after (api --hold-ttl $HOLD_TTL, delay-scheduler + expirer --mode after)"
 stop_pid "$API_PID"
 start_api "$HOLD_TTL"
-"${BENCH[@]}" --scenario end-to-end,expiry --label after --holds "$HOLDS" --window "$WINDOW" --e2e-users "$E2E_USERS" \
+"${BENCH[@]}" --scenario end-to-end,expiry --label after \
+  --scheduler-metrics "http://127.0.0.1:$M_SCHED/metrics" --expirer-metrics "http://127.0.0.1:$M_EXP/metrics" --holds "$HOLDS" --window "$WINDOW" --e2e-users "$E2E_USERS" \
   --note "$QUEUE_NOTE --hold-ttl $HOLD_TTL" --note "delay-scheduler (--poll-interval 1s), expirer --mode after (sweeper 30s/10s), worker" \
   --out "$WORK/after"
 
@@ -160,7 +161,7 @@ log "phase 3: expiry before (delay-scheduler stopped, expirer --mode before: sca
 stop_pid "$SCHED_PID"; SCHED_PID=
 stop_pid "$EXPIRER_PID"
 start_expirer before
-"${BENCH[@]}" --scenario expiry --label before --holds "$HOLDS" --window "$WINDOW" \
+"${BENCH[@]}" --scenario expiry --label before --expirer-metrics "http://127.0.0.1:$M_EXP/metrics" --holds "$HOLDS" --window "$WINDOW" \
   --note "$QUEUE_NOTE --hold-ttl $HOLD_TTL" --note "no delay-scheduler; expirer --mode before (--legacy-interval 10s); worker" \
   --expiry-timeout 90s --out "$WORK/before"
 

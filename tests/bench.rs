@@ -160,7 +160,18 @@ async fn end_to_end_and_expiry_before_and_after_at_a_small_size() {
     assert!(ee.expiry_lateness.min_ms >= 0.0, "{ee:?}");
     assert_eq!(ee.duplicates, 0);
 
-    let cfg = |label: &str| expiry::Config { label: label.into(), holds: 24, window_ms: 1000, concurrency: 4, stats_settle_ms: 500, timeout_s: 60.0 };
+    // In-process daemons share one metrics recorder, which the api's /metrics serves too.
+    let metrics = Some(format!("{}/metrics", api.base));
+    let cfg = |label: &str| expiry::Config {
+        label: label.into(),
+        holds: 24,
+        window_ms: 1000,
+        concurrency: 4,
+        stats_settle_ms: 500,
+        timeout_s: 60.0,
+        scheduler_metrics: metrics.clone(),
+        expirer_metrics: metrics.clone(),
+    };
     let after = expiry::run(&ctx, &cfg("after")).await.unwrap();
     stop(s).await;
     stop(e).await;
@@ -179,6 +190,10 @@ async fn end_to_end_and_expiry_before_and_after_at_a_small_size() {
         assert!(r.ttl_ms > 3000.0 && r.ttl_ms < 5000.0, "{r:?}");
         assert!(r.reservations.n_tup_upd >= 0 && r.rows_read_per_expiry >= 0.0);
     }
+    let stage = |r: &expiry::Expiry, metric: &str| r.stages.iter().find(|s| s.metric == metric).map(|s| s.count).unwrap_or(0.0);
+    assert!(stage(&after, "scheduler_publish_lateness_seconds") >= 24.0, "{:?}", after.stages);
+    assert!(stage(&after, "expiry_lateness_seconds") >= 24.0, "{:?}", after.stages);
+    assert!(stage(&before, "expiry_lateness_seconds") >= 24.0, "{:?}", before.stages);
     // The report puts both side by side with the document's claims.
     let mut results = Results { end_to_end: Some(ee), ..Default::default() };
     results.expiry.insert("after".into(), after);
@@ -206,6 +221,14 @@ fn percentiles_and_sse_parsing() {
     let s = Summary::from_ms((1..=5000).rev().map(f64::from).collect());
     assert_eq!((s.count, s.min_ms, s.max_ms, s.p50_ms), (5000, 1.0, 5000.0, 2500.0));
     assert_eq!(s.samples_ms.len(), booking::bench::stats::KEPT_SAMPLES);
+    let text = "x_seconds_bucket{path=\"a\",le=\"0.1\"} 1\nx_seconds_bucket{path=\"a\",le=\"1\"} 3\nx_seconds_bucket{path=\"a\",le=\"+Inf\"} 4\n\
+                x_seconds_bucket{path=\"b\",le=\"0.1\"} 1\nx_seconds_bucket{path=\"b\",le=\"1\"} 1\nx_seconds_bucket{path=\"b\",le=\"+Inf\"} 1\n\
+                x_seconds_sum{path=\"a\"} 5.5\nx_seconds_sum{path=\"b\"} 0.5\nx_seconds_count{path=\"a\"} 4\nx_seconds_count{path=\"b\"} 1\n";
+    let h = booking::bench::client::Histogram::parse(text, "x_seconds").unwrap();
+    assert_eq!((h.count, h.sum), (5.0, 6.0));
+    assert_eq!(h.buckets, vec![(0.1, 2.0), (1.0, 4.0), (f64::INFINITY, 5.0)]);
+    assert_eq!(h.quantile_bound(0.5), Some(1.0));
+    assert_eq!(h.since(&h).count, 0.0);
     let mut buf = String::from(": keep-alive\n\nid: 7\nevent: PAYMENT_CONFIRMED\ndata: {\"type\":\"PAYMENT_CONFIRMED\"}\n\nid: 8\r\ndata: {\"a\":");
     let events = parse_events(&mut buf);
     assert_eq!(events.len(), 1);

@@ -200,3 +200,52 @@ pub fn metric_sum(text: &str, name: &str) -> Option<f64> {
     }
     found
 }
+
+/// A histogram of Prometheus text, summed over every label set except `le`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Histogram {
+    pub count: f64,
+    pub sum: f64,
+    /// (upper bound, cumulative count), ascending.
+    pub buckets: Vec<(f64, f64)>,
+}
+
+impl Histogram {
+    /// Reads histogram `name` (without the `_bucket` / `_sum` / `_count` suffix) from `text`.
+    pub fn parse(text: &str, name: &str) -> Option<Self> {
+        let count = metric_sum(text, &format!("{name}_count"))?;
+        let sum = metric_sum(text, &format!("{name}_sum")).unwrap_or(0.0);
+        let mut by_le: std::collections::BTreeMap<String, (f64, f64)> = Default::default();
+        let prefix = format!("{name}_bucket{{");
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix(&prefix) else { continue };
+            let Some((labels, value)) = rest.rsplit_once("} ") else { continue };
+            let Some(le) = labels.split(',').find_map(|kv| kv.trim().strip_prefix("le=\"").map(|v| v.trim_end_matches('"'))) else { continue };
+            let bound = if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap_or(f64::INFINITY) };
+            let v: f64 = value.trim().parse().unwrap_or(0.0);
+            by_le.entry(le.to_string()).or_insert((bound, 0.0)).1 += v;
+        }
+        let mut buckets: Vec<(f64, f64)> = by_le.into_values().collect();
+        buckets.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap_or(std::cmp::Ordering::Equal));
+        Some(Self { count, sum, buckets })
+    }
+
+    /// What was observed between `before` and `self`.
+    pub fn since(&self, before: &Histogram) -> Histogram {
+        let buckets = self
+            .buckets
+            .iter()
+            .map(|(le, c)| (*le, c - before.buckets.iter().find(|(b, _)| b == le).map(|(_, c)| *c).unwrap_or(0.0)))
+            .collect();
+        Histogram { count: self.count - before.count, sum: self.sum - before.sum, buckets }
+    }
+
+    /// The upper bound of the bucket holding quantile `q` (0–1).
+    pub fn quantile_bound(&self, q: f64) -> Option<f64> {
+        if self.count <= 0.0 {
+            return None;
+        }
+        let rank = q * self.count;
+        self.buckets.iter().find(|(_, c)| *c >= rank).map(|(le, _)| *le)
+    }
+}

@@ -41,6 +41,70 @@ pub struct Config {
     pub stats_settle_ms: u64,
     /// Longest wait for the last expiry, after the last hold's `expiresAt`.
     pub timeout_s: f64,
+    /// `/metrics` of the delay-scheduler and of the expirer, to split the lateness by stage.
+    #[serde(default)]
+    pub scheduler_metrics: Option<String>,
+    #[serde(default)]
+    pub expirer_metrics: Option<String>,
+}
+
+/// One stage of the expiry path, from a daemon's latency histogram (seconds → ms; percentiles are
+/// bucket upper bounds).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Stage {
+    pub stage: String,
+    pub metric: String,
+    pub count: f64,
+    pub mean_ms: f64,
+    pub p50_at_most_ms: Option<f64>,
+    pub p99_at_most_ms: Option<f64>,
+}
+
+/// The stages read from the daemons' metrics: (daemon, metric, meaning).
+const STAGES: &[(&str, &str, &str)] = &[
+    ("scheduler", "scheduler_publish_lateness_seconds", "delay-scheduler: Kafka acknowledged reservation.expiration − expiresAt"),
+    ("expirer", "expiry_message_lateness_seconds", "broker append time of reservation.expiration − expiresAt (seen by the expirer)"),
+    ("expirer", "expiry_lateness_seconds", "expirer: UPDATE … EXPIRED committed − expiresAt (all paths)"),
+];
+
+async fn scrape(ctx: &Ctx, cfg: &Config) -> Vec<Option<super::client::Histogram>> {
+    let mut texts = Vec::new();
+    for url in [&cfg.scheduler_metrics, &cfg.expirer_metrics] {
+        let text = match url {
+            Some(u) => match ctx.api.http.get(u).send().await {
+                Ok(r) => r.text().await.ok(),
+                Err(_) => None,
+            },
+            None => None,
+        };
+        texts.push(text);
+    }
+    STAGES
+        .iter()
+        .map(|(daemon, metric, _)| {
+            let text = if *daemon == "scheduler" { &texts[0] } else { &texts[1] };
+            text.as_deref().and_then(|t| super::client::Histogram::parse(t, metric))
+        })
+        .collect()
+}
+
+fn stages(before: &[Option<super::client::Histogram>], after: &[Option<super::client::Histogram>]) -> Vec<Stage> {
+    let ms = |s: f64| (s * 1e6).round() / 1000.0;
+    STAGES
+        .iter()
+        .zip(before.iter().zip(after))
+        .filter_map(|((_, metric, meaning), (b, a))| {
+            let d = a.as_ref()?.since(b.as_ref().unwrap_or(&Default::default()));
+            (d.count > 0.0).then(|| Stage {
+                stage: meaning.to_string(),
+                metric: metric.to_string(),
+                count: d.count,
+                mean_ms: ms(d.sum / d.count),
+                p50_at_most_ms: d.quantile_bound(0.5).filter(|x| x.is_finite()).map(ms),
+                p99_at_most_ms: d.quantile_bound(0.99).filter(|x| x.is_finite()).map(ms),
+            })
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -58,6 +122,8 @@ pub struct Expiry {
     pub not_expired: usize,
     /// `expired_at − expires_at`, from PostgreSQL.
     pub lateness: Summary,
+    /// Expiries / (last − first `expired_at`): the expirer's rate while it had work.
+    pub expiries_per_second: f64,
     /// Holds expired earlier than their `expires_at` (must be 0).
     pub early: usize,
     /// `reservations` counters between "all held" and "all expired".
@@ -73,6 +139,9 @@ pub struct Expiry {
     pub measured_ms: f64,
     /// No expiry happened before the first snapshot, and both snapshots were taken after a settle.
     pub stats_clean: bool,
+    /// Where the lateness accrues, from the daemons' histograms (when their metrics were given).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<Stage>,
 }
 
 /// Runs the expiry measurement with whatever expirer the stack runs.
@@ -90,6 +159,7 @@ pub async fn run(ctx: &Ctx, cfg: &Config) -> Result<Expiry> {
     let users = cfg.concurrency.min(n).max(1);
     let bookers = Arc::new(bookers(ctx, users, &format!("expiry {}", cfg.label), &schedules, None, cfg.concurrency).await?);
     let outbox_base = pg::max_id(&ctx.pool, "outbox").await?;
+    let hist0 = scrape(ctx, cfg).await;
 
     // Paced holds: hold i leaves at start + window × i / n (or as soon as possible when behind).
     let bar = ctx.bar(n, &format!("expiry {}: holding", cfg.label));
@@ -163,6 +233,7 @@ pub async fn run(ctx: &Ctx, cfg: &Config) -> Result<Expiry> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     bar.finish_and_clear();
+    let hist1 = scrape(ctx, cfg).await;
     tokio::time::sleep(settle).await;
     let (t2, d2, measured) = (pg::table_stats(&ctx.pool, "reservations").await?, pg::db_stats(&ctx.pool).await?, at1.elapsed());
 
@@ -173,7 +244,9 @@ pub async fn run(ctx: &Ctx, cfg: &Config) -> Result<Expiry> {
         rows = lateness_rows(ctx, &ids).await?;
     }
     let expired = rows.len();
-    let early = rows.iter().filter(|ms| **ms < 0.0).count();
+    let early = rows.iter().filter(|(ms, _)| *ms < 0.0).count();
+    let (first_at, last_at) = rows.iter().fold((f64::MAX, f64::MIN), |(lo, hi), (_, at)| (lo.min(*at), hi.max(*at)));
+    let expiries_per_second = if expired > 1 && last_at > first_at { ((expired as f64 / (last_at - first_at)) * 10.0).round() / 10.0 } else { 0.0 };
     let reservations = t2.delta(&t1);
     let database = d2.delta(&d1);
     let per = |x: i64| if expired > 0 { ((x as f64 / expired as f64) * 1000.0).round() / 1000.0 } else { 0.0 };
@@ -186,7 +259,8 @@ pub async fn run(ctx: &Ctx, cfg: &Config) -> Result<Expiry> {
         expiry_spread_ms: (last - first).num_milliseconds() as f64,
         expired,
         not_expired: held.len() - expired,
-        lateness: Summary::from_ms(rows),
+        lateness: Summary::from_ms(rows.iter().map(|(ms, _)| *ms).collect()),
+        expiries_per_second,
         early,
         reservations,
         rows_read_per_expiry: per(reservations.rows_read()),
@@ -196,6 +270,7 @@ pub async fn run(ctx: &Ctx, cfg: &Config) -> Result<Expiry> {
         db_commits_per_expiry: per(database.xact_commit),
         measured_ms: (measured.as_secs_f64() * 1000.0).round(),
         stats_clean: clean,
+        stages: stages(&hist0, &hist1),
     };
     ctx.say(&format!(
         "expiry {}: {}/{} expired, lateness {}; reservations rows read per expiry {:.2} (scans {:.2}){}",
@@ -210,10 +285,10 @@ pub async fn run(ctx: &Ctx, cfg: &Config) -> Result<Expiry> {
     Ok(out)
 }
 
-/// Lateness in ms of the holds among `ids` that are EXPIRED.
-async fn lateness_rows(ctx: &Ctx, ids: &[Uuid]) -> Result<Vec<f64>> {
-    Ok(sqlx::query_scalar(
-        "SELECT (EXTRACT(EPOCH FROM expired_at - expires_at) * 1000)::float8 FROM reservations
+/// (lateness in ms, `expired_at` in epoch seconds) of the holds among `ids` that are EXPIRED.
+async fn lateness_rows(ctx: &Ctx, ids: &[Uuid]) -> Result<Vec<(f64, f64)>> {
+    Ok(sqlx::query_as(
+        "SELECT (EXTRACT(EPOCH FROM expired_at - expires_at) * 1000)::float8, EXTRACT(EPOCH FROM expired_at)::float8 FROM reservations
          WHERE id = ANY($1) AND status = 'EXPIRED' AND expired_at IS NOT NULL",
     )
     .bind(ids)

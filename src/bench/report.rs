@@ -272,12 +272,13 @@ pub fn figures(r: &Results) -> Vec<Figure> {
             size,
         ));
     }
+    let rate_of = |e: &Expiry| format!("{} (worked off at {:.0} expiries/s)", e.lateness.short(), e.expiries_per_second);
     let size_of = |e: &Expiry| format!("{} holds, expiries spread over {} ms", group(e.holds as i64), e.expiry_spread_ms);
     if let Some(a) = r.expiry.get("after") {
-        out.push(fig("Expiry lateness, delay-scheduler pipeline (after)", a.lateness.short(), "±100 ms", "§7-1", size_of(a)));
+        out.push(fig("Expiry lateness, delay-scheduler pipeline (after)", rate_of(a), "±100 ms", "§7-1", size_of(a)));
     }
     if let Some(b) = r.expiry.get("before") {
-        out.push(fig("Expiry lateness, 10 s polling scan (before)", b.lateness.short(), "up to 10 s (±10 s)", "§7-1", size_of(b)));
+        out.push(fig("Expiry lateness, 10 s polling scan (before)", rate_of(b), "up to 10 s (±10 s)", "§7-1", size_of(b)));
     }
     for (label, e) in &r.expiry {
         if label != "after" && label != "before" {
@@ -474,8 +475,8 @@ pub fn markdown(r: &Report) -> String {
     }
     if !res.expiry.is_empty() {
         let _ = writeln!(md, "\n## Expiry: before and after\n");
-        row(&mut md, &["", "holds", "TTL", "hold phase", "spread", "expired", "early", "lateness p50 / p99 / max", "reservations rows read / expiry", "scans / expiry", "db tuples / expiry", "db commits / expiry", "clean stats"]);
-        row(&mut md, &["---", "---:", "---:", "---:", "---:", "---:", "---:", "---", "---:", "---:", "---:", "---:", "---"]);
+        row(&mut md, &["", "holds", "TTL", "hold phase", "spread", "expired", "expired/s", "early", "lateness p50 / p99 / max", "reservations rows read / expiry", "scans / expiry", "db tuples / expiry", "db commits / expiry", "clean stats"]);
+        row(&mut md, &["---", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---", "---:", "---:", "---:", "---:", "---"]);
         for (label, e) in &res.expiry {
             row(
                 &mut md,
@@ -486,6 +487,7 @@ pub fn markdown(r: &Report) -> String {
                     &format!("{} ms", e.hold_phase_ms),
                     &format!("{} ms", e.expiry_spread_ms),
                     &group(e.expired as i64),
+                    &format!("{:.0}", e.expiries_per_second),
                     &e.early.to_string(),
                     &format!("{} / {} / {} ms", fmt_ms(e.lateness.p50_ms), fmt_ms(e.lateness.p99_ms), fmt_ms(e.lateness.max_ms)),
                     &format!("{:.2}", e.rows_read_per_expiry),
@@ -495,6 +497,17 @@ pub fn markdown(r: &Report) -> String {
                     if e.stats_clean { "yes" } else { "no" },
                 ],
             );
+        }
+        if res.expiry.values().any(|e| !e.stages.is_empty()) {
+            let _ = writeln!(md, "\nWhere the lateness accrues, from the daemons' own histograms over the same holds (percentiles are histogram bucket bounds):\n");
+            row(&mut md, &["run", "stage", "count", "mean", "p50 ≤", "p99 ≤"]);
+            row(&mut md, &["---", "---", "---:", "---:", "---:", "---:"]);
+            let bound = |x: Option<f64>| x.map(|v| format!("{} ms", fmt_ms(v))).unwrap_or_else(|| "> 30 s".into());
+            for (label, e) in &res.expiry {
+                for s in &e.stages {
+                    row(&mut md, &[label, &s.stage, &group(s.count as i64), &format!("{} ms", fmt_ms(s.mean_ms)), &bound(s.p50_at_most_ms), &bound(s.p99_at_most_ms)]);
+                }
+            }
         }
         let _ = writeln!(
             md,
