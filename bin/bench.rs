@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use booking::bench::report::{Machine, Report, Results, RunInfo};
-use booking::bench::{cpu, end_to_end, expiry, queue_spike, seat_fight, sell_out, Api, Ctx};
+use booking::bench::{cpu, end_to_end, expiry, notify_drain, queue_spike, seat_fight, sell_out, Api, Ctx};
 use booking::config::duration;
 use clap::{Args, Parser, Subcommand};
 
@@ -40,6 +40,8 @@ enum Cmd {
 }
 
 const SCENARIOS: &[&str] = &["queue-spike", "seat-fight", "sell-out", "payments", "end-to-end", "expiry"];
+/// Scenarios not in `all`: `notify-drain` needs the stack's worker stopped.
+const EXTRA: &[&str] = &["notify-drain"];
 
 #[derive(Args, Debug)]
 struct RunArgs {
@@ -65,6 +67,8 @@ struct RunArgs {
 
     /// Scenarios, comma separated: queue-spike, seat-fight, sell-out, payments, end-to-end,
     /// expiry, or all. They run in that order; payments pays the sell-out's holds (and runs it).
+    /// `notify-drain` (not in all) runs its own worker and needs no api; stop the stack's worker
+    /// first (its delivery loop shares the notifications table).
     #[arg(long, value_delimiter = ',', default_value = "all")]
     scenario: Vec<String>,
 
@@ -129,6 +133,38 @@ struct RunArgs {
     #[arg(long, default_value = "180s", value_parser = duration)]
     drain_timeout: Duration,
 
+    /// Notify-drain: notification requests produced to Kafka before the worker starts.
+    #[arg(long, env = "BENCH_NOTIFICATIONS", default_value_t = 100_000)]
+    notifications: usize,
+
+    /// Notify-drain: distinct user ids the notifications are spread over.
+    #[arg(long, default_value_t = 10_000)]
+    drain_users: usize,
+
+    /// Notify-drain: Kafka brokers.
+    #[arg(long, env = "KAFKA_BROKERS")]
+    kafka_brokers: Option<String>,
+
+    /// Notify-drain: a topic prefix no other process uses (its topics are created).
+    #[arg(long)]
+    topic_prefix: Option<String>,
+
+    /// Notify-drain: the worker binary (default: `worker` next to this binary).
+    #[arg(long)]
+    worker_bin: Option<PathBuf>,
+
+    /// Notify-drain: an extra flag for the worker (repeat; e.g. `--worker-arg=--delivery-batch=1000`).
+    #[arg(long = "worker-arg", allow_hyphen_values = true)]
+    worker_args: Vec<String>,
+
+    /// Notify-drain: the worker's --metrics-addr.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    worker_metrics_addr: String,
+
+    /// Notify-drain: the worker's log file.
+    #[arg(long, default_value = "notify-drain-worker.log")]
+    worker_log: PathBuf,
+
     /// Concurrent requests for setup, entries and holds.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
@@ -171,15 +207,17 @@ async fn run(a: RunArgs) -> Result<()> {
     for s in &a.scenario {
         match s.trim() {
             "all" => chosen.extend(SCENARIOS),
-            s if SCENARIOS.contains(&s) => chosen.push(SCENARIOS.iter().find(|x| **x == s).expect("listed")),
-            other => bail!("unknown scenario {other:?}: use {} or all", SCENARIOS.join(", ")),
+            s if SCENARIOS.contains(&s) || EXTRA.contains(&s) => chosen.push(SCENARIOS.iter().chain(EXTRA).find(|x| **x == s).expect("listed")),
+            other => bail!("unknown scenario {other:?}: use {}, {} or all", SCENARIOS.join(", "), EXTRA.join(", ")),
         }
     }
     let wants = |s: &str| chosen.contains(&s);
     let db = a.database_url.clone().context("--database-url (or DATABASE_URL) is required")?;
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(&db).await.context("connecting to PostgreSQL")?;
     let api = Api::new(&a.api, &a.admin_token)?;
-    api.health().await.with_context(|| format!("is the api running at {}?", a.api))?;
+    if chosen.iter().any(|s| SCENARIOS.contains(s)) {
+        api.health().await.with_context(|| format!("is the api running at {}?", a.api))?;
+    }
     let ctx = Ctx::new(api, pool.clone(), !a.quiet);
     let machine = Machine::detect(&pool, a.redis_url.as_deref(), a.kafka_version.as_deref()).await;
     let started = chrono::Utc::now();
@@ -259,6 +297,43 @@ async fn run(a: RunArgs) -> Result<()> {
                 results.expiry.insert(a.label.clone(), r);
             }
             Err(e) => failures.push(format!("expiry: {e:#}")),
+        }
+    }
+
+    if wants("notify-drain") {
+        let brokers = a.kafka_brokers.clone().context("notify-drain needs --kafka-brokers (or KAFKA_BROKERS)")?;
+        let prefix = a.topic_prefix.clone().unwrap_or_else(|| format!("benchdrain{}.", ctx.run_id));
+        let redis = a.redis_url.clone().context("notify-drain needs --redis-url (the worker's ranking)")?;
+        let bin = match &a.worker_bin {
+            Some(b) => b.clone(),
+            None => std::env::current_exe()?.with_file_name("worker"),
+        };
+        let mut args = vec![
+            format!("--database-url={db}"),
+            format!("--redis-url={redis}"),
+            format!("--kafka-brokers={brokers}"),
+            format!("--metrics-addr={}", a.worker_metrics_addr),
+            "--db-max-connections=10".into(),
+            format!("--export-sink=file:{}", std::env::temp_dir().join(format!("notify-drain-{}.jsonl", ctx.run_id)).display()),
+        ];
+        args.extend(a.worker_args.iter().cloned());
+        let worker = notify_drain::Worker::Process { bin, args, log: a.worker_log.clone() };
+        let cfg = notify_drain::Config {
+            notifications: a.notifications,
+            users: a.drain_users,
+            kafka_brokers: brokers,
+            topic_prefix: prefix,
+            replication_factor: 1,
+            timeout_s: a.drain_timeout.as_secs_f64(),
+        };
+        match notify_drain::run(&ctx, &cfg, worker, marker).await {
+            Ok(r) => {
+                if let Some(c) = r.cpu.clone() {
+                    results.cpu.insert("notify-drain (worker start → all delivered)".into(), c);
+                }
+                results.notify_drain = Some(r)
+            }
+            Err(e) => failures.push(format!("notify-drain: {e:#}")),
         }
     }
 

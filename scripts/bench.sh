@@ -12,13 +12,15 @@
 #   2. api --hold-ttl $BENCH_HOLD_TTL:    end-to-end, expiry --label after
 #      (delay-scheduler + expirer --mode after)
 #   3. delay-scheduler stopped, expirer --mode before (the old 10 s scan): expiry --label before
-# and merges the three JSON files into $BENCH_OUT.{json,md} (default docs/bench/latest) and draws
+#   4. every daemon stopped: notify-drain (BENCH_NOTIFICATIONS requests produced to fresh topics,
+#      then a worker of its own is started by the bench and timed until all are delivered)
+# and merges the four JSON files into $BENCH_OUT.{json,md} (default docs/bench/latest) and draws
 # the charts with scripts/bench_charts.py. Daemon logs and the per-phase JSON stay in
 # .data/bench/<timestamp>/.
 #
 # Sizes (environment):
 #   BENCH_USERS=20000 BENCH_FIGHTERS=500 BENCH_SCHEDULES=20 BENCH_CLIENTS=64 BENCH_PAY_CONCURRENCY=32
-#   BENCH_HOLDS=10000 BENCH_WINDOW=2s BENCH_E2E_USERS=100 BENCH_CONCURRENCY=64
+#   BENCH_HOLDS=10000 BENCH_WINDOW=2s BENCH_E2E_USERS=100 BENCH_CONCURRENCY=64 BENCH_NOTIFICATIONS=100000
 #   BENCH_HOLD_TTL=60s  (must exceed the time to take the holds + 11 s for clean DB statistics)
 #   BENCH_PORT=28080    (api; the daemons' metrics on BENCH_PORT+21 … +24)   BENCH_OUT=docs/bench/latest
 #   BENCH_KEEP_DB=1     keep the bench database afterwards
@@ -30,6 +32,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/booking-target}"
 if [[ "${1:-}" == "--small" ]]; then
   : "${BENCH_USERS:=2000}" "${BENCH_FIGHTERS:=200}" "${BENCH_SCHEDULES:=4}" "${BENCH_CLIENTS:=16}"
   : "${BENCH_HOLDS:=1000}" "${BENCH_E2E_USERS:=20}" "${BENCH_HOLD_TTL:=20s}" "${BENCH_CONCURRENCY:=32}"
+  : "${BENCH_NOTIFICATIONS:=10000}"
   shift
 elif [[ -n "${1:-}" ]]; then
   echo "usage: scripts/bench.sh [--small]" >&2
@@ -45,6 +48,7 @@ WINDOW=${BENCH_WINDOW:-2s}
 E2E_USERS=${BENCH_E2E_USERS:-100}
 CONCURRENCY=${BENCH_CONCURRENCY:-64}
 HOLD_TTL=${BENCH_HOLD_TTL:-60s}
+NOTIFICATIONS=${BENCH_NOTIFICATIONS:-100000}
 PORT=${BENCH_PORT:-28080}
 M_API=$((PORT + 21)) M_SCHED=$((PORT + 22)) M_EXP=$((PORT + 23)) M_WORK=$((PORT + 24))
 OUT=${BENCH_OUT:-docs/bench/latest}
@@ -169,8 +173,15 @@ stop_pid "$API_PID"; API_PID=
 stop_pid "$EXPIRER_PID"; EXPIRER_PID=
 stop_pid "$WORKER_PID"; WORKER_PID=
 
+log "phase 4: notify-drain ($NOTIFICATIONS requests to fresh topics, then the bench's own worker; every daemon stopped)"
+"${BENCH[@]}" --scenario notify-drain --label drain --notifications "$NOTIFICATIONS" \
+  --kafka-brokers "$KAFKA_BROKERS" --topic-prefix "${PREFIX}drain." --worker-bin "$BIN/worker" \
+  --worker-metrics-addr "127.0.0.1:$M_WORK" --worker-log "$WORK/worker-drain.log" \
+  --note "every daemon stopped; worker (log channel, --db-max-connections 10, default --delivery-batch) started by the bench after the backlog was produced" \
+  --out "$WORK/drain"
+
 mkdir -p "$(dirname "$OUT")"
-"$BIN/bench" report --input "$WORK/spike.json" --input "$WORK/after.json" --input "$WORK/before.json" --out "$OUT"
+"$BIN/bench" report --input "$WORK/spike.json" --input "$WORK/after.json" --input "$WORK/before.json" --input "$WORK/drain.json" --out "$OUT"
 
 if ! python3 -c 'import matplotlib' 2>/dev/null; then
   log "installing matplotlib for the charts"

@@ -83,7 +83,8 @@ impl Snapshot {
         let now = snapshot(marker);
         let mut by_process: BTreeMap<String, f64> = BTreeMap::new();
         for (key, t) in &now.by_name {
-            let Some(before) = self.by_name.get(key) else { continue };
+            // A process that started during the window (keys carry the pid) counts from zero.
+            let before = self.by_name.get(key).copied().unwrap_or(0.0);
             let comm = key.split_once(':').map(|(_, c)| c).unwrap_or(key);
             if let Some(g) = GROUPS.iter().find(|g| **g == comm) {
                 *by_process.entry((*g).to_string()).or_default() += t - before;

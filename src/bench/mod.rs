@@ -15,11 +15,13 @@
 //! | `payments` | [`sell_out::payments`] | §2-2 bottleneck 2: 160 ms, 110 ms without ranking |
 //! | `expiry` | [`expiry::run`] | §7-1: ±10 s before, ±100 ms after, 80 % less DB load |
 //! | `end-to-end` | [`end_to_end::run`] | §7-2 |
+//! | `notify-drain` | [`notify_drain::run`] | §7-2 notifications 10,000+/s, the worker alone |
 
 pub mod client;
 pub mod cpu;
 pub mod end_to_end;
 pub mod expiry;
+pub mod notify_drain;
 pub mod pg;
 pub mod queue_spike;
 pub mod report;

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::cpu::CpuUsage;
 use super::end_to_end::EndToEnd;
 use super::expiry::Expiry;
+use super::notify_drain::NotifyDrain;
 use super::queue_spike::QueueSpike;
 use super::seat_fight::SeatFight;
 use super::sell_out::{Payments, SellOutResult};
@@ -118,6 +119,8 @@ pub struct Results {
     pub expiry: BTreeMap<String, Expiry>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub end_to_end: Option<EndToEnd>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify_drain: Option<NotifyDrain>,
     /// CPU seconds by process during each scenario (key: scenario, `expiry <label>`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub cpu: BTreeMap<String, CpuUsage>,
@@ -141,6 +144,9 @@ impl Results {
         self.expiry.extend(other.expiry);
         if other.end_to_end.is_some() {
             self.end_to_end = other.end_to_end;
+        }
+        if other.notify_drain.is_some() {
+            self.notify_drain = other.notify_drain;
         }
         self.cpu.extend(other.cpu);
     }
@@ -320,6 +326,30 @@ pub fn figures(r: &Results) -> Vec<Figure> {
             "§7-2",
             format!("burst of {} queue notifications", group(n.stored as i64)),
         ));
+    }
+    if let Some(d) = &r.notify_drain {
+        let size = format!("backlog of {} requests produced to Kafka, then one worker started", group(d.stored as i64));
+        out.push(fig(
+            "Notifications consumed + stored per second (the worker alone, from Kafka)",
+            format!("{} (peak second {}){}", fmt_rate(d.stored_per_second), group(d.peak_stored_second), if d.drained { "" } else { "; NOT drained" }),
+            "10,000+ per second",
+            "§7-2",
+            size.clone(),
+        ));
+        out.push(fig(
+            "Notifications delivered per second (the worker alone, log channel)",
+            format!(
+                "{} (peak second {}; all delivered {} after the worker started)",
+                fmt_rate(d.delivered_per_second),
+                group(d.peak_delivered_second),
+                d.all_delivered_after_start_s.map(|s| format!("{s:.1} s")).unwrap_or_else(|| "never".into())
+            ),
+            "10,000+ per second",
+            "§7-2",
+            size,
+        ));
+    }
+    if let Some(q) = &r.queue_spike {
         let users = q.config.as_ref().map(|c| c.users).unwrap_or(q.entry.count);
         out.push(fig(
             "Queue spike: entries per second (entry latency)",
@@ -441,6 +471,29 @@ pub fn markdown(r: &Report) -> String {
         summary_row(&mut md, "expiresAt → SSE event", &e.expiry_to_stream);
         summary_row(&mut md, "  of which expiresAt → expired_at", &e.expiry_lateness);
         summary_row(&mut md, "  of which expired_at → SSE event", &e.expired_to_stream);
+    }
+
+    if let Some(d) = &res.notify_drain {
+        let _ = writeln!(md, "\n## Notification drain (the worker alone)\n");
+        let _ = writeln!(
+            md,
+            "- {} `notification.request` envelopes produced straight to Kafka at {} while no worker ran; then one worker started (`{}`).\n\
+             - Stored {} (duplicates {}), delivered {}{}. Worker start → all stored {}, → all delivered {} (includes start-up and the consumer group join).\n\
+             - Consumed + stored {} (first → last row's `created_at`, peak second {}); delivered {} (first row stored → last delivered, peak second {}).",
+            group(d.produced.count as i64),
+            fmt_rate(d.produced.per_second),
+            d.worker,
+            group(d.stored as i64),
+            d.duplicates,
+            group(d.delivered as i64),
+            if d.drained { "" } else { " (NOT drained within the wait)" },
+            d.all_stored_after_start_s.map(|s| format!("{s:.1} s")).unwrap_or_else(|| "never".into()),
+            d.all_delivered_after_start_s.map(|s| format!("{s:.1} s")).unwrap_or_else(|| "never".into()),
+            fmt_rate(d.stored_per_second),
+            group(d.peak_stored_second),
+            fmt_rate(d.delivered_per_second),
+            group(d.peak_delivered_second),
+        );
     }
 
     if let Some(q) = &res.queue_spike {
