@@ -50,6 +50,10 @@ struct Cli {
     #[arg(long, env = "RANKING_RECONCILE_INTERVAL", default_value = "10s", value_parser = duration)]
     ranking_reconcile_interval: Duration,
 
+    /// Most pending notifications one delivery step locks, sends and marks (one transaction).
+    #[arg(long, env = "DELIVERY_BATCH", default_value_t = 1000, value_parser = clap::value_parser!(i64).range(1..))]
+    delivery_batch: i64,
+
     /// Longest wait between two delivery attempts of one notification.
     #[arg(long, env = "DELIVERY_MAX_BACKOFF", default_value = "30s", value_parser = duration)]
     delivery_max_backoff: Duration,
@@ -78,7 +82,7 @@ async fn main() -> anyhow::Result<()> {
         channel,
         sink,
         delivery_poll: cli.delivery_poll_interval,
-        delivery_batch: 200,
+        delivery_batch: cli.delivery_batch,
         delivery_max_backoff: cli.delivery_max_backoff,
         ranking_reconcile: cli.ranking_reconcile_interval,
     };
