@@ -46,10 +46,7 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    booking::telemetry::init_logging(cli.common.log_json);
-    let metrics = booking::telemetry::install_metrics();
-    booking::telemetry::describe_metrics(booking::telemetry::Daemon::DelayScheduler, &cli.common.topic_prefix);
-    let shutdown = booking::shutdown::on_signal();
+    let (metrics, shutdown) = booking::telemetry::start(booking::telemetry::Daemon::DelayScheduler, cli.common.log_json, &cli.common.topic_prefix);
     let res = Resources::connect(&cli.common, "delay-scheduler").await.context("connecting")?;
     let ops = booking::telemetry::bind(cli.metrics_addr).await.context("binding --metrics-addr")?;
     tracing::info!(metrics = %cli.metrics_addr, "delay-scheduler started");

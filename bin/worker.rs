@@ -62,10 +62,7 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    booking::telemetry::init_logging(cli.common.log_json);
-    let metrics = booking::telemetry::install_metrics();
-    booking::telemetry::describe_metrics(booking::telemetry::Daemon::Worker, &cli.common.topic_prefix);
-    let shutdown = booking::shutdown::on_signal();
+    let (metrics, shutdown) = booking::telemetry::start(booking::telemetry::Daemon::Worker, cli.common.log_json, &cli.common.topic_prefix);
     let channel = match cli.channel.as_str() {
         "webhook" => Channel::Webhook {
             url: cli.webhook_url.clone().ok_or_else(|| anyhow!("--webhook-url is required with --channel webhook"))?,

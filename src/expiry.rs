@@ -1,6 +1,6 @@
 //! The expirer: ends holds that were not paid in time (brief §5 "Expiry", §6).
 //!
-//! Three paths reach [`expire`]-style updates, all with the same conditional statement
+//! Three paths reach the same kind of update, all with the same conditional statement
 //! `UPDATE reservations SET status = 'EXPIRED' … WHERE … AND status = 'HELD'`, so whichever runs
 //! first wins and the others change nothing (one EXPIRED transition, one notification):
 //! - the consumer of `reservation.expiration` ([`ExpirationHandler`]), the normal, on-time path;
@@ -23,40 +23,48 @@ use crate::reservation::{expired_effects, Reservation, ReservationEvent};
 const COLUMNS: &str = "id, user_id, seat_id, schedule_id, status, price, created_at, expires_at, \
                        expired_at, confirmed_at, cancelled_at";
 
-/// What an expiry attempt found.
-#[derive(Debug)]
-pub enum Outcome {
-    /// The hold was HELD and is now EXPIRED (its notification is in the outbox).
-    Expired(Box<Reservation>),
-    /// Already CONFIRMED, CANCELLED or EXPIRED (or unknown): nothing changed.
-    AlreadyFinal,
-}
-
 fn observe(path: &'static str, r: &Reservation) {
     let late = r.expired_at.map(|at| (at - r.expires_at).num_microseconds().unwrap_or(0) as f64 / 1e6).unwrap_or(0.0);
     metrics::histogram!("expiry_lateness_seconds", "path" => path).record(late);
     metrics::counter!("expiry_transitions_total", "path" => path).increment(1);
 }
 
-/// Expires one hold if it is still HELD: the conditional update of §8-2 and the
-/// `RESERVATION_EXPIRED` notification, in one transaction.
-pub async fn expire(pool: &PgPool, topics: &Topics, id: Uuid, path: &'static str) -> Result<Outcome, sqlx::Error> {
+/// Expires the holds among `ids` that are still HELD, in one transaction: the conditional update
+/// of §8-2 and each one's `RESERVATION_EXPIRED` notification. Returns how many changed; the
+/// others were already final.
+pub async fn expire(pool: &PgPool, topics: &Topics, ids: &[Uuid], path: &'static str) -> Result<usize, sqlx::Error> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
     let mut tx = pool.begin().await?;
-    let r: Option<Reservation> = sqlx::query_as(&format!(
+    let rows: Vec<Reservation> = sqlx::query_as(&format!(
         "UPDATE reservations SET status = 'EXPIRED', expired_at = clock_timestamp()
-         WHERE id = $1 AND status = 'HELD' RETURNING {COLUMNS}"
+         WHERE id = ANY($1) AND status = 'HELD' RETURNING {COLUMNS}"
     ))
-    .bind(id)
-    .fetch_optional(&mut *tx)
+    .bind(ids)
+    .fetch_all(&mut *tx)
     .await?;
-    let Some(r) = r else {
-        metrics::counter!("expiry_already_final_total", "path" => path).increment(1);
-        return Ok(Outcome::AlreadyFinal);
-    };
-    expired_effects(&mut tx, topics, &r).await?;
+    commit_expired(tx, topics, &rows, path).await?;
+    let unchanged = ids.len().saturating_sub(rows.len());
+    metrics::counter!("expiry_already_final_total", "path" => path).increment(unchanged as u64);
+    Ok(rows.len())
+}
+
+/// Writes the effects of holds that just turned EXPIRED, commits, then records their lateness.
+async fn commit_expired(
+    mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+    topics: &Topics,
+    rows: &[Reservation],
+    path: &'static str,
+) -> Result<(), sqlx::Error> {
+    for r in rows {
+        expired_effects(&mut tx, topics, r).await?;
+    }
     tx.commit().await?;
-    observe(path, &r);
-    Ok(Outcome::Expired(Box::new(r)))
+    for r in rows {
+        observe(path, r);
+    }
+    Ok(())
 }
 
 /// Consumer of `reservation.expiration`.
@@ -73,7 +81,7 @@ impl Handler for ExpirationHandler {
             let late = (ts - env.payload.expires_at.timestamp_millis()) as f64 / 1000.0;
             metrics::histogram!("expiry_message_lateness_seconds").record(late);
         }
-        expire(&self.pool, &self.topics, env.payload.reservation_id, "pipeline").await?;
+        expire(&self.pool, &self.topics, &[env.payload.reservation_id], "pipeline").await?;
         Ok(())
     }
 
@@ -95,7 +103,7 @@ impl Handler for ExpirationHandler {
                 Err(reason) => out.push(Err(HandleError::Poison(reason))),
             }
         }
-        if let Err(e) = expire_many(&self.pool, &self.topics, &ids, "pipeline").await {
+        if let Err(e) = expire(&self.pool, &self.topics, &ids, "pipeline").await {
             let reason = format!("database: {e}");
             for r in out.iter_mut().filter(|r| r.is_ok()) {
                 *r = Err(HandleError::Transient(reason.clone()));
@@ -103,31 +111,6 @@ impl Handler for ExpirationHandler {
         }
         out
     }
-}
-
-/// [`expire`] for many holds in one transaction; returns how many changed.
-pub async fn expire_many(pool: &PgPool, topics: &Topics, ids: &[Uuid], path: &'static str) -> Result<usize, sqlx::Error> {
-    if ids.is_empty() {
-        return Ok(0);
-    }
-    let mut tx = pool.begin().await?;
-    let rows: Vec<Reservation> = sqlx::query_as(&format!(
-        "UPDATE reservations SET status = 'EXPIRED', expired_at = clock_timestamp()
-         WHERE id = ANY($1) AND status = 'HELD' RETURNING {COLUMNS}"
-    ))
-    .bind(ids)
-    .fetch_all(&mut *tx)
-    .await?;
-    for r in &rows {
-        expired_effects(&mut tx, topics, r).await?;
-    }
-    tx.commit().await?;
-    for r in &rows {
-        observe(path, r);
-    }
-    let unchanged = ids.len().saturating_sub(rows.len());
-    metrics::counter!("expiry_already_final_total", "path" => path).increment(unchanged as u64);
-    Ok(rows.len())
 }
 
 /// Expires, in one statement, at most `limit` HELD holds whose expiry passed more than `grace`
@@ -147,12 +130,8 @@ pub async fn sweep(pool: &PgPool, topics: &Topics, grace: Duration, limit: i64) 
     .bind(limit)
     .fetch_all(&mut *tx)
     .await?;
+    commit_expired(tx, topics, &rows, "sweeper").await?;
     for r in &rows {
-        expired_effects(&mut tx, topics, r).await?;
-    }
-    tx.commit().await?;
-    for r in &rows {
-        observe("sweeper", r);
         tracing::warn!(reservation = %r.reservation_id, "sweeper caught a hold the pipeline missed");
     }
     metrics::counter!("sweeper_caught_total").increment(rows.len() as u64);
@@ -167,9 +146,7 @@ pub async fn legacy_scan(pool: &PgPool, topics: &Topics) -> Result<usize, sqlx::
         .await?;
     let mut n = 0;
     for id in ids {
-        if let Outcome::Expired(_) = expire(pool, topics, id, "legacy").await? {
-            n += 1;
-        }
+        n += expire(pool, topics, &[id], "legacy").await?;
     }
     Ok(n)
 }

@@ -30,6 +30,15 @@ const SECONDS_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0,
 ];
 
+/// What every daemon does first: structured logs, the Prometheus recorder with this daemon's
+/// metrics described, and a shutdown token cancelled by SIGTERM/SIGINT.
+pub fn start(daemon: Daemon, log_json: bool, topic_prefix: &str) -> (PrometheusHandle, tokio_util::sync::CancellationToken) {
+    init_logging(log_json);
+    let metrics = install_metrics();
+    describe_metrics(daemon, topic_prefix);
+    (metrics, crate::shutdown::on_signal())
+}
+
 /// Installs the global Prometheus recorder (once per process) and returns its handle.
 pub fn install_metrics() -> PrometheusHandle {
     static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();

@@ -74,7 +74,8 @@ async fn a_hold_past_its_expiry_cannot_be_paid_and_the_seat_can_be_held_by_someo
     let held: Value = r.json().await.unwrap();
     let id = held["reservationId"].as_str().unwrap().to_string();
 
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Wait for the hold's expiry to pass (the seat reads AVAILABLE again), not a fixed time.
+    common::eventually(Duration::from_secs(10), || async { api.seat_status(&schedule, &seats[0]).await == "AVAILABLE" }).await;
     let r = api.pay(&alice, "pay-1", &id).await;
     assert_eq!(r.status(), 409);
     let body: Value = r.json().await.unwrap();
