@@ -296,7 +296,7 @@ pg_write_conf() {
 listen_addresses = '$HOST'
 port = $PG_PORT
 unix_socket_directories = '$sock_dir'
-max_connections = 300
+max_connections = 1000
 # durability stays on
 fsync = on
 synchronous_commit = on

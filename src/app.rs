@@ -18,6 +18,7 @@ use crate::kafka::{self, consumer_config, ConsumerRunner, Topics};
 use crate::keys::Keys;
 use crate::outbox::Relay;
 use crate::queue::{Queue, QueueConfig};
+use crate::redis_conn::RedisConn;
 use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerHandler};
 
 /// Why a daemon could not start.
@@ -37,7 +38,7 @@ pub enum StartError {
 #[derive(Clone)]
 pub struct Resources {
     pub pool: PgPool,
-    pub redis: redis::aio::ConnectionManager,
+    pub redis: RedisConn,
     pub producer: FutureProducer,
     pub brokers: String,
     pub keys: Keys,
@@ -50,8 +51,7 @@ impl Resources {
     pub async fn connect(c: &Common, client_id: &str) -> Result<Self, StartError> {
         let pool = crate::db::connect(&c.database_url, c.db_max_connections).await?;
         crate::db::migrate(&pool).await?;
-        let client = redis::Client::open(c.redis_url.as_str())?;
-        let redis = connect_redis(client).await?;
+        let redis = RedisConn::connect(&c.redis_url).await?;
         let producer = kafka::producer(&c.kafka_brokers, client_id)?;
         Ok(Self {
             pool,
@@ -91,16 +91,6 @@ impl Resources {
             tracing::warn!(error = %e, "producer flush failed");
         }
     }
-}
-
-/// A Redis connection manager that reconnects by itself; commands fail fast while Redis is down
-/// (callers retry), instead of hanging.
-pub async fn connect_redis(client: redis::Client) -> Result<redis::aio::ConnectionManager, redis::RedisError> {
-    let cfg = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Duration::from_secs(2))
-        .set_response_timeout(Duration::from_secs(2))
-        .set_number_of_retries(2);
-    redis::aio::ConnectionManager::new_with_config(client, cfg).await
 }
 
 /// Settings of the api daemon.

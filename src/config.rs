@@ -10,7 +10,8 @@ pub struct Common {
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: String,
 
-    /// Redis connection URL (waiting queue, delay scheduler sets, ranking).
+    /// Redis connection URL (waiting queue, delay scheduler sets, ranking): `redis://host:port` for one
+    /// Redis, `redis+cluster://host:port,host:port,…` for a Redis Cluster (any seed nodes).
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: String,
 

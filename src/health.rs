@@ -15,7 +15,7 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Clone, Default)]
 pub struct Health {
     pub postgres: Option<PgPool>,
-    pub redis: Option<redis::aio::ConnectionManager>,
+    pub redis: Option<crate::redis_conn::RedisConn>,
     pub kafka: Option<FutureProducer>,
 }
 

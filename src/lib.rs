@@ -31,6 +31,7 @@ pub mod payment;
 pub mod points;
 pub mod queue;
 pub mod ranking;
+pub mod redis_conn;
 pub mod reservation;
 pub mod scheduler;
 pub mod shutdown;

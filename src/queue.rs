@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use hmac::{Hmac, Mac};
-use redis::aio::ConnectionManager;
+use crate::redis_conn::RedisConn;
 use redis::Script;
 use serde::Serialize;
 use serde_json::json;
@@ -113,7 +113,7 @@ return 0
 /// The waiting queue service.
 #[derive(Clone)]
 pub struct Queue {
-    redis: ConnectionManager,
+    redis: RedisConn,
     keys: Keys,
     cfg: QueueConfig,
 }
@@ -121,7 +121,7 @@ pub struct Queue {
 type HmacSha256 = Hmac<Sha256>;
 
 impl Queue {
-    pub fn new(redis: ConnectionManager, keys: Keys, cfg: QueueConfig) -> Self {
+    pub fn new(redis: RedisConn, keys: Keys, cfg: QueueConfig) -> Self {
         Self { redis, keys, cfg }
     }
 

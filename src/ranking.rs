@@ -4,7 +4,7 @@
 //! `payment.completed`. Exactly once per payment, even when the message is replayed: one Lua
 //! script adds the payment id to a "counted" set and increments only if it was not there.
 
-use redis::aio::ConnectionManager;
+use crate::redis_conn::RedisConn;
 use redis::Script;
 use serde::Serialize;
 use sqlx::PgPool;
@@ -22,7 +22,7 @@ return 0
 "#;
 
 /// Counts one confirmed seat for `schedule`; returns false if this payment was already counted.
-pub async fn record(redis: &ConnectionManager, keys: &Keys, payment: Uuid, schedule: Uuid) -> Result<bool, redis::RedisError> {
+pub async fn record(redis: &RedisConn, keys: &Keys, payment: Uuid, schedule: Uuid) -> Result<bool, redis::RedisError> {
     let mut conn = redis.clone();
     let added: i64 = Script::new(COUNT_ONCE)
         .key(keys.ranking())
@@ -38,7 +38,7 @@ pub async fn record(redis: &ConnectionManager, keys: &Keys, payment: Uuid, sched
 /// confirmed payment is counted with the same count-once script the consumer uses, so payments
 /// counted meanwhile by the consumer are not counted twice. Returns the payments newly counted,
 /// or `None` when the ranking was intact.
-pub async fn reconcile(redis: &ConnectionManager, keys: &Keys, pool: &PgPool) -> Result<Option<usize>> {
+pub async fn reconcile(redis: &RedisConn, keys: &Keys, pool: &PgPool) -> Result<Option<usize>> {
     let mut conn = redis.clone();
     let built: bool = redis::cmd("EXISTS").arg(keys.ranking_built()).query_async(&mut conn).await?;
     if built {
@@ -70,7 +70,7 @@ pub struct Entry {
 }
 
 /// The `limit` schedules with the most confirmed seats, most first.
-pub async fn top(redis: &ConnectionManager, keys: &Keys, pool: &PgPool, limit: usize) -> Result<Vec<Entry>> {
+pub async fn top(redis: &RedisConn, keys: &Keys, pool: &PgPool, limit: usize) -> Result<Vec<Entry>> {
     let mut conn = redis.clone();
     let raw: Vec<(String, f64)> = redis::cmd("ZREVRANGE")
         .arg(keys.ranking())

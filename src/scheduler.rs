@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use redis::aio::ConnectionManager;
+use crate::redis_conn::RedisConn;
 use redis::Script;
 use sqlx::PgPool;
 use tokio::sync::Notify;
@@ -146,7 +146,7 @@ impl Wake {
 
 /// The scheduler service: Redis sets, the Kafka producer, and the wake-ups of its shard loops.
 pub struct Scheduler {
-    redis: ConnectionManager,
+    redis: RedisConn,
     keys: Keys,
     producer: FutureProducer,
     topics: Topics,
@@ -155,7 +155,7 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    pub fn new(redis: ConnectionManager, keys: Keys, producer: FutureProducer, topics: Topics, cfg: SchedulerConfig) -> Self {
+    pub fn new(redis: RedisConn, keys: Keys, producer: FutureProducer, topics: Topics, cfg: SchedulerConfig) -> Self {
         let wakes = (0..PARTITIONS).map(|_| Arc::new(Wake::default())).collect();
         Self { redis, keys, producer, topics, cfg, wakes }
     }

@@ -239,7 +239,7 @@ impl Deliverer {
 }
 
 /// Keeps the ranking whole: every `interval`, rebuilds it from PostgreSQL if Redis lost it.
-pub async fn run_ranking_reconciler(pool: PgPool, redis: redis::aio::ConnectionManager, keys: Keys, interval: Duration, shutdown: CancellationToken) {
+pub async fn run_ranking_reconciler(pool: PgPool, redis: crate::redis_conn::RedisConn, keys: Keys, interval: Duration, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -261,7 +261,7 @@ pub async fn run_ranking_reconciler(pool: PgPool, redis: redis::aio::ConnectionM
 /// Consumer of `payment.completed`: ranking and export, each once per payment.
 pub struct PaymentHandler {
     pub pool: PgPool,
-    pub redis: redis::aio::ConnectionManager,
+    pub redis: crate::redis_conn::RedisConn,
     pub keys: Keys,
     pub sink: Sink,
 }

@@ -205,7 +205,7 @@ async fn holds_survive_redis_forgetting_them_through_rearm_and_the_sweeper() {
     api.stop().await;
 }
 
-async fn forget_everything(conn: &mut redis::aio::ConnectionManager, prefix: &str) {
+async fn forget_everything(conn: &mut booking::redis_conn::RedisConn, prefix: &str) {
     let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}*")).query_async(conn).await.unwrap();
     if !keys.is_empty() {
         let _: () = redis::cmd("DEL").arg(&keys).query_async(conn).await.unwrap();

@@ -28,7 +28,7 @@ pub const OPENAPI: &str = include_str!("openapi.yaml");
 #[derive(Clone)]
 pub struct Api {
     pub pool: PgPool,
-    pub redis: redis::aio::ConnectionManager,
+    pub redis: crate::redis_conn::RedisConn,
     pub keys: Keys,
     pub topics: Topics,
     pub queue: Queue,
