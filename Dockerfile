@@ -14,8 +14,12 @@ WORKDIR /src
 # Dependencies first, against stub sources, so that editing the project does not rebuild them.
 COPY Cargo.toml Cargo.lock ./
 COPY migrations ./migrations
-RUN mkdir -p src bin \
+# The workspace's other member, the load generator (bench/), is not part of the image: a stub
+# lets cargo load the workspace.
+COPY bench/Cargo.toml ./bench/
+RUN mkdir -p src bin bench/src \
  && echo '' > src/lib.rs \
+ && echo '' > bench/src/lib.rs && echo 'fn main() {}' > bench/src/main.rs \
  && for b in api delay-scheduler expirer worker; do echo 'fn main() {}' > "bin/$b.rs"; done \
  && cargo build --release --locked --bins \
  && rm -rf src bin

@@ -59,7 +59,8 @@ eval "$(scripts/services.sh up)"
 export DATABASE_URL REDIS_URL KAFKA_BROKERS
 
 log "building release binaries"
-cargo build --release --bins
+# The daemons (package booking) and the load generator (package bench, the workspace member bench/).
+cargo build --release --locked -p booking -p bench --bins
 BIN="$CARGO_TARGET_DIR/release"
 
 STAMP=$(date -u +%Y%m%d%H%M%S)

@@ -42,4 +42,5 @@ eval "$(scripts/services.sh up)"
 export DATABASE_URL REDIS_URL KAFKA_BROKERS
 export PATH="$PATH:/usr/sbin"   # redis-server for the tests that need a private one
 
-cargo test --locked "$@"
+# --workspace: the product (booking) and the load generator (bench/) with its tests.
+cargo test --workspace --locked "$@"

@@ -13,7 +13,6 @@
 //! - notifications: [`notification`]; ranking: [`ranking`]; data-platform export: [`export`]
 
 pub mod app;
-pub mod bench;
 pub mod catalog;
 pub mod config;
 pub mod db;

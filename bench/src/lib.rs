@@ -3,7 +3,7 @@
 //! show (expiry lateness, the statistics views for database work per expiry).
 //!
 //! Every scenario is a library function taking a [`Ctx`] (base URL and client, a pool on the
-//! stack's database) and a small config, and returning a serializable result, so `tests/bench.rs`
+//! stack's database) and a small config, and returning a serializable result, so `bench/tests/bench.rs`
 //! drives the very same code at a small size. [`report`] turns results into the JSON file and the
 //! Markdown table with the design document's figure beside ours.
 //!
@@ -17,6 +17,7 @@
 //! | `end-to-end` | [`end_to_end::run`] | §7-2 |
 //! | `notify-drain` | [`notify_drain::run`] | §7-2 notifications 10,000+/s, the worker alone |
 
+pub mod cli;
 pub mod client;
 pub mod cpu;
 pub mod end_to_end;

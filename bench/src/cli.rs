@@ -1,16 +1,15 @@
-//! `bench`: the design document's spike scenarios against a running stack (issue 7).
+//! The `bench` command line: flags, scenario selection, and the run that writes the report.
 //!
 //! `bench --scenario all --out docs/bench/latest` runs the scenarios and writes
 //! `<out>.json` and `<out>.md`; `bench report --input a.json --input b.json --out …` merges runs
-//! (such as the expiry before/after runs of `scripts/bench.sh`). The scenarios live in
-//! `booking::bench`.
+//! (such as the expiry before/after runs of `scripts/bench.sh`). `src/main.rs` only calls [`main`].
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use booking::bench::report::{Machine, Report, Results, RunInfo};
-use booking::bench::{cpu, end_to_end, expiry, notify_drain, queue_spike, seat_fight, sell_out, Api, Ctx};
+use crate::report::{Machine, Report, Results, RunInfo};
+use crate::{cpu, end_to_end, expiry, notify_drain, queue_spike, seat_fight, sell_out, Api, Ctx};
 use booking::config::duration;
 use clap::{Args, Parser, Subcommand};
 
@@ -187,8 +186,8 @@ struct RunArgs {
     quiet: bool,
 }
 
-#[tokio::main(flavor = "multi_thread")]
-async fn main() -> Result<()> {
+/// Parses the command line and runs the scenarios, or merges reports.
+pub async fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Some(Cmd::Report { inputs, out }) => {

@@ -22,9 +22,9 @@ use uuid::Uuid;
 
 use super::stats::Throughput;
 use super::{pg, Ctx};
-use crate::app::{Resources, WorkerSettings};
-use crate::kafka::{Envelope, EventType, Topics, PARTITIONS};
-use crate::notification::{event_id, Kind, NotificationRequest};
+use booking::app::{Resources, WorkerSettings};
+use booking::kafka::{Envelope, EventType, Topics, PARTITIONS};
+use booking::notification::{event_id, Kind, NotificationRequest};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Config {
@@ -45,7 +45,7 @@ pub enum Worker {
     /// `--kafka-brokers`, `--metrics-addr`, …); the scenario adds `--topic-prefix`,
     /// `--redis-prefix` and `--group-prefix`. Output goes to `log`.
     Process { bin: PathBuf, args: Vec<String>, log: PathBuf },
-    /// In-process through [`crate::app::run_worker`] (tests); topics are replaced by the
+    /// In-process through [`booking::app::run_worker`] (tests); topics are replaced by the
     /// scenario's.
     InProcess { res: Resources, settings: WorkerSettings },
 }
@@ -112,7 +112,7 @@ async fn produce(ctx: &Ctx, cfg: &Config, topic: &str) -> Result<usize> {
         let env = Envelope::with_id(event_id(kind, &subject), EventType::NotificationRequest, req);
         let payload = serde_json::to_vec(&env)?;
         let key = user.to_string();
-        let partition = crate::kafka::partition_for(&key, PARTITIONS);
+        let partition = booking::kafka::partition_for(&key, PARTITIONS);
         loop {
             let record = FutureRecord::to(topic).key(&key).payload(&payload).partition(partition);
             match producer.send_result(record) {
@@ -167,7 +167,7 @@ async fn start(worker: Worker, prefix: &str) -> Result<(Running, String)> {
             let sd = token.clone();
             let ops = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let h = tokio::spawn(async move {
-                if let Err(e) = crate::app::run_worker(res, settings, &group_prefix, ops, crate::telemetry::install_metrics(), sd).await {
+                if let Err(e) = booking::app::run_worker(res, settings, &group_prefix, ops, booking::telemetry::install_metrics(), sd).await {
                     tracing::warn!(error = %e, "in-process worker failed");
                 }
             });
@@ -198,9 +198,9 @@ async fn stop(r: Running) {
 pub async fn run(ctx: &Ctx, cfg: &Config, worker: Worker, cpu_marker: Option<&str>) -> Result<NotifyDrain> {
     let n = cfg.notifications;
     // A fresh database may not have the tables yet (the worker would create them at start).
-    crate::db::migrate(&ctx.pool).await.context("applying migrations")?;
+    booking::db::migrate(&ctx.pool).await.context("applying migrations")?;
     let topics = Topics::new(&cfg.topic_prefix);
-    crate::kafka::bootstrap_topics(&cfg.kafka_brokers, &topics, cfg.replication_factor).await.context("creating the drain topics")?;
+    booking::kafka::bootstrap_topics(&cfg.kafka_brokers, &topics, cfg.replication_factor).await.context("creating the drain topics")?;
     let pending_before: i64 = sqlx::query_scalar("SELECT count(*) FROM notifications WHERE delivery = 'PENDING'").fetch_one(&ctx.pool).await?;
     if pending_before > 0 {
         ctx.say(&format!("notify-drain: warning: {pending_before} notifications already PENDING in this database"));

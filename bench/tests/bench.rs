@@ -3,13 +3,14 @@
 //! These tests check the harness is right (counts add up, one winner, lateness read from the
 //! database), never speed.
 
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use std::time::Duration;
 
 use booking::app::{self, ExpirerMode, ExpirerSettings, WorkerSettings};
-use booking::bench::report::{markdown, Report, Results};
-use booking::bench::{end_to_end, expiry, notify_drain, queue_spike, seat_fight, sell_out, Api, Ctx};
+use bench::report::{markdown, Report, Results};
+use bench::{end_to_end, expiry, notify_drain, queue_spike, seat_fight, sell_out, Api, Ctx};
 use booking::export::Sink;
 use booking::scheduler::SchedulerConfig;
 use booking::worker::Channel;
@@ -212,19 +213,19 @@ async fn end_to_end_and_expiry_before_and_after_at_a_small_size() {
 
 #[test]
 fn percentiles_and_sse_parsing() {
-    use booking::bench::sse::parse_events;
-    use booking::bench::stats::{percentile, Summary};
+    use bench::sse::parse_events;
+    use bench::stats::{percentile, Summary};
     let v: Vec<f64> = (1..=100).map(f64::from).collect();
     assert_eq!(percentile(&v, 50.0), 50.0);
     assert_eq!(percentile(&v, 99.0), 99.0);
     assert_eq!(percentile(&v, 100.0), 100.0);
     let s = Summary::from_ms((1..=5000).rev().map(f64::from).collect());
     assert_eq!((s.count, s.min_ms, s.max_ms, s.p50_ms), (5000, 1.0, 5000.0, 2500.0));
-    assert_eq!(s.samples_ms.len(), booking::bench::stats::KEPT_SAMPLES);
+    assert_eq!(s.samples_ms.len(), bench::stats::KEPT_SAMPLES);
     let text = "x_seconds_bucket{path=\"a\",le=\"0.1\"} 1\nx_seconds_bucket{path=\"a\",le=\"1\"} 3\nx_seconds_bucket{path=\"a\",le=\"+Inf\"} 4\n\
                 x_seconds_bucket{path=\"b\",le=\"0.1\"} 1\nx_seconds_bucket{path=\"b\",le=\"1\"} 1\nx_seconds_bucket{path=\"b\",le=\"+Inf\"} 1\n\
                 x_seconds_sum{path=\"a\"} 5.5\nx_seconds_sum{path=\"b\"} 0.5\nx_seconds_count{path=\"a\"} 4\nx_seconds_count{path=\"b\"} 1\n";
-    let h = booking::bench::client::Histogram::parse(text, "x_seconds").unwrap();
+    let h = bench::client::Histogram::parse(text, "x_seconds").unwrap();
     assert_eq!((h.count, h.sum), (5.0, 6.0));
     assert_eq!(h.buckets, vec![(0.1, 2.0), (1.0, 4.0), (f64::INFINITY, 5.0)]);
     assert_eq!(h.quantile_bound(0.5), Some(1.0));
