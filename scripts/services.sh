@@ -18,6 +18,19 @@
 #   start-postgres | start-redis | start-kafka   start one service, wait until ready
 #   stop-postgres  | stop-redis  | stop-kafka    stop one service (for fault tests)
 #
+# Topologies: --topology single|cluster (anywhere on the command line) or BOOKING_TOPOLOGY.
+#   single (default)  the three services above, one process each.
+#   cluster           the production topology on this machine, beside the single one (own
+#                     ports, data under <data dir>/cluster): three KRaft Kafka brokers (each
+#                     broker+controller, configured from docker-compose.yml's x-kafka-env:
+#                     replication factor 3, min.insync.replicas=2), a Redis Cluster of 3 masters
+#                     + 3 replicas (cluster-node-timeout 1s, so a failover takes seconds), and
+#                     the same single PostgreSQL. up/down/status/env/check/reset act on it
+#                     (down and reset leave PostgreSQL alone: the single topology shares it), plus
+#                     kill-kafka N (SIGKILL broker N = 1..3), kill-redis PORT (SIGKILL one Redis
+#                     node); `up` restarts whatever is down. env also prints
+#                     TOPIC_REPLICATION_FACTOR=3.
+#
 # Environment (all optional):
 #   BOOKING_DATA_DIR              data directory (default <repo>/.data)
 #   BOOKING_PG_PORT               PostgreSQL port          (default 55432)
@@ -25,11 +38,19 @@
 #   BOOKING_KAFKA_PORT            Kafka broker port        (default 59092)
 #   BOOKING_KAFKA_CONTROLLER_PORT Kafka KRaft controller   (default 59093)
 #   BOOKING_SERVICES_TIMEOUT      seconds to wait for a service (default 90)
+#   BOOKING_TOPOLOGY              single (default) or cluster
+#   BOOKING_CLUSTER_KAFKA_PORTS   cluster: broker ports     (default "59192 59193 59194")
+#   BOOKING_CLUSTER_CONTROLLER_PORTS  cluster: controllers  (default "59195 59196 59197")
+#   BOOKING_CLUSTER_REDIS_PORTS   cluster: Redis nodes (default "57001 57002 57003 57004 57005 57006")
 #
 # Exports printed by `up` and `env`:
 #   DATABASE_URL=postgres://booking:booking@127.0.0.1:55432/booking  (role booking is SUPERUSER)
 #   REDIS_URL=redis://127.0.0.1:56379
 #   KAFKA_BROKERS=127.0.0.1:59092
+# and in the cluster topology:
+#   REDIS_URL=redis+cluster://127.0.0.1:57001,…,127.0.0.1:57006
+#   KAFKA_BROKERS=127.0.0.1:59192,127.0.0.1:59193,127.0.0.1:59194
+#   TOPIC_REPLICATION_FACTOR=3
 set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -813,12 +834,390 @@ status_kafka() {
     return 1
 }
 
+# ---------------------------------------------------------------- cluster topology
+# Three Kafka brokers and a Redis Cluster beside the single-node services (own ports, data under
+# $CLUSTER_DIR), sharing the single PostgreSQL. The Kafka functions above are reused per broker:
+# kafka_select_node points their globals (ports, directories, pid file) at one broker.
+
+CLUSTER_DIR=$DATA_DIR/cluster
+read -r -a CK_PORTS <<<"${BOOKING_CLUSTER_KAFKA_PORTS:-59192 59193 59194}"
+read -r -a CK_CTRL_PORTS <<<"${BOOKING_CLUSTER_CONTROLLER_PORTS:-59195 59196 59197}"
+read -r -a CR_PORTS <<<"${BOOKING_CLUSTER_REDIS_PORTS:-57001 57002 57003 57004 57005 57006}"
+COMPOSE_FILE=$REPO_DIR/docker-compose.yml
+CLUSTER_LIBS=$DATA_DIR/kafka/libs   # the single topology's jars: fetched once
+
+cluster_exports() {
+    local b="" r="" p
+    for p in "${CK_PORTS[@]}"; do b+="${b:+,}$HOST:$p"; done
+    for p in "${CR_PORTS[@]}"; do r+="${r:+,}$HOST:$p"; done
+    KAFKA_BROKERS=$b
+    REDIS_URL="redis+cluster://$r"
+}
+
+kafka_select_node() {
+    local n=$1
+    KAFKA_NODE=$n
+    KAFKA_DIR=$CLUSTER_DIR/kafka-$n
+    KAFKA_PORT=${CK_PORTS[n - 1]}
+    KAFKA_CONTROLLER_PORT=${CK_CTRL_PORTS[n - 1]}
+    KAFKA_LIBS=$CLUSTER_LIBS
+    KAFKA_LIBS_MARKER=$KAFKA_LIBS/.pom-sha256
+    KAFKA_LOG_DIRS=$KAFKA_DIR/data
+    KAFKA_LOGS=$KAFKA_DIR/logs
+    KAFKA_OUT=$KAFKA_LOGS/kafka.out
+    KAFKA_SERVER_LOG=$KAFKA_LOGS/server.log
+    KAFKA_PROPS=$KAFKA_DIR/server.properties
+    KAFKA_LOG4J=$KAFKA_DIR/log4j2.properties
+    KAFKA_TOOLS_LOG4J=$KAFKA_DIR/log4j2-tools.properties
+    KAFKA_PID=$KAFKA_DIR/kafka.pid
+    KAFKA_CLUSTER_ID_FILE=$CLUSTER_DIR/kafka.cluster.id
+    kafka_tool_init
+}
+
+# The broker settings of docker-compose.yml (its x-kafka-env anchor), turned into server.properties
+# lines the way the apache/kafka image does (KAFKA_FOO_BAR -> foo.bar). What names containers
+# (quorum voters, log dirs) is set per node by the caller instead.
+compose_kafka_props() {
+    [[ -f $COMPOSE_FILE ]] || die "cluster topology: $COMPOSE_FILE is missing"
+    awk '
+        /^x-kafka-env:/ { inside = 1; next }
+        inside && /^[^[:space:]#]/ { inside = 0 }
+        inside && match($0, /^[[:space:]]+KAFKA_[A-Z_]+:/) {
+            key = substr($0, RSTART, RLENGTH - 1); sub(/^[[:space:]]+KAFKA_/, "", key)
+            val = substr($0, RSTART + RLENGTH); sub(/^[[:space:]]*"?/, "", val); sub(/"?[[:space:]]*(#.*)?$/, "", val)
+            if (key == "CONTROLLER_QUORUM_VOTERS" || key == "LOG_DIRS") next
+            gsub(/___/, "-", key); gsub(/__/, "\001", key); gsub(/_/, ".", key); gsub(/\001/, "_", key)
+            print tolower(key) "=" val
+        }' "$COMPOSE_FILE"
+}
+
+compose_cluster_id() {
+    sed -n 's/^[[:space:]]*CLUSTER_ID:[[:space:]]*"\{0,1\}\([A-Za-z0-9_-]\{22\}\)"\{0,1\}.*/\1/p' "$COMPOSE_FILE" | head -n 1
+}
+
+kafka_write_cluster_conf() {
+    mkdir -p -- "$KAFKA_LOG_DIRS" "$KAFKA_LOGS"
+    local voters="" i
+    for i in 1 2 3; do voters+="${voters:+,}$i@$HOST:${CK_CTRL_PORTS[i - 1]}"; done
+    {
+        echo "# Written by scripts/services.sh (cluster topology) on every start; edits are lost."
+        echo "# From docker-compose.yml (x-kafka-env):"
+        compose_kafka_props
+        echo "# This node:"
+        echo "node.id=$KAFKA_NODE"
+        echo "controller.quorum.voters=$voters"
+        echo "listeners=PLAINTEXT://$HOST:$KAFKA_PORT,CONTROLLER://$HOST:$KAFKA_CONTROLLER_PORT"
+        echo "advertised.listeners=PLAINTEXT://$HOST:$KAFKA_PORT"
+        echo "log.dirs=$KAFKA_LOG_DIRS"
+        echo "# Sizing for a laptop; the semantics stay those of the compose file."
+        echo "num.partitions=3"
+        echo "offsets.topic.num.partitions=10"
+        echo "transaction.state.log.num.partitions=10"
+        echo "num.recovery.threads.per.data.dir=1"
+        echo "log.retention.hours=168"
+    } >"$KAFKA_PROPS"
+    grep -q '^min.insync.replicas=2$' "$KAFKA_PROPS" && grep -q '^default.replication.factor=3$' "$KAFKA_PROPS" ||
+        die "cluster topology: docker-compose.yml no longer sets KAFKA_MIN_INSYNC_REPLICAS=2 / KAFKA_DEFAULT_REPLICATION_FACTOR=3"
+}
+
+# Launch broker $KAFKA_NODE (selected) if it is not running; sets KAFKA_LAUNCHED=1 if it did.
+launch_cluster_broker() {
+    KAFKA_LAUNCHED=0
+    if kafka_running; then
+        return 0
+    fi
+    if [[ -f $KAFKA_PID ]]; then
+        wait_pid_gone "$(read_pid "$KAFKA_PID")"
+        rm -f -- "$KAFKA_PID"
+    fi
+    require_port_free "$KAFKA_PORT" "kafka-$KAFKA_NODE"
+    require_port_free "$KAFKA_CONTROLLER_PORT" "kafka-$KAFKA_NODE"
+    mkdir -p -- "$KAFKA_DIR" "$KAFKA_LOGS"
+    kafka_write_conf   # log4j files
+    kafka_write_cluster_conf
+    if [[ ! -f $KAFKA_LOG_DIRS/meta.properties ]]; then
+        local cid
+        cid=$(compose_cluster_id)
+        [[ -n $cid ]] || die "cluster topology: no CLUSTER_ID in $COMPOSE_FILE"
+        log "kafka-$KAFKA_NODE: formatting storage (cluster id $cid)"
+        kafka_tool kafka.tools.StorageTool format -t "$cid" -c "$KAFKA_PROPS" >>"$KAFKA_OUT" 2>&1 ||
+            die_log "kafka-$KAFKA_NODE: StorageTool format failed" "$KAFKA_OUT"
+    fi
+    log "kafka-$KAFKA_NODE: starting on $HOST:$KAFKA_PORT (controller $HOST:$KAFKA_CONTROLLER_PORT)"
+    printf '\n==== %s scripts/services.sh: starting kafka.Kafka ====\n' "$(date -Is)" >>"$KAFKA_OUT"
+    # shellcheck disable=SC2016  # expanded by the inner bash
+    setsid bash -c 'echo $$ >"$0"; exec nohup "$@"' "$KAFKA_PID" \
+        "$JAVA" -Xms384m -Xmx384m -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:+ExitOnOutOfMemoryError \
+        -Djava.awt.headless=true -Dkafka.logs.dir="$KAFKA_LOGS" -Dlog4j2.shutdownHookEnabled=false \
+        -Dlog4j2.configurationFile="$KAFKA_LOG4J" \
+        -cp "$KAFKA_LIBS/*" kafka.Kafka "$KAFKA_PROPS" \
+        </dev/null >>"$KAFKA_OUT" 2>&1 9>&- &
+    local i
+    for ((i = 0; i < 50; i++)); do
+        [[ -s $KAFKA_PID ]] && break
+        sleep 0.1
+    done
+    KAFKA_LAUNCHED=1
+}
+
+# One produce/consume round trip through the three brokers, on a topic with replication factor 3
+# (so min.insync.replicas=2 is really in force).
+cluster_roundtrip() {
+    local all=$KAFKA_BROKERS errf=$CLUSTER_DIR/healthcheck.err out=$CLUSTER_DIR/healthcheck.$$.out
+    : >"$errf"
+    kafka_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$all" --create --if-not-exists \
+        --topic "$KAFKA_HEALTH_TOPIC" --partitions 1 --replication-factor 3 >>"$errf" 2>&1 || return 1
+    local token
+    token="healthcheck-$(date +%s%N)-$$-$RANDOM"
+    "${KAFKA_TOOL[@]}" org.apache.kafka.tools.consumer.ConsoleConsumer --bootstrap-server "$all" \
+        --topic "$KAFKA_HEALTH_TOPIC" --group _healthcheck --from-beginning --timeout-ms 60000 \
+        >"$out" 2>>"$errf" </dev/null 9>&- &
+    local cpid=$!
+    if ! printf '%s\n' "$token" | kafka_tool org.apache.kafka.tools.ConsoleProducer --bootstrap-server "$all" \
+        --topic "$KAFKA_HEALTH_TOPIC" --producer-property acks=all --producer-property max.block.ms=60000 >>"$errf" 2>&1 9>&-; then
+        kill -TERM "$cpid" 2>/dev/null || true
+        wait "$cpid" 2>/dev/null || true
+        rm -f -- "$out"
+        return 1
+    fi
+    while kill -0 "$cpid" 2>/dev/null && ! grep -qxF -- "$token" "$out"; do sleep 0.1; done
+    kill -TERM "$cpid" 2>/dev/null || true
+    wait "$cpid" 2>/dev/null || true
+    local rc=0
+    grep -qxF -- "$token" "$out" || rc=1
+    rm -f -- "$out"
+    return "$rc"
+}
+
+cluster_kafka_all_running() {
+    local n
+    for n in 1 2 3; do
+        kafka_select_node "$n"
+        kafka_running || return 1
+    done
+}
+
+# ---- Redis Cluster
+
+CR_NODE_TIMEOUT_MS=1000
+
+cr_dir() { printf '%s' "$CLUSTER_DIR/redis-$1"; }
+cr_cli() { local port=$1; shift; timeout 5 redis-cli -h "$HOST" -p "$port" "$@"; }
+cr_running() {
+    local pid
+    pid=$(read_pid "$(cr_dir "$1")/redis.pid")
+    pid_alive "$pid" && pid_cmdline_has "$pid" redis-server ":$1"
+}
+cr_cur_running() { cr_running "$CR_CUR"; }
+cr_ready() { [[ $(cr_cli "$1" ping 2>/dev/null) == PONG ]]; }
+
+start_cluster_redis_node() {
+    local port=$1 dir
+    dir=$(cr_dir "$port")
+    if cr_running "$port"; then
+        return 0
+    fi
+    if [[ -f $dir/redis.pid ]]; then
+        wait_pid_gone "$(read_pid "$dir/redis.pid")"
+        rm -f -- "$dir/redis.pid"
+    fi
+    require_port_free "$port" "redis-$port"
+    mkdir -p -- "$dir/data"
+    cat >"$dir/redis.conf" <<EOF
+# Written by scripts/services.sh (cluster topology) on every start; edits are lost.
+bind $HOST
+port $port
+protected-mode yes
+daemonize yes
+pidfile "$dir/redis.pid"
+logfile "$dir/redis.log"
+dir "$dir/data"
+appendonly yes
+appendfsync everysec
+cluster-enabled yes
+cluster-config-file nodes.conf
+# The bus port defaults to port + 10000, which does not exist above 55535.
+cluster-port $((port - 10000))
+# A master that stops answering for 1 s is failed over to its replica within seconds.
+cluster-node-timeout $CR_NODE_TIMEOUT_MS
+EOF
+    log "redis-$port: starting (cluster node)"
+    redis-server "$dir/redis.conf" </dev/null >/dev/null 2>>"$dir/redis.log" 9>&- ||
+        die_log "redis-$port: redis-server failed to start" "$dir/redis.log"
+}
+
+cluster_redis_state_ok() {
+    local info
+    info=$(cr_cli "${CR_PORTS[0]}" cluster info 2>/dev/null) || return 1
+    [[ $info == *"cluster_state:ok"* && $info == *"cluster_known_nodes:${#CR_PORTS[@]}"* ]]
+}
+
+start_cluster_redis() {
+    redis_require_bin
+    local p
+    for p in "${CR_PORTS[@]}"; do start_cluster_redis_node "$p"; done
+    for p in "${CR_PORTS[@]}"; do
+        CR_CUR=$p
+        wait_ready "redis-$p" "$(cr_dir "$p")/redis.log" cr_cur_running cr_ready "$p"
+    done
+    # A new set of nodes is made a cluster once; after a restart the nodes find each other again
+    # from their nodes.conf.
+    if [[ $(cr_cli "${CR_PORTS[0]}" cluster info 2>/dev/null) == *"cluster_known_nodes:1"* ]] &&
+        [[ $(cr_cli "${CR_PORTS[0]}" dbsize 2>/dev/null) == 0 ]]; then
+        local nodes=()
+        for p in "${CR_PORTS[@]}"; do nodes+=("$HOST:$p"); done
+        log "redis: creating the cluster (3 masters, 3 replicas)"
+        timeout 60 redis-cli --cluster create "${nodes[@]}" --cluster-replicas 1 --cluster-yes >"$CLUSTER_DIR/redis-create.log" 2>&1 ||
+            die_log "redis: redis-cli --cluster create failed" "$CLUSTER_DIR/redis-create.log"
+    fi
+    wait_ready "redis cluster" "$CLUSTER_DIR/redis-create.log" "" cluster_redis_state_ok
+    log "redis cluster: ok (${CR_PORTS[*]})"
+}
+
+stop_cluster_redis() {
+    local p pid
+    for p in "${CR_PORTS[@]}"; do
+        if cr_running "$p"; then
+            pid=$(read_pid "$(cr_dir "$p")/redis.pid")
+            log "redis-$p: stopping (pid $pid)"
+            cr_cli "$p" shutdown >/dev/null 2>&1 || kill -TERM "$pid" 2>/dev/null || true
+            wait_pid_exit "$pid" "redis-$p" "$(cr_dir "$p")/redis.log"
+        fi
+        rm -f -- "$(cr_dir "$p")/redis.pid"
+    done
+}
+
+cluster_up() {
+    local start=$SECONDS n launched=0
+    kafka_require_bin
+    kafka_select_node 1
+    kafka_ensure_libs
+    for n in 1 2 3; do
+        kafka_select_node "$n"
+        launch_cluster_broker
+        ((KAFKA_LAUNCHED)) && launched=1
+    done
+    start_postgres
+    start_cluster_redis
+    for n in 1 2 3; do
+        kafka_select_node "$n"
+        wait_ready "kafka-$n" "$KAFKA_SERVER_LOG $KAFKA_OUT" kafka_running kafka_port_ready
+    done
+    if ((launched)); then
+        log "kafka cluster: produce/consume round trip (replication factor 3)"
+        local t0=$SECONDS
+        until cluster_roundtrip; do
+            cluster_kafka_all_running || die_log "a kafka broker exited during start-up" "$KAFKA_SERVER_LOG"
+            ((SECONDS - t0 < TIMEOUT)) || die_log "kafka cluster: no round trip within ${TIMEOUT}s" "$CLUSTER_DIR/healthcheck.err"
+            sleep 1
+        done
+    fi
+    log "cluster topology up in $((SECONDS - start))s (data: $CLUSTER_DIR)"
+}
+
+cluster_down() {
+    local n
+    for n in 1 2 3; do
+        kafka_select_node "$n"
+        stop_kafka
+    done
+    stop_cluster_redis
+}
+
+cluster_status() {
+    local rc=0 n p
+    status_postgres || rc=1
+    for n in 1 2 3; do
+        kafka_select_node "$n"
+        if kafka_running && kafka_port_ready; then
+            echo "kafka-$n: up (pid $(read_pid "$KAFKA_PID"), $HOST:$KAFKA_PORT)"
+        else
+            echo "kafka-$n: down ($HOST:$KAFKA_PORT)"
+            rc=1
+        fi
+    done
+    for p in "${CR_PORTS[@]}"; do
+        if cr_running "$p" && cr_ready "$p"; then
+            echo "redis-$p: up (pid $(read_pid "$(cr_dir "$p")/redis.pid"), $(cr_cli "$p" role 2>/dev/null | head -n 1))"
+        else
+            echo "redis-$p: down"
+            rc=1
+        fi
+    done
+    if cluster_redis_state_ok; then echo "redis cluster: ok"; else echo "redis cluster: not ok"; rc=1; fi
+    return "$rc"
+}
+
+cluster_kill_kafka() {
+    local n=${1:-}
+    [[ $n =~ ^[123]$ ]] || die "kill-kafka: which broker (1, 2 or 3)?"
+    kafka_select_node "$n"
+    local pid
+    pid=$(read_pid "$KAFKA_PID")
+    if kafka_running; then
+        log "kafka-$n: SIGKILL (pid $pid)"
+        kill -KILL "$pid"
+        wait_pid_gone "$pid"
+    fi
+}
+
+cluster_kill_redis() {
+    local port=${1:-} pid
+    [[ " ${CR_PORTS[*]} " == *" $port "* ]] || die "kill-redis: which node (${CR_PORTS[*]})?"
+    pid=$(read_pid "$(cr_dir "$port")/redis.pid")
+    if cr_running "$port"; then
+        log "redis-$port: SIGKILL (pid $pid)"
+        kill -KILL "$pid"
+        wait_pid_gone "$pid"
+    fi
+}
+
+cluster_reset() {
+    cluster_down
+    log "deleting $CLUSTER_DIR"
+    rm -rf -- "$CLUSTER_DIR"
+}
+
+cluster_main() {
+    local cmd=${1:-}
+    cluster_exports
+    # The cluster has a lock of its own: the single topology's commands are not held up by it.
+    mkdir -p -- "$CLUSTER_DIR"
+    prepare_data_dir
+    exec 9>"$CLUSTER_DIR/.lock"
+    case $cmd in
+    env | status | -h | --help | help) ;;
+    *) flock -w 300 9 || die "another scripts/services.sh is busy with $CLUSTER_DIR (waited 300 s)" ;;
+    esac
+    case $cmd in
+    up)
+        cluster_up >&2
+        print_env
+        ;;
+    down) cluster_down >&2 ;;
+    status) cluster_status ;;
+    check) cluster_status && cluster_roundtrip && echo "kafka cluster: produce/consume round trip ok" ;;
+    env) print_env ;;
+    reset) cluster_reset >&2 ;;
+    kill-kafka) cluster_kill_kafka "${2:-}" >&2 ;;
+    kill-redis) cluster_kill_redis "${2:-}" >&2 ;;
+    -h | --help | help) usage ;;
+    *)
+        usage >&2
+        exit 2
+        ;;
+    esac
+}
+
 # ---------------------------------------------------------------- commands
 
 print_env() {
     printf 'export DATABASE_URL=%s\n' "$DATABASE_URL"
     printf 'export REDIS_URL=%s\n' "$REDIS_URL"
     printf 'export KAFKA_BROKERS=%s\n' "$KAFKA_BROKERS"
+    if [[ $TOPOLOGY == cluster ]]; then
+        printf 'export TOPIC_REPLICATION_FACTOR=3\n'
+    fi
 }
 
 cmd_up() {
@@ -890,6 +1289,10 @@ usage() {
 
 main() {
     local cmd=${1:-}
+    if [[ $TOPOLOGY == cluster ]]; then
+        cluster_main "$@"
+        return
+    fi
     case $cmd in
     up)
         cmd_up >&2
@@ -914,4 +1317,15 @@ main() {
     esac
 }
 
-main "$@"
+# --topology X / --topology=X may stand anywhere on the command line.
+TOPOLOGY=${BOOKING_TOPOLOGY:-single}
+ARGS=()
+while (($#)); do
+    case $1 in
+    --topology) TOPOLOGY=${2:-}; shift 2 || shift ;;
+    --topology=*) TOPOLOGY=${1#--topology=}; shift ;;
+    *) ARGS+=("$1"); shift ;;
+    esac
+done
+[[ $TOPOLOGY == single || $TOPOLOGY == cluster ]] || die "unknown topology '$TOPOLOGY' (single or cluster)"
+main "${ARGS[@]}"

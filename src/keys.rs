@@ -1,5 +1,18 @@
 //! Every Redis key of the product is built here, behind one prefix, so tests and environments
 //! never collide and a reader can see the whole keyspace at a glance.
+//!
+//! **Slots (Redis Cluster).** A Lua script may only touch keys of one hash slot, and Redis Cluster
+//! puts a key in the slot of its `{hash tag}` (CRC16 of the tag, mod 16384; [`slot`]). So every
+//! key a script uses carries the same tag:
+//!
+//! | tag | keys | scripts |
+//! | --- | --- | --- |
+//! | `{<scheduleId>}` | `queue:{s}:waiting`, `:active`, `:seq`, `:waiting:opens` | queue `ENTER`, `TOUCH`, `ADMIT` |
+//! | `{<shard>}` | `sched:{n}:due`, `:inflight`, `:payload`, `:cancelled:<reservationId>` | scheduler `CLAIM`, `SCHEDULE`, `ACK`, `CANCEL`, `REARM` |
+//! | `{ranking}` | `{ranking}:schedules`, `:built`, `:counted` | ranking `COUNT_ONCE` |
+//!
+//! Keys used alone (`queue:schedules`, `queue:admission-lock`) need no tag. The test
+//! `every_script_touches_one_slot` computes the slot of every key of every script.
 
 use uuid::Uuid;
 
@@ -30,6 +43,10 @@ impl Keys {
     pub fn queue_seq(&self, schedule: Uuid) -> String {
         format!("{}queue:{{{schedule}}}:seq", self.prefix)
     }
+    /// Opening time (ms) of one schedule's booking; admission waits for it.
+    pub fn queue_opens(&self, schedule: Uuid) -> String {
+        format!("{}:opens", self.queue_waiting(schedule))
+    }
     /// SET of schedules that have a queue, walked by the admission tick.
     pub fn queue_schedules(&self) -> String {
         format!("{}queue:schedules", self.prefix)
@@ -52,8 +69,9 @@ impl Keys {
         format!("{}sched:{{{shard}}}:payload", self.prefix)
     }
     /// Marker that a hold was paid or cancelled, so a late `reservation.created` does not re-add it.
-    pub fn sched_cancelled(&self, reservation: Uuid) -> String {
-        format!("{}sched:cancelled:{reservation}", self.prefix)
+    /// One per shard (in the shard's slot), as the `SCHEDULE` script of that shard reads it.
+    pub fn sched_cancelled(&self, shard: i32, reservation: Uuid) -> String {
+        format!("{}sched:{{{shard}}}:cancelled:{reservation}", self.prefix)
     }
 
     /// ZSET scheduleId -> confirmed seats.
@@ -68,5 +86,68 @@ impl Keys {
     /// SET of payment ids already counted in the ranking (exactly-once increments).
     pub fn ranking_counted(&self) -> String {
         format!("{}{{ranking}}:counted", self.prefix)
+    }
+}
+
+/// The Redis Cluster hash slot of `key`: CRC16/XMODEM of its hash tag (the text between the first
+/// `{` and the next `}`, if not empty; else the whole key), mod 16384.
+pub fn slot(key: &str) -> u16 {
+    let bytes = key.as_bytes();
+    let tagged = bytes.iter().position(|&b| b == b'{').and_then(|open| {
+        let rest = &bytes[open + 1..];
+        rest.iter().position(|&b| b == b'}').filter(|&close| close > 0).map(|close| &rest[..close])
+    });
+    crc16_xmodem(tagged.unwrap_or(bytes)) % 16384
+}
+
+fn crc16_xmodem(data: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &b in data {
+        crc ^= (b as u16) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
+        }
+    }
+    crc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_match_redis_cluster_keyslot() {
+        // Values printed by `CLUSTER KEYSLOT` on Redis 7.
+        assert_eq!(slot("foo"), 12182);
+        assert_eq!(slot("bar"), 5061);
+        assert_eq!(slot("123456789"), 12739);
+        assert_eq!(slot("{user1000}.following"), slot("user1000"));
+        assert_eq!(slot("foo{}{bar}"), slot("foo{}{bar}"), "an empty tag means the whole key");
+        assert_ne!(slot("foo{}{bar}"), slot("bar"));
+        assert_eq!(slot("foo{{bar}}zap"), slot("{bar"));
+    }
+
+    /// Every script of the product, with the keys it is given (built by the same functions the
+    /// modules call): all keys of one invocation must hash to one slot, or Redis Cluster refuses
+    /// it with CROSSSLOT.
+    #[test]
+    fn every_script_touches_one_slot() {
+        let keys = Keys::new("booking:");
+        let schedule = Uuid::new_v4();
+        let reservation = Uuid::new_v4();
+        let mut scripts: Vec<(String, Vec<String>)> = crate::queue::script_keys(&keys, schedule);
+        for shard in 0..crate::kafka::PARTITIONS {
+            scripts.extend(crate::scheduler::script_keys(&keys, shard, &[reservation, Uuid::new_v4()]));
+        }
+        scripts.extend(crate::ranking::script_keys(&keys));
+        assert!(scripts.len() >= 9, "every script is listed");
+        for (script, used) in &scripts {
+            assert!(!used.is_empty(), "{script}: no keys");
+            let slots: Vec<u16> = used.iter().map(|k| slot(k)).collect();
+            assert!(slots.iter().all(|s| *s == slots[0]), "{script} touches several slots: {used:?} -> {slots:?}");
+        }
+        // The scheduler shards are spread over distinct slots (so over the cluster's masters).
+        let shard_slots: std::collections::BTreeSet<u16> = (0..crate::kafka::PARTITIONS).map(|s| slot(&keys.sched_due(s))).collect();
+        assert_eq!(shard_slots.len(), crate::kafka::PARTITIONS as usize);
     }
 }

@@ -110,6 +110,28 @@ end
 return 0
 "#;
 
+// KEYS of each script, built in one place so `keys::tests` can prove each set lies in one slot.
+fn enter_keys(k: &Keys, schedule: Uuid) -> Vec<String> {
+    vec![k.queue_waiting(schedule), k.queue_active(schedule), k.queue_seq(schedule), k.queue_opens(schedule)]
+}
+fn touch_keys(k: &Keys, schedule: Uuid) -> Vec<String> {
+    vec![k.queue_waiting(schedule), k.queue_active(schedule)]
+}
+fn admit_keys(k: &Keys, schedule: Uuid) -> Vec<String> {
+    vec![k.queue_waiting(schedule), k.queue_active(schedule), k.queue_opens(schedule)]
+}
+
+/// Every queue script with the keys it is given for `schedule` (for the one-slot test).
+#[cfg(test)]
+pub(crate) fn script_keys(k: &Keys, schedule: Uuid) -> Vec<(String, Vec<String>)> {
+    vec![
+        ("queue ENTER".into(), enter_keys(k, schedule)),
+        ("queue TOUCH".into(), touch_keys(k, schedule)),
+        ("queue ADMIT".into(), admit_keys(k, schedule)),
+        ("queue LEASE".into(), vec![k.queue_admission_lock()]),
+    ]
+}
+
 /// The waiting queue service.
 #[derive(Clone)]
 pub struct Queue {
@@ -166,10 +188,7 @@ impl Queue {
         let mut conn = self.redis.clone();
         let _: () = redis::cmd("SADD").arg(self.keys.queue_schedules()).arg(schedule.to_string()).query_async(&mut conn).await?;
         let (state, pos, until, seq): (i64, u64, i64, u64) = Script::new(ENTER)
-            .key(self.keys.queue_waiting(schedule))
-            .key(self.keys.queue_active(schedule))
-            .key(self.keys.queue_seq(schedule))
-            .key(format!("{}:opens", self.keys.queue_waiting(schedule)))
+            .key(enter_keys(&self.keys, schedule))
             .arg(user.to_string())
             .arg(opens_at.timestamp_millis())
             .invoke_async(&mut conn)
@@ -199,8 +218,7 @@ impl Queue {
     async fn read_place(&self, schedule: Uuid, user: Uuid, idle_ms: u64) -> Result<Place> {
         let mut conn = self.redis.clone();
         let (state, pos, until): (i64, u64, i64) = Script::new(TOUCH)
-            .key(self.keys.queue_waiting(schedule))
-            .key(self.keys.queue_active(schedule))
+            .key(touch_keys(&self.keys, schedule))
             .arg(user.to_string())
             .arg(idle_ms)
             .invoke_async(&mut conn)
@@ -247,9 +265,7 @@ impl Queue {
         for s in schedules {
             let Ok(schedule) = Uuid::parse_str(&s) else { continue };
             let admitted: Vec<String> = Script::new(ADMIT)
-                .key(self.keys.queue_waiting(schedule))
-                .key(self.keys.queue_active(schedule))
-                .key(format!("{}:opens", self.keys.queue_waiting(schedule)))
+                .key(admit_keys(&self.keys, schedule))
                 .arg(self.cfg.batch)
                 .arg(self.cfg.max_active)
                 .arg(self.cfg.idle.as_millis() as u64)

@@ -21,12 +21,21 @@ end
 return 0
 "#;
 
+fn count_once_keys(keys: &Keys) -> Vec<String> {
+    vec![keys.ranking(), keys.ranking_counted()]
+}
+
+/// Every ranking script with its keys (for the one-slot test in `keys`).
+#[cfg(test)]
+pub(crate) fn script_keys(keys: &Keys) -> Vec<(String, Vec<String>)> {
+    vec![("ranking COUNT_ONCE".into(), count_once_keys(keys))]
+}
+
 /// Counts one confirmed seat for `schedule`; returns false if this payment was already counted.
 pub async fn record(redis: &RedisConn, keys: &Keys, payment: Uuid, schedule: Uuid) -> Result<bool, redis::RedisError> {
     let mut conn = redis.clone();
     let added: i64 = Script::new(COUNT_ONCE)
-        .key(keys.ranking())
-        .key(keys.ranking_counted())
+        .key(count_once_keys(keys))
         .arg(payment.to_string())
         .arg(schedule.to_string())
         .invoke_async(&mut conn)

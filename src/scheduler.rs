@@ -12,7 +12,11 @@
 //!   ([`Scheduler::step`]); a lease that runs out is claimed again. Killing the process at any
 //!   instruction therefore leaves every hold either due, in flight, or published.
 //! - **Redis can forget.** PostgreSQL is the truth: [`Scheduler::rearm`] re-adds every HELD hold
-//!   (`ZADD NX`) at start and every `--rearm-interval`; the expirer's sweeper is the last net.
+//!   (`ZADD NX`, in batches) of each shard this member gains and every `--rearm-interval`, in a
+//!   task beside the shard loops so draining never waits for it; the expirer's sweeper is the
+//!   last net.
+//! - **Redis Cluster.** Every key a script touches carries the shard's hash tag (`keys.rs`),
+//!   the paid/cancelled tombstone included, so each script runs on one slot.
 //! - **On time.** [`drive`] sleeps until the earliest due member (or `poll`, whichever is sooner)
 //!   and wakes at once when a newly scheduled hold is due before its planned wake-up.
 //! - **No useless expirations.** A payment or cancellation removes the member and leaves a
@@ -115,14 +119,69 @@ redis.call('HDEL', KEYS[2], unpack(ARGV))
 return #ARGV
 "#;
 
-// KEYS: due, inflight, payload. ARGV: member. Returns 1 if it was pending.
+// KEYS: due, inflight, payload, tombstone. ARGV: member, tombstone TTL (s). Returns 1 if it was
+// pending. The tombstone is written in the same script, so no SCHEDULE of this shard can slip in
+// between the removal and the marker.
 const CANCEL: &str = r#"
+redis.call('SET', KEYS[4], 1, 'EX', ARGV[2])
 local a = redis.call('ZREM', KEYS[1], ARGV[1])
 local b = redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[3], ARGV[1])
 if a + b > 0 then return 1 end
 return 0
 "#;
+
+// Re-arm of a chunk of holds of one shard (`SCHEDULE` for many members in one round trip).
+// KEYS: due, inflight, payload, then one tombstone per member. ARGV: member, score, payload per
+// member. Returns {added, earliest added score or false}.
+const REARM: &str = r#"
+local added, earliest = 0, false
+for i = 1, #KEYS - 3 do
+  local m, score = ARGV[3 * i - 2], tonumber(ARGV[3 * i - 1])
+  if redis.call('EXISTS', KEYS[3 + i]) == 0 and not redis.call('ZSCORE', KEYS[2], m) then
+    if redis.call('ZADD', KEYS[1], 'NX', score, m) == 1 then
+      added = added + 1
+      if not earliest or score < earliest then earliest = score end
+    end
+    redis.call('HSETNX', KEYS[3], m, ARGV[3 * i])
+  end
+end
+return {added, earliest}
+"#;
+
+/// Holds read from PostgreSQL per page of a re-arm; each page becomes one `REARM` call per shard.
+const REARM_PAGE: i64 = 3000;
+
+// KEYS of each script, built in one place so `keys::tests` can prove each set lies in one slot
+// (the shard's hash tag).
+fn shard_keys(k: &Keys, shard: i32) -> Vec<String> {
+    vec![k.sched_due(shard), k.sched_inflight(shard), k.sched_payload(shard)]
+}
+fn schedule_keys(k: &Keys, shard: i32, reservation: Uuid) -> Vec<String> {
+    let mut v = shard_keys(k, shard);
+    v.push(k.sched_cancelled(shard, reservation));
+    v
+}
+fn ack_keys(k: &Keys, shard: i32) -> Vec<String> {
+    vec![k.sched_inflight(shard), k.sched_payload(shard)]
+}
+fn rearm_keys(k: &Keys, shard: i32, reservations: &[Uuid]) -> Vec<String> {
+    let mut v = shard_keys(k, shard);
+    v.extend(reservations.iter().map(|r| k.sched_cancelled(shard, *r)));
+    v
+}
+
+/// Every scheduler script with the keys it is given on `shard` (for the one-slot test in `keys`).
+#[cfg(test)]
+pub(crate) fn script_keys(k: &Keys, shard: i32, reservations: &[Uuid]) -> Vec<(String, Vec<String>)> {
+    vec![
+        (format!("scheduler CLAIM shard {shard}"), shard_keys(k, shard)),
+        (format!("scheduler SCHEDULE shard {shard}"), schedule_keys(k, shard, reservations[0])),
+        (format!("scheduler ACK shard {shard}"), ack_keys(k, shard)),
+        (format!("scheduler CANCEL shard {shard}"), schedule_keys(k, shard, reservations[0])),
+        (format!("scheduler REARM shard {shard}"), rearm_keys(k, shard, reservations)),
+    ]
+}
 
 /// How long a paid or cancelled hold's tombstone lives: the retention of `reservation.created`,
 /// after which no late copy of that message can arrive.
@@ -170,10 +229,7 @@ impl Scheduler {
         let due_ms = ev.expires_at.timestamp_millis();
         let payload = serde_json::to_string(ev).expect("events serialize");
         let added: i64 = Script::new(SCHEDULE)
-            .key(self.keys.sched_due(shard))
-            .key(self.keys.sched_inflight(shard))
-            .key(self.keys.sched_payload(shard))
-            .key(self.keys.sched_cancelled(ev.reservation_id))
+            .key(schedule_keys(&self.keys, shard, ev.reservation_id))
             .arg(ev.reservation_id.to_string())
             .arg(due_ms)
             .arg(payload)
@@ -187,23 +243,16 @@ impl Scheduler {
         Ok(added == 1)
     }
 
-    /// Removes a paid or cancelled hold from every shard and leaves a tombstone.
+    /// Removes a paid or cancelled hold from every shard and leaves a tombstone in each (a
+    /// shard's script can only read keys of its own slot).
     pub async fn cancel(&self, reservation: Uuid) -> Result<bool, redis::RedisError> {
         let mut conn = self.redis.clone();
-        let _: () = redis::cmd("SET")
-            .arg(self.keys.sched_cancelled(reservation))
-            .arg(1)
-            .arg("EX")
-            .arg(TOMBSTONE_TTL_SECS)
-            .query_async(&mut conn)
-            .await?;
         let mut removed = false;
         for shard in 0..PARTITIONS {
             let r: i64 = Script::new(CANCEL)
-                .key(self.keys.sched_due(shard))
-                .key(self.keys.sched_inflight(shard))
-                .key(self.keys.sched_payload(shard))
+                .key(schedule_keys(&self.keys, shard, reservation))
                 .arg(reservation.to_string())
+                .arg(TOMBSTONE_TTL_SECS)
                 .invoke_async(&mut conn)
                 .await?;
             removed |= r == 1;
@@ -219,9 +268,7 @@ impl Scheduler {
         let mut conn = self.redis.clone();
         type Raw = (i64, i64, Vec<String>, Vec<Option<String>>, Option<String>, u64, u64);
         let (now_ms, reclaimed, members, payloads, next, due_size, inflight_size): Raw = Script::new(CLAIM)
-            .key(self.keys.sched_due(shard))
-            .key(self.keys.sched_inflight(shard))
-            .key(self.keys.sched_payload(shard))
+            .key(shard_keys(&self.keys, shard))
             .arg(self.cfg.batch_size)
             .arg(self.cfg.lease.as_millis() as u64)
             .invoke_async(&mut conn)
@@ -244,8 +291,7 @@ impl Scheduler {
         }
         let mut conn = self.redis.clone();
         let _: i64 = Script::new(ACK)
-            .key(self.keys.sched_inflight(shard))
-            .key(self.keys.sched_payload(shard))
+            .key(ack_keys(&self.keys, shard))
             .arg(members)
             .invoke_async(&mut conn)
             .await?;
@@ -310,24 +356,103 @@ impl Scheduler {
         Ok(Tick::Published { claimed: claimed.members.len(), reclaimed: claimed.reclaimed, published, failed })
     }
 
-    /// Re-adds every HELD hold from PostgreSQL (`NX`: existing members keep their state).
-    pub async fn rearm(&self, pool: &PgPool) -> Result<usize, HandleError> {
-        let rows: Vec<(Uuid, Uuid, Uuid, Uuid, DateTime<Utc>)> = sqlx::query_as(
-            "SELECT id, user_id, seat_id, schedule_id, expires_at FROM reservations
-             WHERE status = 'HELD' ORDER BY expires_at",
-        )
-        .fetch_all(pool)
-        .await?;
-        let mut added = 0;
-        for (reservation_id, user_id, seat_id, schedule_id, expires_at) in rows {
-            let ev = ReservationEvent { reservation_id, user_id, seat_id, schedule_id, expires_at };
-            let shard = partition_for(&reservation_id.to_string(), PARTITIONS);
-            if self.schedule(shard, &ev).await? {
-                added += 1;
+    /// Re-adds every HELD hold of the given shards from PostgreSQL (`NX`: existing members keep
+    /// their state; paid or cancelled ones stay out by their tombstone). Pages of [`REARM_PAGE`]
+    /// holds, earliest expiry first, each page one `REARM` script per shard: 100,000 holds take
+    /// about a hundred round trips, not 100,000.
+    pub async fn rearm(&self, pool: &PgPool, shards: &BTreeSet<i32>) -> Result<usize, HandleError> {
+        let mut conn = self.redis.clone();
+        let mut added = 0usize;
+        let mut after: Option<(DateTime<Utc>, Uuid)> = None;
+        loop {
+            let rows: Vec<(Uuid, Uuid, Uuid, Uuid, DateTime<Utc>)> = sqlx::query_as(
+                "SELECT id, user_id, seat_id, schedule_id, expires_at FROM reservations
+                 WHERE status = 'HELD' AND ($1::timestamptz IS NULL OR (expires_at, id) > ($1, $2))
+                 ORDER BY expires_at, id LIMIT $3",
+            )
+            .bind(after.map(|a| a.0))
+            .bind(after.map(|a| a.1))
+            .bind(REARM_PAGE)
+            .fetch_all(pool)
+            .await?;
+            let Some(last) = rows.last() else { break };
+            after = Some((last.4, last.0));
+            let full = rows.len() as i64 == REARM_PAGE;
+            let mut by_shard: HashMap<i32, Vec<ReservationEvent>> = HashMap::new();
+            for (reservation_id, user_id, seat_id, schedule_id, expires_at) in rows {
+                let shard = partition_for(&reservation_id.to_string(), PARTITIONS);
+                if shards.contains(&shard) {
+                    by_shard.entry(shard).or_default().push(ReservationEvent { reservation_id, user_id, seat_id, schedule_id, expires_at });
+                }
+            }
+            for (shard, evs) in by_shard {
+                let ids: Vec<Uuid> = evs.iter().map(|e| e.reservation_id).collect();
+                let script = Script::new(REARM);
+                let mut inv = script.key(rearm_keys(&self.keys, shard, &ids));
+                for ev in &evs {
+                    inv.arg(ev.reservation_id.to_string())
+                        .arg(ev.expires_at.timestamp_millis())
+                        .arg(serde_json::to_string(ev).expect("events serialize"));
+                }
+                let (n, earliest): (usize, Option<i64>) = inv.invoke_async(&mut conn).await?;
+                added += n;
+                if let (Some(due_ms), Some(w)) = (earliest, self.wakes.get(shard as usize)) {
+                    w.offer(due_ms);
+                }
+            }
+            if !full {
+                break;
             }
         }
         metrics::counter!("scheduler_rearmed_total").increment(added as u64);
         Ok(added)
+    }
+
+    /// The shards (partitions of `reservation.created`) in an assignment.
+    fn owned(&self, assignment: &mut PartitionWatch) -> BTreeSet<i32> {
+        assignment
+            .borrow_and_update()
+            .iter()
+            .filter(|(t, _)| *t == self.topics.reservation_created)
+            .map(|(_, p)| *p)
+            .filter(|p| (0..PARTITIONS).contains(p))
+            .collect()
+    }
+
+    /// Re-arms beside the shard loops, never in their way: each shard this member gains is
+    /// re-armed at once, and every owned shard again every `--rearm-interval`. A failed re-arm is
+    /// retried after a second.
+    pub async fn run_rearm(self: Arc<Self>, pool: PgPool, mut assignment: PartitionWatch, shutdown: CancellationToken) {
+        let mut every = tokio::time::interval(self.cfg.rearm_interval);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        every.tick().await; // the first tick is immediate; gained shards are re-armed anyway
+        let mut armed: BTreeSet<i32> = BTreeSet::new();
+        loop {
+            let owned = self.owned(&mut assignment);
+            armed.retain(|s| owned.contains(s));
+            let todo: BTreeSet<i32> = owned.difference(&armed).copied().collect();
+            let mut retry = false;
+            if !todo.is_empty() {
+                let started = std::time::Instant::now();
+                match self.rearm(&pool, &todo).await {
+                    Ok(n) => {
+                        metrics::histogram!("scheduler_rearm_seconds").record(started.elapsed().as_secs_f64());
+                        tracing::info!(rearmed = n, shards = ?todo, took_ms = started.elapsed().as_millis() as u64, "re-armed holds from PostgreSQL");
+                        armed.extend(todo);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "re-arm failed; retrying");
+                        retry = true;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = assignment.changed() => if r.is_err() { break },
+                _ = every.tick() => armed.clear(),
+                _ = tokio::time::sleep(Duration::from_secs(1)), if retry => {}
+            }
+        }
     }
 
     /// The loop of one shard until `cancel`.
@@ -338,19 +463,13 @@ impl Scheduler {
     }
 
     /// Runs the shard loops of the partitions of `reservation.created` this member owns,
-    /// starting and stopping them as the assignment changes, and re-arms periodically.
+    /// starting and stopping them as the assignment changes; re-arming runs beside them
+    /// ([`Scheduler::run_rearm`]), so a gained shard starts draining at once.
     pub async fn run(self: Arc<Self>, pool: PgPool, mut assignment: PartitionWatch, shutdown: CancellationToken) {
+        let rearm = tokio::spawn(self.clone().run_rearm(pool, assignment.clone(), shutdown.clone()));
         let mut loops: HashMap<i32, (CancellationToken, tokio::task::JoinHandle<()>)> = HashMap::new();
-        let mut rearm = tokio::time::interval(self.cfg.rearm_interval);
-        rearm.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let owned: BTreeSet<i32> = assignment
-                .borrow_and_update()
-                .iter()
-                .filter(|(t, _)| *t == self.topics.reservation_created)
-                .map(|(_, p)| *p)
-                .filter(|p| (0..PARTITIONS).contains(p))
-                .collect();
+            let owned = self.owned(&mut assignment);
             loops.retain(|shard, (token, _)| {
                 let keep = owned.contains(shard);
                 if !keep {
@@ -368,19 +487,13 @@ impl Scheduler {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 r = assignment.changed() => if r.is_err() { break },
-                _ = rearm.tick() => {
-                    match self.rearm(&pool).await {
-                        Ok(n) if n > 0 => tracing::info!(rearmed = n, "re-armed holds from PostgreSQL"),
-                        Ok(_) => {}
-                        Err(e) => tracing::warn!(error = %e, "re-arm failed"),
-                    }
-                }
             }
         }
         for (_, (token, handle)) in loops {
             token.cancel();
             let _ = handle.await;
         }
+        let _ = rearm.await;
     }
 }
 

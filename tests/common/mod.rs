@@ -46,18 +46,21 @@ impl TestEnv {
         let (head, _) = base.rsplit_once('/').expect("database url has a path");
         let db_url = format!("{head}/{db}");
         let prefix = format!("t{id}.");
+        // 3 on the cluster topology (`scripts/services.sh env --topology cluster` exports it):
+        // with min.insync.replicas=2 a topic of one replica refuses every acks=all write.
+        let replication_factor: i32 = std::env::var("TOPIC_REPLICATION_FACTOR").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
         let common = booking::config::Common {
             database_url: db_url.clone(),
             redis_url: redis_url.clone(),
             kafka_brokers: brokers.clone(),
             topic_prefix: prefix.clone(),
             redis_prefix: prefix.clone(),
-            replication_factor: 1,
+            replication_factor,
             db_max_connections: 40,
             log_json: false,
         };
         let res = Resources::connect(&common, "test").await.expect("resources");
-        booking::kafka::bootstrap_topics(&brokers, &res.topics, 1).await.expect("topics");
+        booking::kafka::bootstrap_topics(&brokers, &res.topics, replication_factor).await.expect("topics");
         let pool = res.pool.clone();
         Self { db_url, redis_url, brokers, prefix, pool, res }
     }
@@ -115,7 +118,16 @@ impl TestEnv {
         let deadline = tokio::time::Instant::now() + timeout;
         while out.len() < want {
             let Ok(msg) = tokio::time::timeout_at(deadline, consumer.recv()).await else { break };
-            let msg = msg.unwrap();
+            // A transient error (a partition whose leader is still being elected on a fresh
+            // topic of the cluster topology) is retried until the deadline.
+            let msg = match msg {
+                Ok(m) => m,
+                Err(e) => {
+                    eprintln!("read_topic {topic}: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
             let key = msg.key().map(|k| String::from_utf8_lossy(k).into_owned());
             let value = serde_json::from_slice(msg.payload().unwrap_or_default()).unwrap_or(Value::Null);
             let headers = msg.headers().map(|h| {
