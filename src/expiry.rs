@@ -61,6 +61,9 @@ async fn commit_expired(
         expired_effects(&mut tx, topics, r).await?;
     }
     tx.commit().await?;
+    if !rows.is_empty() {
+        crate::outbox::committed();
+    }
     for r in rows {
         observe(path, r);
     }

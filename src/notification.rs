@@ -134,8 +134,46 @@ pub async fn last_cursor(pool: &sqlx::PgPool, user: Uuid) -> Result<i64, sqlx::E
         .await
 }
 
-/// Relays `NOTIFY notification_new` (sent by a trigger on insert) to open streams in this process,
-/// as "user X has something new". Streams re-read from PostgreSQL, so a missed signal only
+/// The PostgreSQL channel on which the worker announces stored notifications.
+pub const STORED_CHANNEL: &str = "notification_new";
+
+/// Users per NOTIFY payload: 200 × 37 bytes stays under PostgreSQL's 8,000-byte payload limit.
+const USERS_PER_PAYLOAD: usize = 200;
+
+/// Tells every process listening on [`STORED_CHANNEL`] (the api's stream hubs, the worker's
+/// delivery loop) which users have new stored notifications: called once per stored batch,
+/// after its commit. One statement, one transaction, one commit for the whole batch (a payload
+/// per 200 users, comma separated): PostgreSQL serializes the commits of notifying transactions,
+/// so a NOTIFY per row (the old trigger) made the worker's inserts and every other such commit
+/// wait in line. A lost announcement loses nothing: streams and the delivery loop also poll.
+pub async fn announce_stored(pool: &sqlx::PgPool, users: &[Uuid]) -> Result<(), sqlx::Error> {
+    let mut users = users.to_vec();
+    users.sort_unstable();
+    users.dedup();
+    if users.is_empty() {
+        return Ok(());
+    }
+    let payloads: Vec<String> = users
+        .chunks(USERS_PER_PAYLOAD)
+        .map(|c| c.iter().map(Uuid::to_string).collect::<Vec<_>>().join(","))
+        .collect();
+    sqlx::query("SELECT pg_notify($1, p) FROM UNNEST($2::text[]) AS p")
+        .bind(STORED_CHANNEL)
+        .bind(&payloads)
+        .execute(pool)
+        .await?;
+    metrics::counter!("notification_announcements_total").increment(payloads.len() as u64);
+    Ok(())
+}
+
+/// The users named by an announcement of [`announce_stored`].
+pub fn announced_users(payload: &str) -> impl Iterator<Item = Uuid> + '_ {
+    // An item may carry `:<id>` after the user (the form of the old per-row trigger).
+    payload.split(',').filter_map(|item| Uuid::parse_str(item.split(':').next().unwrap_or_default().trim()).ok())
+}
+
+/// Relays the worker's announcements ([`announce_stored`]) to open streams in this process, as
+/// "user X has something new". Streams re-read from PostgreSQL, so a missed signal only
 /// delays an event until the stream's next periodic read.
 pub async fn run_hub(pool: sqlx::PgPool, tx: tokio::sync::broadcast::Sender<Uuid>, shutdown: tokio_util::sync::CancellationToken) {
     loop {
@@ -146,7 +184,7 @@ pub async fn run_hub(pool: sqlx::PgPool, tx: tokio::sync::broadcast::Sender<Uuid
                 tokio::select! { _ = shutdown.cancelled() => return, _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => continue }
             }
         };
-        if let Err(e) = listener.listen("notification_new").await {
+        if let Err(e) = listener.listen(STORED_CHANNEL).await {
             tracing::warn!(error = %e, "notification hub LISTEN failed");
             continue;
         }
@@ -155,7 +193,7 @@ pub async fn run_hub(pool: sqlx::PgPool, tx: tokio::sync::broadcast::Sender<Uuid
                 _ = shutdown.cancelled() => return,
                 n = listener.recv() => match n {
                     Ok(n) => {
-                        if let Some(user) = n.payload().split(':').next().and_then(|u| Uuid::parse_str(u).ok()) {
+                        for user in announced_users(n.payload()) {
                             let _ = tx.send(user);
                         }
                     }

@@ -11,13 +11,21 @@
 //!   failure, nothing after the first failed row is marked, so a retry resends in order.
 //! - At least once, not exactly once at the wire: a crash between the broker's ack and the
 //!   `published_at` commit resends the row; every consumer de-duplicates by `eventId`.
+//!
+//! Wake-up (issue 11): a commit that wrote outbox rows calls [`committed`], which wakes every relay
+//! of this process at once. There is no NOTIFY any more: PostgreSQL serializes the commits of all
+//! transactions that sent one (a global lock held through the WAL flush), which capped every
+//! booking write at a fraction of what the database commits. The processes that write outbox
+//! rows (api, expirer) each run a relay, so an in-process signal reaches a relay wherever a row
+//! is written; the poll (`--outbox-poll-interval`) stays as the fallback for a missed signal.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Serialize;
-use sqlx::postgres::PgListener;
 use sqlx::{PgConnection, PgPool};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::kafka::{partition_for, Envelope, PARTITIONS};
@@ -25,7 +33,29 @@ use crate::kafka::{partition_for, Envelope, PARTITIONS};
 /// Advisory lock key held by the publishing relay ("outbox" in ASCII).
 const RELAY_LOCK: i64 = 0x6f7574626f78;
 
-/// Adds an event to the outbox inside the caller's transaction. A repeated `eventId` is ignored.
+/// How soon a relay that found the lock taken looks again.
+const BUSY_RETRY: Duration = Duration::from_millis(20);
+
+fn observe_backlog(waiting: usize, oldest_age_s: f64) {
+    metrics::gauge!("outbox_backlog").set(waiting as f64);
+    metrics::gauge!("outbox_oldest_unpublished_age_seconds").set(oldest_age_s.max(0.0));
+}
+
+/// Commits seen by this process: a counter every relay of the process watches. A `watch` keeps
+/// no backlog and loses no wake-up: a relay busy publishing when the counter moves sees the
+/// change on its next wait, and every relay of the process (tests run several) is woken.
+static COMMITTED: LazyLock<watch::Sender<u64>> = LazyLock::new(|| watch::channel(0).0);
+
+/// Tells this process's relay that outbox rows were just committed: call it right after the
+/// commit of a transaction that called [`enqueue`] (or [`crate::notification::enqueue`]). Never
+/// before the commit: the relay would look before the rows are visible. Forgetting it loses
+/// nothing (the relay polls), it only delays the event by up to a poll interval.
+pub fn committed() {
+    COMMITTED.send_modify(|n| *n = n.wrapping_add(1));
+}
+
+/// Adds an event to the outbox inside the caller's transaction (the caller calls [`committed`]
+/// after its commit). A repeated `eventId` is ignored.
 pub async fn enqueue<T: Serialize>(
     tx: &mut PgConnection,
     topic: &str,
@@ -51,8 +81,10 @@ pub async fn enqueue<T: Serialize>(
 pub enum RelayTick {
     /// This many rows were acknowledged by Kafka and marked published.
     Published(usize),
-    /// Nothing to publish (or another replica holds the relay lock).
+    /// Nothing to publish.
     Idle,
+    /// Another relay (another process) holds the relay lock and is publishing.
+    Busy,
     /// Kafka refused or timed out; `published` rows before the failure were marked.
     Failed { published: usize },
 }
@@ -79,22 +111,25 @@ impl Relay {
             .fetch_one(&mut *tx)
             .await?;
         if !locked {
-            return Ok(RelayTick::Idle);
+            return Ok(RelayTick::Busy);
         }
-        let rows: Vec<(i64, String, String, String)> = sqlx::query_as(
-            "SELECT id, topic, message_key, envelope::text FROM outbox
-             WHERE published_at IS NULL ORDER BY id LIMIT $1",
+        // The newest id rides along (an index lookup, evaluated once) for the backlog gauge, so a
+        // step never counts the unpublished rows (a scan as long as the backlog).
+        let rows: Vec<(i64, String, String, String, f64, i64)> = sqlx::query_as(
+            "SELECT id, topic, message_key, envelope::text,
+                    EXTRACT(EPOCH FROM now() - created_at)::float8, (SELECT max(id) FROM outbox)
+             FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT $1",
         )
         .bind(self.batch)
         .fetch_all(&mut *tx)
         .await?;
         if rows.is_empty() {
-            self.observe_backlog(&mut tx).await?;
+            observe_backlog(0, 0.0);
             return Ok(RelayTick::Idle);
         }
         // Queue every send first (librdkafka batches them), then await the acks in order.
         let mut pending = Vec::with_capacity(rows.len());
-        for (id, topic, key, payload) in &rows {
+        for (id, topic, key, payload, _, _) in &rows {
             let record = FutureRecord::to(topic)
                 .key(key.as_str())
                 .payload(payload.as_str())
@@ -130,8 +165,20 @@ impl Relay {
                 .execute(&mut *tx)
                 .await?;
         }
-        self.observe_backlog(&mut tx).await?;
         tx.commit().await?;
+        // What is still waiting: the rest of this batch (after a failure), plus, when the batch
+        // was full, every id after it (an estimate: ids of rolled-back inserts are gaps).
+        let waiting = rows.len() - done.len();
+        let (last_id, max_id) = rows.last().map(|r| (r.0, r.5)).unwrap_or_default();
+        let full = rows.len() as i64 >= self.batch;
+        let behind = if full { (max_id - last_id).max(0) as usize } else { 0 };
+        let age = match rows.get(done.len()) {
+            Some(first_waiting) => first_waiting.4,
+            // Everything fetched went out; the next row (if any) is no older than the last one.
+            None if full => rows.last().map(|r| r.4).unwrap_or(0.0),
+            None => 0.0,
+        };
+        observe_backlog(waiting + behind, age);
         metrics::counter!("outbox_published_total").increment(done.len() as u64);
         if failed {
             metrics::counter!("outbox_publish_failures_total").increment(1);
@@ -141,36 +188,17 @@ impl Relay {
         }
     }
 
-    async fn observe_backlog(&self, tx: &mut PgConnection) -> Result<(), sqlx::Error> {
-        let (n, age): (i64, Option<f64>) = sqlx::query_as(
-            "SELECT count(*), EXTRACT(EPOCH FROM now() - min(created_at))::float8
-             FROM outbox WHERE published_at IS NULL",
-        )
-        .fetch_one(tx)
-        .await?;
-        metrics::gauge!("outbox_backlog").set(n as f64);
-        metrics::gauge!("outbox_oldest_unpublished_age_seconds").set(age.unwrap_or(0.0).max(0.0));
-        Ok(())
-    }
-
-    /// Runs until `shutdown`: woken by `NOTIFY outbox_new`, polling every `poll` as a fallback,
-    /// backing off while Kafka or PostgreSQL is unavailable.
+    /// Runs until `shutdown`: woken by [`committed`] in this process, polling every `poll` as a
+    /// fallback, backing off while Kafka or PostgreSQL is unavailable.
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut listener = None;
+        let mut woken = COMMITTED.subscribe();
         let mut backoff = Duration::from_millis(200);
         loop {
             if shutdown.is_cancelled() {
                 break;
             }
-            if listener.is_none() {
-                match PgListener::connect_with(&self.pool).await {
-                    Ok(mut l) => match l.listen("outbox_new").await {
-                        Ok(()) => listener = Some(l),
-                        Err(e) => tracing::warn!(error = %e, "outbox LISTEN failed"),
-                    },
-                    Err(e) => tracing::warn!(error = %e, "outbox listener connect failed"),
-                }
-            }
+            // Seen before the step: a commit during the step wakes the wait below at once.
+            woken.mark_unchanged();
             let wait = match self.step().await {
                 Ok(RelayTick::Published(n)) if n as i64 >= self.batch => {
                     backoff = Duration::from_millis(200);
@@ -182,6 +210,9 @@ impl Relay {
                     continue;
                 }
                 Ok(RelayTick::Idle) => self.poll,
+                // The other relay may have looked just before our rows committed and be about to
+                // go idle: look again shortly instead of after a whole poll interval.
+                Ok(RelayTick::Busy) => self.poll.min(BUSY_RETRY),
                 Ok(RelayTick::Failed { .. }) => {
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                     backoff
@@ -192,15 +223,10 @@ impl Relay {
                     backoff
                 }
             };
-            let notified = async {
-                match listener.as_mut() {
-                    Some(l) => l.recv().await.map(|_| ()),
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                r = notified => if r.is_err() { listener = None },
+                // The sender is a static: it is never dropped, so this only returns on a change.
+                _ = woken.changed() => {}
                 _ = tokio::time::sleep(wait) => {}
             }
         }

@@ -117,6 +117,7 @@ pub async fn pay(pool: &PgPool, topics: &Topics, user: Uuid, key: &str, reservat
     });
     idempotency::complete(&mut tx, user, "payment", key, 201, &body).await?;
     tx.commit().await?;
+    outbox::committed();
     metrics::counter!("payments_total", "outcome" => "confirmed").increment(1);
     Ok(Paid { status: 201, body, schedule_id: Some(schedule_id) })
 }

@@ -327,6 +327,7 @@ pub async fn notify_position(pool: &PgPool, topics: &Topics, schedule: Uuid, use
     let req = NotificationRequest::new(Kind::QueuePosition(position), user, json!({"scheduleId": schedule, "position": position}));
     let id = notification::event_id(Kind::QueuePosition(position), &format!("{schedule}:{user}:{seq}"));
     notification::enqueue(&mut conn, topics, id, req).await?;
+    crate::outbox::committed();
     Ok(())
 }
 
@@ -339,5 +340,6 @@ async fn notify_activated(pool: &PgPool, topics: &Topics, schedule: Uuid, users:
         notification::enqueue(&mut tx, topics, id, req).await?;
     }
     tx.commit().await?;
+    crate::outbox::committed();
     Ok(())
 }

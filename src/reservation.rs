@@ -149,6 +149,7 @@ pub async fn hold(pool: &PgPool, topics: &Topics, user: Uuid, seat: Uuid, ttl: D
     let key = r.reservation_id.to_string();
     outbox::enqueue(&mut tx, &topics.reservation_created, &key, &Envelope::new(EventType::ReservationCreated, ReservationEvent::from(&r))).await?;
     tx.commit().await?;
+    outbox::committed();
     metrics::counter!("holds_total", "outcome" => "held").increment(1);
     Ok(r)
 }
@@ -196,6 +197,7 @@ pub async fn cancel(pool: &PgPool, topics: &Topics, user: Uuid, id: Uuid) -> Res
     let key = r.reservation_id.to_string();
     outbox::enqueue(&mut tx, &topics.reservation_cancelled, &key, &Envelope::new(EventType::ReservationCancelled, ReservationEvent::from(&r))).await?;
     tx.commit().await?;
+    outbox::committed();
     metrics::counter!("cancellations_total").increment(1);
     Ok(r)
 }

@@ -47,6 +47,9 @@ impl Handler for NotificationHandler {
         .execute(&self.pool)
         .await?
         .rows_affected();
+        if inserted == 1 {
+            announce(&self.pool, &[n.user_id]).await;
+        }
         let outcome = if inserted == 1 { "stored" } else { "duplicate" };
         metrics::counter!("notifications_stored_total", "type" => n.kind.clone(), "outcome" => outcome).increment(1);
         Ok(())
@@ -75,10 +78,10 @@ impl Handler for NotificationHandler {
         if ids.is_empty() {
             return out;
         }
-        let stored: Result<Vec<String>, sqlx::Error> = sqlx::query_scalar(
+        let stored: Result<Vec<(String, Uuid)>, sqlx::Error> = sqlx::query_as(
             "INSERT INTO notifications (event_id, user_id, type, title, message, data)
              SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::jsonb[])
-             ON CONFLICT (event_id) DO NOTHING RETURNING type",
+             ON CONFLICT (event_id) DO NOTHING RETURNING type, user_id",
         )
         .bind(&ids)
         .bind(&users)
@@ -90,9 +93,11 @@ impl Handler for NotificationHandler {
         .await;
         match stored {
             Ok(stored) => {
+                let stored_users: Vec<Uuid> = stored.iter().map(|(_, u)| *u).collect();
+                announce(&self.pool, &stored_users).await;
                 for kind in KNOWN_TYPES {
                     let total = kinds.iter().filter(|k| k.as_str() == *kind).count();
-                    let new = stored.iter().filter(|k| k.as_str() == *kind).count();
+                    let new = stored.iter().filter(|(k, _)| k.as_str() == *kind).count();
                     metrics::counter!("notifications_stored_total", "type" => *kind, "outcome" => "stored").increment(new as u64);
                     metrics::counter!("notifications_stored_total", "type" => *kind, "outcome" => "duplicate").increment((total - new) as u64);
                 }
@@ -105,6 +110,15 @@ impl Handler for NotificationHandler {
             }
         }
         out
+    }
+}
+
+/// Announces a committed batch to the api's streams and the delivery loop, once for the batch
+/// ([`crate::notification::announce_stored`]). A failure is only logged: the rows are stored, and
+/// both listeners poll.
+async fn announce(pool: &PgPool, users: &[Uuid]) {
+    if let Err(e) = crate::notification::announce_stored(pool, users).await {
+        tracing::warn!(error = %e, "announcing stored notifications failed; streams catch up by polling");
     }
 }
 
@@ -205,7 +219,7 @@ impl Deliverer {
     pub async fn run(self, poll: Duration, shutdown: CancellationToken) {
         let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await.ok();
         if let Some(l) = listener.as_mut() {
-            let _ = l.listen("notification_new").await;
+            let _ = l.listen(crate::notification::STORED_CHANNEL).await;
         }
         loop {
             let busy = match self.step().await {
