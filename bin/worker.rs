@@ -33,9 +33,20 @@ struct Cli {
     #[arg(long, env = "WEBHOOK_URL")]
     webhook_url: Option<String>,
 
-    /// Secret signing webhook bodies (`X-Signature: sha256=<hmac>`).
-    #[arg(long, env = "WEBHOOK_SECRET", default_value = "", hide_env_values = true)]
-    webhook_secret: String,
+    /// Secret signing webhook requests, Stripe-style: `X-Signature: t=<unix>,v1=<hex
+    /// HMAC-SHA256(secret, "<t>.<body>")>` (docs/webhooks.md). Required with
+    /// `--channel webhook`: the worker refuses to start the channel without one.
+    #[arg(long, env = "WEBHOOK_SECRET", hide_env_values = true)]
+    webhook_secret: Option<String>,
+
+    /// Longest one webhook request may take before it counts as a failed attempt.
+    #[arg(long, env = "WEBHOOK_TIMEOUT", default_value = "5s", value_parser = duration)]
+    webhook_timeout: Duration,
+
+    /// Webhook requests in flight at once. A crash re-sends at most twice this many: those in
+    /// flight and those whose outcome was being recorded.
+    #[arg(long, env = "WEBHOOK_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
+    webhook_concurrency: u16,
 
     /// Data-platform sink: `file:PATH` (JSON lines) or an http(s) URL.
     #[arg(long, env = "EXPORT_SINK", default_value = "file:payments-export.jsonl")]
@@ -50,7 +61,8 @@ struct Cli {
     #[arg(long, env = "RANKING_RECONCILE_INTERVAL", default_value = "10s", value_parser = duration)]
     ranking_reconcile_interval: Duration,
 
-    /// Most pending notifications one delivery step locks, sends and marks (one transaction).
+    /// Most pending notifications one delivery step claims; each outcome is committed as soon as
+    /// it is known, so no transaction waits on the channel.
     #[arg(long, env = "DELIVERY_BATCH", default_value_t = 1000, value_parser = clap::value_parser!(i64).range(1..))]
     delivery_batch: i64,
 
@@ -64,11 +76,11 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let (metrics, shutdown) = booking::telemetry::start(booking::telemetry::Daemon::Worker, cli.common.log_json, &cli.common.topic_prefix);
     let channel = match cli.channel.as_str() {
-        "webhook" => Channel::Webhook {
-            url: cli.webhook_url.clone().ok_or_else(|| anyhow!("--webhook-url is required with --channel webhook"))?,
-            secret: cli.webhook_secret.clone(),
-            client: reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?,
-        },
+        "webhook" => {
+            let url = cli.webhook_url.as_deref().ok_or_else(|| anyhow!("--webhook-url is required with --channel webhook"))?;
+            let secret = cli.webhook_secret.as_deref().unwrap_or_default();
+            Channel::webhook(url, secret, cli.webhook_timeout, cli.webhook_concurrency.into()).context("--channel webhook")?
+        }
         _ => Channel::Log,
     };
     let sink = Sink::parse(&cli.export_sink).map_err(|e| anyhow!(e))?;

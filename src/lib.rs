@@ -36,4 +36,5 @@ pub mod scheduler;
 pub mod shutdown;
 pub mod telemetry;
 pub mod user;
+pub mod webhook;
 pub mod worker;

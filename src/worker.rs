@@ -7,9 +7,7 @@
 
 use std::time::Duration;
 
-use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
-use sha2::Sha256;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -127,39 +125,135 @@ async fn announce(pool: &PgPool, users: &[Uuid]) {
 pub enum Channel {
     /// Writes a log line (design document §5-4).
     Log,
-    /// POSTs JSON with an `X-Signature: sha256=<hmac>` header over the body.
-    Webhook { url: String, secret: String, client: reqwest::Client },
+    /// POSTs JSON signed Stripe-style (`X-Signature: t=…,v1=…`, [`crate::webhook`]).
+    Webhook(Webhook),
 }
 
+/// The webhook channel: where, how it signs, how long one request may take, how many at once.
+/// Built by [`Channel::webhook`], which refuses an empty secret.
+#[derive(Clone)]
+pub struct Webhook {
+    url: String,
+    secret: String,
+    timeout: Duration,
+    concurrency: usize,
+    client: reqwest::Client,
+}
+
+impl std::fmt::Debug for Webhook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the secret: settings end up in logs.
+        f.debug_struct("Webhook").field("url", &self.url).field("timeout", &self.timeout).field("concurrency", &self.concurrency).finish_non_exhaustive()
+    }
+}
+
+/// Why a channel cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    #[error("the webhook channel needs a signing secret (--webhook-secret / WEBHOOK_SECRET): without one anyone could forge a notification")]
+    NoSecret,
+    #[error("--webhook-concurrency must be at least 1")]
+    NoConcurrency,
+    #[error("webhook client: {0}")]
+    Client(#[from] reqwest::Error),
+}
+
+/// What one delivery attempt got: the receiver's HTTP status (none for the log channel or when no
+/// answer came) and, when it failed, why. Kept per notification as its delivery log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attempt {
+    pub status: Option<u16>,
+    pub error: Option<String>,
+}
+
+/// How many log-channel deliveries run at once (they are instant; this only sizes the groups of
+/// outcomes written together).
+const LOG_CONCURRENCY: usize = 64;
+
+/// Most outcomes written in one statement: those that finished together, up to this many (and
+/// up to the channel's concurrency).
+const OUTCOME_GROUP: usize = 64;
+
+/// The claim on a batch for the log channel, which cannot be slow.
+const LOG_LEASE: Duration = Duration::from_secs(30);
+
 impl Channel {
-    async fn deliver(&self, n: &Value) -> Result<(), String> {
+    /// The webhook channel. Refuses an empty `secret`: an unsigned webhook could be forged.
+    pub fn webhook(url: &str, secret: &str, timeout: Duration, concurrency: usize) -> Result<Self, ChannelError> {
+        if secret.is_empty() {
+            return Err(ChannelError::NoSecret);
+        }
+        if concurrency == 0 {
+            return Err(ChannelError::NoConcurrency);
+        }
+        let client = reqwest::Client::builder().timeout(timeout).build()?;
+        Ok(Channel::Webhook(Webhook { url: url.to_string(), secret: secret.to_string(), timeout, concurrency, client }))
+    }
+
+    /// Deliveries in flight at once.
+    fn concurrency(&self) -> usize {
+        match self {
+            Channel::Log => LOG_CONCURRENCY,
+            Channel::Webhook(w) => w.concurrency,
+        }
+    }
+
+    /// Longest one delivery can take.
+    fn timeout(&self) -> Duration {
+        match self {
+            Channel::Log => Duration::ZERO,
+            Channel::Webhook(w) => w.timeout,
+        }
+    }
+
+    /// How long a step's claim on its rows lasts: a crashed worker's undelivered rows come back
+    /// after this. Several request timeouts, so a step gets through its claim in normal weather;
+    /// rows it cannot start in time are handed back (see [`Deliverer::step`]).
+    fn lease(&self) -> Duration {
+        match self {
+            Channel::Log => LOG_LEASE,
+            Channel::Webhook(w) => (w.timeout * 4).max(Duration::from_secs(10)),
+        }
+    }
+
+    async fn deliver(&self, n: &Value) -> Attempt {
         match self {
             Channel::Log => {
                 tracing::info!(target: "notification", notification = %n, "notification delivered");
-                Ok(())
+                Attempt { status: None, error: None }
             }
-            Channel::Webhook { url, secret, client } => {
+            Channel::Webhook(w) => {
                 let body = serde_json::to_vec(n).expect("json values serialize");
-                let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
-                mac.update(&body);
-                let sig = hex::encode(mac.finalize().into_bytes());
-                let resp = client
-                    .post(url)
+                let sig = crate::webhook::sign(w.secret.as_bytes(), chrono::Utc::now().timestamp(), &body);
+                let sent = w
+                    .client
+                    .post(&w.url)
                     .header("content-type", "application/json")
-                    .header("x-signature", format!("sha256={sig}"))
+                    .header(crate::webhook::HEADER, sig)
                     .header("x-event-id", n["eventId"].as_str().unwrap_or_default())
                     .body(body)
                     .send()
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if resp.status().is_success() {
-                    Ok(())
-                } else {
-                    Err(format!("webhook answered {}", resp.status()))
+                    .await;
+                match sent {
+                    Ok(resp) if resp.status().is_success() => Attempt { status: Some(resp.status().as_u16()), error: None },
+                    Ok(resp) => Attempt { status: Some(resp.status().as_u16()), error: Some(format!("webhook answered {}", resp.status())) },
+                    Err(e) => Attempt { status: e.status().map(|s| s.as_u16()), error: Some(error_chain(&e)) },
                 }
             }
         }
     }
+}
+
+/// An error with its causes ("error sending request: … connection refused"), for the delivery log.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
 }
 
 /// Delivers stored notifications that are still PENDING, oldest first.
@@ -170,49 +264,130 @@ pub struct Deliverer {
     pub max_backoff: Duration,
 }
 
+/// What became of one claimed row.
+enum Outcome {
+    Tried(i64, Attempt),
+    /// Not started: its send could not have finished within the claim.
+    HandedBack(i64),
+}
+
+type Claimed = (i64, Uuid, Uuid, String, String, String, Value, chrono::DateTime<chrono::Utc>);
+
 impl Deliverer {
-    /// Delivers one batch; returns (delivered, failed). Rows are locked with `SKIP LOCKED` so
-    /// several workers share the work; a failed row is retried after an exponential backoff.
+    /// Delivers one batch; returns (delivered, failed).
+    ///
+    /// No transaction is open while a receiver answers, and a crash re-sends only what was in
+    /// flight:
+    /// 1. Claim: one short transaction takes up to `batch` due rows (`SKIP LOCKED`, so several
+    ///    workers share the work) and pushes their `next_attempt_at` a lease ahead
+    ///    ([`Channel::lease`]); that value is the claim's fencing token.
+    /// 2. Deliver, `concurrency` at a time. A row whose send could no longer finish within the
+    ///    lease is handed back unsent, so a lapsed claim never overlaps another worker's.
+    /// 3. Record each outcome as soon as it is known, in its own autocommit statement (outcomes
+    ///    that finished together share one), fenced on the token: the delivery log (attempts,
+    ///    last status, last error), DELIVERED, or a retry after an exponential backoff.
+    ///
+    /// A crash between a send and its record re-sends that row once its lease lapses (at least
+    /// once; receivers de-duplicate by `eventId`); rows claimed but not yet sent are sent then,
+    /// for the first time.
     pub async fn step(&self) -> Result<(usize, usize), sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
-        let rows: Vec<(i64, Uuid, Uuid, String, String, String, Value, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
-            "SELECT id, event_id, user_id, type, title, message, data, created_at FROM notifications
-             WHERE delivery = 'PENDING' AND next_attempt_at <= now()
-             ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+        use futures_util::StreamExt;
+        let lease = self.channel.lease();
+        let claimed_at = std::time::Instant::now();
+        let mut rows: Vec<(Claimed, chrono::DateTime<chrono::Utc>)> = sqlx::query_as::<_, (i64, Uuid, Uuid, String, String, String, Value, chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)>(
+            "WITH due AS (
+                 SELECT id FROM notifications WHERE delivery = 'PENDING' AND next_attempt_at <= now()
+                 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
+             UPDATE notifications n SET next_attempt_at = now() + make_interval(secs => $2)
+             FROM due WHERE n.id = due.id
+             RETURNING n.id, n.event_id, n.user_id, n.type, n.title, n.message, n.data, n.created_at, n.next_attempt_at",
         )
         .bind(self.batch)
-        .fetch_all(&mut *tx)
-        .await?;
-        let (mut delivered, mut failed) = (Vec::new(), Vec::new());
-        for (id, event_id, user_id, kind, title, message, data, created_at) in rows {
-            let n = json!({"notificationId": id.to_string(), "eventId": event_id, "userId": user_id, "type": kind,
-                           "title": title, "message": message, "data": data, "createdAt": created_at});
-            match self.channel.deliver(&n).await {
-                Ok(()) => delivered.push(id),
-                Err(e) => {
-                    tracing::warn!(notification = id, error = %e, "delivery failed; will retry");
-                    failed.push(id);
+        .bind(lease.as_secs_f64())
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(|(id, e, u, k, t, m, d, c, token)| ((id, e, u, k, t, m, d, c), token))
+        .collect();
+        let Some(token) = rows.first().map(|r| r.1) else { return Ok((0, 0)) };
+        rows.sort_by_key(|r| r.0 .0);
+        // Start a send only if it can finish (timeout) with a margin before the claim lapses.
+        let start_by = lease.saturating_sub(self.channel.timeout() + Duration::from_secs(2));
+        let channel = &self.channel;
+        let mut outcomes = futures_util::stream::iter(rows)
+            .map(|((id, event_id, user_id, kind, title, message, data, created_at), _)| async move {
+                if claimed_at.elapsed() > start_by {
+                    return Outcome::HandedBack(id);
                 }
+                let n = json!({"notificationId": id.to_string(), "eventId": event_id, "userId": user_id, "type": kind,
+                               "title": title, "message": message, "data": data, "createdAt": created_at});
+                Outcome::Tried(id, channel.deliver(&n).await)
+            })
+            .buffer_unordered(self.channel.concurrency())
+            // A group is at most `concurrency` outcomes, so at any instant at most twice the
+            // concurrency is sent but not yet recorded: what a crash can re-send.
+            .ready_chunks(self.channel.concurrency().min(OUTCOME_GROUP));
+        let (mut delivered, mut failed) = (0, 0);
+        while let Some(group) = outcomes.next().await {
+            let (d, f) = self.record(&group, token).await?;
+            delivered += d;
+            failed += f;
+        }
+        Ok((delivered, failed))
+    }
+
+    /// Writes a group of outcomes in one statement; returns (delivered, failed).
+    async fn record(&self, group: &[Outcome], token: chrono::DateTime<chrono::Utc>) -> Result<(usize, usize), sqlx::Error> {
+        let (mut ids, mut statuses, mut errors, mut back) = (vec![], vec![], vec![], vec![]);
+        for o in group {
+            match o {
+                Outcome::Tried(id, a) => {
+                    if let Some(e) = &a.error {
+                        tracing::warn!(notification = id, status = a.status, error = %e, "delivery failed; will retry");
+                    }
+                    ids.push(*id);
+                    statuses.push(a.status.map(i32::from));
+                    errors.push(a.error.clone());
+                }
+                Outcome::HandedBack(id) => back.push(*id),
             }
         }
-        // The delivery state of the whole batch in two statements.
-        sqlx::query("UPDATE notifications SET delivery = 'DELIVERED', delivered_at = now(), attempts = attempts + 1 WHERE id = ANY($1)")
-            .bind(&delivered)
-            .execute(&mut *tx)
+        let delivered = errors.iter().filter(|e| e.is_none()).count();
+        let failed = errors.len() - delivered;
+        if !ids.is_empty() {
+            // Fenced on the claim's token: if the claim lapsed and another worker took the row,
+            // this writes nothing rather than overwrite that worker's state.
+            sqlx::query(
+                "UPDATE notifications n SET
+                     attempts = n.attempts + 1,
+                     last_attempt_at = now(),
+                     last_status = o.status,
+                     last_error = o.error,
+                     delivery = CASE WHEN o.error IS NULL THEN 'DELIVERED' ELSE n.delivery END,
+                     delivered_at = CASE WHEN o.error IS NULL THEN now() ELSE n.delivered_at END,
+                     next_attempt_at = CASE WHEN o.error IS NULL THEN n.next_attempt_at
+                                       ELSE now() + make_interval(secs => least(0.2 * power(2, n.attempts), $4)) END
+                 FROM UNNEST($1::bigint[], $2::int[], $3::text[]) AS o(id, status, error)
+                 WHERE n.id = o.id AND n.delivery = 'PENDING' AND n.next_attempt_at = $5",
+            )
+            .bind(&ids)
+            .bind(&statuses)
+            .bind(&errors)
+            .bind(self.max_backoff.as_secs_f64())
+            .bind(token)
+            .execute(&self.pool)
             .await?;
-        sqlx::query(
-            "UPDATE notifications SET attempts = attempts + 1,
-                    next_attempt_at = now() + make_interval(secs => least(0.2 * power(2, attempts), $2))
-             WHERE id = ANY($1)",
-        )
-        .bind(&failed)
-        .bind(self.max_backoff.as_secs_f64())
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        metrics::counter!("notifications_delivered_total").increment(delivered.len() as u64);
-        metrics::counter!("notifications_delivery_failures_total").increment(failed.len() as u64);
-        Ok((delivered.len(), failed.len()))
+        }
+        if !back.is_empty() {
+            sqlx::query("UPDATE notifications SET next_attempt_at = now() WHERE id = ANY($1) AND delivery = 'PENDING' AND next_attempt_at = $2")
+                .bind(&back)
+                .bind(token)
+                .execute(&self.pool)
+                .await?;
+        }
+        metrics::counter!("notifications_delivered_total").increment(delivered as u64);
+        metrics::counter!("notifications_delivery_failures_total").increment(failed as u64);
+        Ok((delivered, failed))
     }
 
     /// Runs until `shutdown`, woken by new notifications and polling every `poll`.
