@@ -104,10 +104,10 @@ log() { printf '[services] %s\n' "$*" >&2; }
 die() { printf '[services] ERROR: %s\n' "$*" >&2; exit 1; }
 
 # die, showing the end of the given log files
+# (the logs first, the message last: callers stop there, and the last line says what failed)
 die_log() {
     local msg=$1 file
     shift
-    printf '[services] ERROR: %s\n' "$msg" >&2
     for file in "$@"; do
         if [[ -n $file && -s $file ]]; then
             printf '[services] ---- last 40 lines of %s ----\n' "$file" >&2
@@ -115,6 +115,7 @@ die_log() {
             printf '[services] ---- end of %s ----\n' "$file" >&2
         fi
     done
+    printf '[services] ERROR: %s\n' "$msg" >&2
     exit 1
 }
 

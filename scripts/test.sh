@@ -5,8 +5,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Build outside the clone so repeated runs (and CI clones) reuse compiled dependencies.
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/booking-target}"
+# Build outside the clone, in a directory of this checkout's own (scripts/target-dir.sh: sharing
+# one between clones can run another clone's binaries), seeded from a shared warm cache.
+# (Each step is a plain command or assignment, never `export X=$(…)` or `eval "$(…)"`, which
+# succeed whatever the inner command did: the first failing step stops the run, its own message
+# last.)
+if [[ -z ${CARGO_TARGET_DIR:-} ]]; then
+  CARGO_TARGET_DIR=$(scripts/target-dir.sh)
+fi
+export CARGO_TARGET_DIR
 
 # rdkafka builds its bundled librdkafka with these.
 if ! command -v cmake >/dev/null || ! command -v make >/dev/null || ! dpkg -s zlib1g-dev >/dev/null 2>&1; then
@@ -38,7 +45,10 @@ if [[ ! -x "$VENV/bin/schemathesis" ]]; then
 fi
 export SCHEMATHESIS="$VENV/bin/schemathesis"
 
-eval "$(scripts/services.sh up)"
+# `up` prints the exports on stdout only when every service answers; when it fails, its message
+# (stderr) is the last thing printed and the run stops here.
+services_env=$(scripts/services.sh up)
+eval "$services_env"
 export DATABASE_URL REDIS_URL KAFKA_BROKERS
 export PATH="$PATH:/usr/sbin"   # redis-server for the tests that need a private one
 

@@ -24,10 +24,9 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// `scripts/services.sh <cmd>` of this checkout, refused unless it acts on this test's services.
 fn services(cmd: &str) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services.sh");
-    let ok = Command::new("bash").arg(script).arg(cmd).stdout(Stdio::null()).status().unwrap().success();
-    assert!(ok, "services.sh {cmd}");
+    common::services::run(cmd);
 }
 
 struct Daemon {

@@ -4,16 +4,14 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use common::{QueueSettings, TestEnv};
 use serde_json::Value;
 
+/// `scripts/services.sh <cmd>` of this checkout, refused unless it acts on this test's services.
 fn services(cmd: &str) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services.sh");
-    let ok = Command::new("bash").arg(script).arg(cmd).status().expect("services.sh runs").success();
-    assert!(ok, "services.sh {cmd}");
+    common::services::run(cmd);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -18,8 +18,9 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+/// This checkout, found at run time (a compiled-in path can be another clone's).
+fn repo() -> PathBuf {
+    common::services::repo_dir()
 }
 
 fn promtool(args: &[&str], stdin: Option<&str>) -> (i32, String) {

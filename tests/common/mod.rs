@@ -2,6 +2,8 @@
 //! consumer groups, against the real services started by `scripts/services.sh`.
 #![allow(dead_code)]
 
+pub mod services;
+
 use std::time::Duration;
 
 use booking::app::{ApiSettings, Resources};
