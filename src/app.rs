@@ -85,6 +85,21 @@ impl Resources {
         }
     }
 
+    /// Builds producers like the one of [`Resources::connect`], for the outbox relay to replace
+    /// its producer after a fatal error.
+    pub fn producer_factory(&self, client_id: &str) -> crate::outbox::ProducerFactory {
+        let (brokers, client_id) = (self.brokers.clone(), client_id.to_string());
+        Arc::new(move || kafka::producer(&brokers, &client_id))
+    }
+
+    /// Relays the outbox once the topics exist: a row for a topic not created yet would be
+    /// refused as "unknown topic" and set aside. Kafka being down delays both alike.
+    async fn relay_outbox(self, relay: Relay, shutdown: CancellationToken) {
+        if self.ensure_topics(&shutdown).await {
+            relay.run(shutdown).await;
+        }
+    }
+
     /// Flushes the producer so every acknowledged-in-memory message reaches the broker.
     pub fn flush(&self) {
         if let Err(e) = self.producer.flush(Duration::from_secs(5)) {
@@ -105,11 +120,6 @@ pub struct ApiSettings {
 
 /// Runs the api: HTTP on `listener`, the outbox relay, queue admission and the notification hub.
 pub async fn run_api(res: Resources, s: ApiSettings, listener: TcpListener, ops: Option<TcpListener>, metrics: PrometheusHandle, shutdown: CancellationToken) {
-    // Topics are created in the background: the api takes bookings even while Kafka is down.
-    let r = res.clone();
-    let sd = shutdown.clone();
-    let topics_task = tokio::spawn(async move { r.ensure_topics(&sd).await });
-
     let queue = Queue::new(res.redis.clone(), res.keys.clone(), s.queue.clone());
     let (notify_tx, _) = tokio::sync::broadcast::channel(1024);
     let health = res.health();
@@ -126,9 +136,10 @@ pub async fn run_api(res: Resources, s: ApiSettings, listener: TcpListener, ops:
         notifications: notify_tx.clone(),
         shutdown: shutdown.clone(),
     };
-    let relay = Relay::new(res.pool.clone(), res.producer.clone(), s.outbox_batch, s.outbox_poll);
+    let relay = Relay::new(res.pool.clone(), res.producer.clone(), s.outbox_batch, s.outbox_poll).rebuild_with(res.producer_factory("api"));
     let tasks = vec![
-        tokio::spawn(relay.run(shutdown.clone())),
+        // Topics are created in the background: the api takes bookings even while Kafka is down.
+        tokio::spawn(res.clone().relay_outbox(relay, shutdown.clone())),
         tokio::spawn(queue.run_admission(res.pool.clone(), res.topics.clone(), shutdown.clone())),
         tokio::spawn(crate::notification::run_hub(res.pool.clone(), notify_tx, shutdown.clone())),
         tokio::spawn(serve_ops_opt(ops, metrics, health, shutdown.clone())),
@@ -137,7 +148,6 @@ pub async fn run_api(res: Resources, s: ApiSettings, listener: TcpListener, ops:
     for t in tasks {
         let _ = t.await;
     }
-    topics_task.abort();
     res.flush();
     tracing::info!("api stopped");
 }
@@ -197,8 +207,8 @@ pub struct ExpirerSettings {
 pub async fn run_expirer(res: Resources, s: ExpirerSettings, group: &str, ops: TcpListener, metrics: PrometheusHandle, shutdown: CancellationToken) -> Result<(), StartError> {
     let health = res.health();
     let ops_task = tokio::spawn(crate::telemetry::serve_ops(ops, metrics, health, shutdown.clone()));
-    let relay = Relay::new(res.pool.clone(), res.producer.clone(), s.outbox_batch, s.outbox_poll);
-    let relay_task = tokio::spawn(relay.run(shutdown.clone()));
+    let relay = Relay::new(res.pool.clone(), res.producer.clone(), s.outbox_batch, s.outbox_poll).rebuild_with(res.producer_factory("expirer"));
+    let relay_task = tokio::spawn(res.clone().relay_outbox(relay, shutdown.clone()));
     match s.mode {
         ExpirerMode::Before => {
             let (pool, topics) = (res.pool.clone(), res.topics.clone());

@@ -107,6 +107,15 @@ impl Handler for ExpirationHandler {
             }
         }
         if let Err(e) = expire(&self.pool, &self.topics, &ids, "pipeline").await {
+            if crate::kafka::is_data_error(&e) {
+                // One hold's data is refused: expire them one by one, so only that one is poison.
+                for (msg, r) in msgs.iter().zip(out.iter_mut()) {
+                    if r.is_ok() {
+                        *r = self.handle(msg).await;
+                    }
+                }
+                return out;
+            }
             let reason = format!("database: {e}");
             for r in out.iter_mut().filter(|r| r.is_ok()) {
                 *r = Err(HandleError::Transient(reason.clone()));

@@ -16,7 +16,9 @@ use tokio::io::AsyncWriteExt;
 pub enum Sink {
     /// Appends one JSON line per payment to a file (local use).
     File(PathBuf),
-    /// POSTs each payment as JSON; non-2xx answers are retried by the consumer.
+    /// POSTs each payment as JSON. A 4xx answer (except 408 and 429) means the sink refuses this
+    /// record for good: the consumer dead-letters it. 5xx, 408, 429 and transport errors are
+    /// retried.
     Http { url: String, client: reqwest::Client },
 }
 
@@ -26,6 +28,16 @@ pub enum SinkError {
     Io(#[from] std::io::Error),
     #[error("http sink: {0}")]
     Http(String),
+    /// The sink answered that this record will never be accepted.
+    #[error("http sink refused the record: {0}")]
+    Refused(String),
+}
+
+impl SinkError {
+    /// Whether sending the same record again can never succeed.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, SinkError::Refused(_))
+    }
 }
 
 impl Sink {
@@ -54,10 +66,17 @@ impl Sink {
             }
             Sink::Http { url, client } => {
                 let resp = client.post(url).json(record).send().await.map_err(|e| SinkError::Http(e.to_string()))?;
-                if resp.status().is_success() {
-                    Ok(())
+                let status = resp.status();
+                if status.is_success() {
+                    return Ok(());
+                }
+                let body = resp.text().await.unwrap_or_default();
+                let said = format!("status {status}: {}", body.chars().take(200).collect::<String>());
+                let retry_later = status == reqwest::StatusCode::REQUEST_TIMEOUT || status == reqwest::StatusCode::TOO_MANY_REQUESTS;
+                if status.is_client_error() && !retry_later {
+                    Err(SinkError::Refused(said))
                 } else {
-                    Err(SinkError::Http(format!("status {}", resp.status())))
+                    Err(SinkError::Http(said))
                 }
             }
         }

@@ -8,7 +8,14 @@
 //!   requests never wait for Kafka.
 //! - Order per key: one relay publishes at a time (a transaction-scoped advisory lock, so several
 //!   api or expirer replicas are safe), in `id` order, each key always to the same partition; on a
-//!   failure, nothing after the first failed row is marked, so a retry resends in order.
+//!   transient failure, nothing after the first failed row is marked, so a retry resends in order.
+//! - One poison row does not stop the others: a row Kafka refuses for good (message too large,
+//!   unknown topic) is set aside, not retried forever: `set_aside_at` and `last_error` are set,
+//!   `published_at` stays NULL (migration `0050_outbox_set_aside.sql`), the `outbox_set_aside`
+//!   gauge and the `OutboxRowsSetAside` alert report it, and the relay goes on. Clearing
+//!   `set_aside_at` (`bookingctl outbox retry <id>`) sends it again. See [`Relay::step`] for what
+//!   that means for order per key.
+//! - A fatal error of the idempotent producer replaces the producer ([`Relay::rebuild_with`]).
 //! - At least once, not exactly once at the wire: a crash between the broker's ack and the
 //!   `published_at` commit resends the row; every consumer de-duplicates by `eventId`.
 //!
@@ -19,10 +26,11 @@
 //! rows (api, expirer) each run a relay, so an in-process signal reaches a relay wherever a row
 //! is written; the poll (`--outbox-poll-interval`) stays as the fallback for a missed signal.
 
-use std::sync::LazyLock;
-use std::time::Duration;
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, Instant};
 
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::watch;
@@ -89,21 +97,87 @@ pub enum RelayTick {
     Failed { published: usize },
 }
 
+/// Whether Kafka's refusal of one message can never turn into an acceptance by retrying the same
+/// bytes to the same topic: the message is too large for the producer or the broker, the topic
+/// does not exist (topics are created by us, never by the broker) or is not ours to write, or the
+/// record is invalid. Everything else (timeouts, a full local queue, a broker down, leadership
+/// moving, the transport, a fatal producer error) is worth retrying in order.
+pub fn is_permanent(e: &KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::MessageSizeTooLarge
+                | C::InvalidMessageSize
+                | C::InvalidMessage
+                | C::InvalidRecord
+                | C::UnknownTopic
+                | C::UnknownTopicOrPartition
+                | C::UnknownPartition
+                | C::InvalidTopic
+                | C::TopicAuthorizationFailed
+                | C::PolicyViolation
+        )
+    )
+}
+
+/// Builds a fresh producer after the old one hit a fatal error.
+pub type ProducerFactory = Arc<dyn Fn() -> Result<FutureProducer, KafkaError> + Send + Sync>;
+
+/// How often the `outbox_set_aside` gauge is refreshed at most (a count over the small partial
+/// index `outbox_set_aside`), besides right after a row was set aside.
+const SET_ASIDE_OBSERVE_EVERY: Duration = Duration::from_secs(5);
+
 /// Publishes outbox rows to Kafka.
 #[derive(Clone)]
 pub struct Relay {
     pool: PgPool,
-    producer: FutureProducer,
+    producer: Arc<Mutex<FutureProducer>>,
+    rebuild: Option<ProducerFactory>,
     batch: i64,
     poll: Duration,
+    set_aside_observed: Arc<Mutex<Option<Instant>>>,
 }
 
 impl Relay {
     pub fn new(pool: PgPool, producer: FutureProducer, batch: i64, poll: Duration) -> Self {
-        Self { pool, producer, batch, poll }
+        Self {
+            pool,
+            producer: Arc::new(Mutex::new(producer)),
+            rebuild: None,
+            batch,
+            poll,
+            set_aside_observed: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// How to build a new producer when the idempotent producer reports a fatal error (librdkafka
+    /// then fails every further send of that instance: it must be replaced). Without a factory
+    /// the relay logs the fatal error and publishes nothing until the process is restarted.
+    pub fn rebuild_with(mut self, factory: ProducerFactory) -> Self {
+        self.rebuild = Some(factory);
+        self
+    }
+
+    /// The producer in use (a replacement after a fatal error).
+    pub fn producer(&self) -> FutureProducer {
+        self.producer.lock().expect("producer lock").clone()
     }
 
     /// Publishes at most one batch.
+    ///
+    /// Per row, Kafka's answer decides:
+    /// - acknowledged: marked published;
+    /// - refused for good ([`is_permanent`]): set aside (`set_aside_at`, `last_error`) and counted
+    ///   in `outbox_set_aside_total`, so one poison row does not stop every later event;
+    /// - a transient failure (Kafka down, timeout): this row and every later row of the batch
+    ///   stay pending and are sent again, in order, by the next step.
+    ///
+    /// Order per key after a set-aside row: the later events of the same key are published
+    /// without waiting for it (holding them back would turn one poison row into a stuck key, and
+    /// the row may never become publishable). If an operator retries it, it arrives after them;
+    /// consumers tolerate that: they de-duplicate by `eventId` and apply conditional, state-based
+    /// changes (a tombstone stops a late `reservation.created`, an expiry only ends a HELD hold).
     pub async fn step(&self) -> Result<RelayTick, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
@@ -118,15 +192,17 @@ impl Relay {
         let rows: Vec<(i64, String, String, String, f64, i64)> = sqlx::query_as(
             "SELECT id, topic, message_key, envelope::text,
                     EXTRACT(EPOCH FROM now() - created_at)::float8, (SELECT max(id) FROM outbox)
-             FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT $1",
+             FROM outbox WHERE published_at IS NULL AND set_aside_at IS NULL ORDER BY id LIMIT $1",
         )
         .bind(self.batch)
         .fetch_all(&mut *tx)
         .await?;
         if rows.is_empty() {
             observe_backlog(0, 0.0);
+            self.observe_set_aside(&mut tx, false).await?;
             return Ok(RelayTick::Idle);
         }
+        let producer = self.producer();
         // Queue every send first (librdkafka batches them), then await the acks in order.
         let mut pending = Vec::with_capacity(rows.len());
         for (id, topic, key, payload, _, _) in &rows {
@@ -135,44 +211,63 @@ impl Relay {
                 .payload(payload.as_str())
                 .partition(partition_for(key, PARTITIONS));
             // send_result queues at once (librdkafka batches the whole set); acks are awaited below.
-            pending.push((*id, self.producer.send_result(record).map_err(|(e, _)| e)));
+            pending.push((*id, producer.send_result(record).map_err(|(e, _)| e)));
         }
         let mut done = Vec::with_capacity(rows.len());
-        let mut failed = false;
-        for (id, queued) in pending {
+        let (mut aside_ids, mut aside_errors) = (Vec::new(), Vec::new());
+        // Index in `rows` of the first row still waiting (the first transient failure).
+        let mut first_waiting = None;
+        for (i, (id, queued)) in pending.into_iter().enumerate() {
             let result = match queued {
                 Ok(fut) => match fut.await {
                     Ok(Ok(_)) => Ok(()),
-                    Ok(Err((e, _))) => Err(e.to_string()),
-                    Err(_) => Err("delivery cancelled".to_string()),
+                    Ok(Err((e, _))) => Err(e),
+                    Err(_) => Err(KafkaError::Canceled),
                 },
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(e),
             };
             match result {
-                Ok(()) if !failed => done.push(id),
-                Ok(()) => {}
+                _ if first_waiting.is_some() => {}
+                Ok(()) => done.push(id),
+                // After a transient failure nothing more is decided: the rest is sent again in
+                // order, and a permanent refusal among it is found again then.
+                Err(e) if is_permanent(&e) => {
+                    tracing::error!(outbox_id = id, error = %e, "Kafka refuses this outbox row for good; setting it aside");
+                    aside_ids.push(id);
+                    aside_errors.push(e.to_string());
+                }
                 Err(e) => {
-                    if !failed {
-                        tracing::warn!(error = %e, "outbox publish failed; will retry");
-                    }
-                    failed = true;
+                    tracing::warn!(outbox_id = id, error = %e, "outbox publish failed; will retry");
+                    first_waiting = Some(i);
                 }
             }
         }
+        let failed = first_waiting.is_some();
         if !done.is_empty() {
             sqlx::query("UPDATE outbox SET published_at = now() WHERE id = ANY($1)")
                 .bind(&done)
                 .execute(&mut *tx)
                 .await?;
         }
+        if !aside_ids.is_empty() {
+            sqlx::query(
+                "UPDATE outbox o SET set_aside_at = now(), last_error = a.error
+                 FROM UNNEST($1::bigint[], $2::text[]) AS a(id, error) WHERE o.id = a.id",
+            )
+            .bind(&aside_ids)
+            .bind(&aside_errors)
+            .execute(&mut *tx)
+            .await?;
+        }
+        self.observe_set_aside(&mut tx, !aside_ids.is_empty()).await?;
         tx.commit().await?;
         // What is still waiting: the rest of this batch (after a failure), plus, when the batch
         // was full, every id after it (an estimate: ids of rolled-back inserts are gaps).
-        let waiting = rows.len() - done.len();
+        let waiting = first_waiting.map_or(0, |i| rows.len() - i);
         let (last_id, max_id) = rows.last().map(|r| (r.0, r.5)).unwrap_or_default();
         let full = rows.len() as i64 >= self.batch;
         let behind = if full { (max_id - last_id).max(0) as usize } else { 0 };
-        let age = match rows.get(done.len()) {
+        let age = match first_waiting.and_then(|i| rows.get(i)) {
             Some(first_waiting) => first_waiting.4,
             // Everything fetched went out; the next row (if any) is no older than the last one.
             None if full => rows.last().map(|r| r.4).unwrap_or(0.0),
@@ -180,12 +275,48 @@ impl Relay {
         };
         observe_backlog(waiting + behind, age);
         metrics::counter!("outbox_published_total").increment(done.len() as u64);
+        metrics::counter!("outbox_set_aside_total").increment(aside_ids.len() as u64);
         if failed {
             metrics::counter!("outbox_publish_failures_total").increment(1);
+            self.replace_producer_if_fatal(&producer);
             Ok(RelayTick::Failed { published: done.len() })
         } else {
             Ok(RelayTick::Published(done.len()))
         }
+    }
+
+    /// The idempotent producer's fatal errors (a broken sequence, a fenced producer id) make
+    /// librdkafka fail every later send of that instance: build a new one (a new producer id), so
+    /// the relay carries on. Nothing is lost: the rows that failed are still pending.
+    fn replace_producer_if_fatal(&self, producer: &FutureProducer) {
+        let Some((code, reason)) = producer.client().fatal_error() else { return };
+        tracing::error!(?code, %reason, "the outbox producer hit a fatal error; building a new one");
+        let Some(factory) = &self.rebuild else {
+            tracing::error!("no producer factory configured: the relay cannot publish until restarted");
+            return;
+        };
+        match factory() {
+            Ok(fresh) => {
+                *self.producer.lock().expect("producer lock") = fresh;
+                metrics::counter!("outbox_producer_rebuilds_total").increment(1);
+            }
+            Err(e) => tracing::error!(error = %e, "building a new outbox producer failed; will try again"),
+        }
+    }
+
+    /// Refreshes the `outbox_set_aside` gauge, at most every [`SET_ASIDE_OBSERVE_EVERY`] unless
+    /// `now` (a row was just set aside).
+    async fn observe_set_aside(&self, tx: &mut PgConnection, now: bool) -> Result<(), sqlx::Error> {
+        {
+            let mut last = self.set_aside_observed.lock().expect("observed lock");
+            if !now && last.is_some_and(|t| t.elapsed() < SET_ASIDE_OBSERVE_EVERY) {
+                return Ok(());
+            }
+            *last = Some(Instant::now());
+        }
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE set_aside_at IS NOT NULL").fetch_one(tx).await?;
+        metrics::gauge!("outbox_set_aside").set(n as f64);
+        Ok(())
     }
 
     /// Runs until `shutdown`: woken by [`committed`] in this process, polling every `poll` as a

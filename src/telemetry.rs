@@ -101,6 +101,9 @@ pub fn describe_metrics(daemon: Daemon, topic_prefix: &str) {
     describe_gauge!("outbox_oldest_unpublished_age_seconds", Unit::Seconds, "Age of the oldest unpublished outbox event (0 when none)");
     describe_counter!("outbox_published_total", "Outbox events published to Kafka");
     describe_counter!("outbox_publish_failures_total", "Outbox relay batches in which a publish failed");
+    describe_gauge!("outbox_set_aside", "Outbox events set aside because Kafka refused them for good (message too large, unknown topic)");
+    describe_counter!("outbox_set_aside_total", "Outbox events set aside because Kafka refused them for good");
+    describe_counter!("outbox_producer_rebuilds_total", "Outbox producers replaced after a fatal error of the idempotent producer");
     // Delay scheduler.
     describe_gauge!("scheduler_due_size", "Holds waiting in the scheduler's Redis set for their expiry, by shard");
     describe_gauge!("scheduler_inflight_size", "Holds claimed but not yet acknowledged by Kafka, by shard");
@@ -157,6 +160,8 @@ pub fn describe_metrics(daemon: Daemon, topic_prefix: &str) {
             }
             zero("outbox_published_total");
             zero("outbox_publish_failures_total");
+            zero("outbox_set_aside_total");
+            zero("outbox_producer_rebuilds_total");
             metrics::counter!("expiry_transitions_total", "path" => "hold_takeover").increment(0);
         }
         Daemon::DelayScheduler => {
@@ -176,6 +181,8 @@ pub fn describe_metrics(daemon: Daemon, topic_prefix: &str) {
         Daemon::Expirer => {
             zero("outbox_published_total");
             zero("outbox_publish_failures_total");
+            zero("outbox_set_aside_total");
+            zero("outbox_producer_rebuilds_total");
             zero("sweeper_caught_total");
             for path in EXPIRY_PATHS {
                 metrics::counter!("expiry_transitions_total", "path" => *path).increment(0);

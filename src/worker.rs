@@ -100,6 +100,15 @@ impl Handler for NotificationHandler {
                     metrics::counter!("notifications_stored_total", "type" => *kind, "outcome" => "duplicate").increment((total - new) as u64);
                 }
             }
+            // PostgreSQL refused one of the rows: find which by storing them one by one, so the
+            // poison one goes to the dead-letter topic and the others are stored.
+            Err(e) if crate::kafka::is_data_error(&e) => {
+                for (msg, r) in msgs.iter().zip(out.iter_mut()) {
+                    if r.is_ok() {
+                        *r = self.handle(msg).await;
+                    }
+                }
+            }
             Err(e) => {
                 let reason = format!("database: {e}");
                 for r in out.iter_mut().filter(|r| r.is_ok()) {
@@ -471,7 +480,10 @@ impl Handler for PaymentHandler {
             == 1;
         if fresh {
             let record = serde_json::to_value(p).expect("payments serialize");
-            self.sink.send(&record).await.map_err(|e| HandleError::Transient(e.to_string()))?;
+            self.sink.send(&record).await.map_err(|e| match e.is_permanent() {
+                true => HandleError::Poison(e.to_string()),
+                false => HandleError::Transient(e.to_string()),
+            })?;
             tx.commit().await?;
             metrics::counter!("exports_total").increment(1);
         }

@@ -6,8 +6,10 @@
 //!   message instead of skipping it (handlers are idempotent for that reason).
 //! - A transient failure (database down…) is retried in place with exponential backoff; the offset
 //!   is not stored meanwhile, and on shutdown the message is left for the next owner.
-//! - A poison message (bad JSON, unknown type) goes to `<topic>.dlq` with the reason in the
-//!   `dlq-reason` header, and the runner moves on.
+//! - A poison message (bad JSON, unknown type, data PostgreSQL refuses, a record the export sink
+//!   answers 4xx to) goes to `<topic>.dlq` with the reason in the `dlq-reason` header, and the
+//!   runner moves on. Handlers sort their failures: `From<sqlx::Error>` makes constraint and data
+//!   errors poison and connection errors transient.
 //! - On shutdown the in-flight message finishes, then stored offsets are committed synchronously.
 
 use std::collections::BTreeSet;
@@ -48,9 +50,27 @@ pub enum HandleError {
     Poison(String),
 }
 
+/// Sorts a database failure: PostgreSQL refusing the data itself (SQLSTATE class 22 "data
+/// exception", such as a NUL byte in text, or class 23 "integrity constraint violation") or a
+/// value that cannot be encoded or decoded will fail the same way on every retry, so the message
+/// is poison; anything else (connection lost, pool timed out, serialization failure, deadlock,
+/// the server shutting down) may succeed later and is retried.
 impl From<sqlx::Error> for HandleError {
     fn from(e: sqlx::Error) -> Self {
-        HandleError::Transient(format!("database: {e}"))
+        if is_data_error(&e) {
+            HandleError::Poison(format!("database refused the data: {e}"))
+        } else {
+            HandleError::Transient(format!("database: {e}"))
+        }
+    }
+}
+
+/// Whether retrying the statement with the same data can never succeed (see the `From` above).
+pub fn is_data_error(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => db.code().is_some_and(|c| c.starts_with("22") || c.starts_with("23")),
+        sqlx::Error::Encode(_) | sqlx::Error::Decode(_) | sqlx::Error::ColumnDecode { .. } => true,
+        _ => false,
     }
 }
 

@@ -7,7 +7,7 @@ mod envelope;
 mod topics;
 
 pub use consumer::{
-    consumer_config, ConsumerRunner, HandleError, Handler, Incoming, PartitionWatch, RunnerContext,
+    consumer_config, is_data_error, ConsumerRunner, HandleError, Handler, Incoming, PartitionWatch, RunnerContext,
 };
 pub use envelope::{Envelope, EventType};
 pub use topics::{bootstrap_topics, partition_for, Topics, PARTITIONS};
@@ -19,6 +19,9 @@ use rdkafka::producer::FutureProducer;
 /// An idempotent producer: `acks=all` and `enable.idempotence`, so a retried send is written once
 /// and in order per partition. `message.timeout.ms` bounds how long a send waits for a broker
 /// that is down; callers treat a timeout as "not published" and try again later.
+/// `topic.metadata.propagation.max.ms` is kept below it, so a send to a topic that does not exist
+/// fails as "unknown topic" (which the outbox relay sets aside) rather than as a timeout (which it
+/// would retry forever).
 pub fn producer(brokers: &str, client_id: &str) -> Result<FutureProducer, KafkaError> {
     ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -27,6 +30,7 @@ pub fn producer(brokers: &str, client_id: &str) -> Result<FutureProducer, KafkaE
         .set("acks", "all")
         .set("linger.ms", "0")
         .set("message.timeout.ms", "10000")
+        .set("topic.metadata.propagation.max.ms", "5000")
         .set("socket.keepalive.enable", "true")
         .create()
 }

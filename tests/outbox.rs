@@ -1,0 +1,104 @@
+//! The outbox relay against the real PostgreSQL and Kafka: a row Kafka refuses for good is set
+//! aside and every other event still leaves (issue 15 item 8).
+
+mod common;
+
+use std::time::Duration;
+
+use booking::kafka::{Envelope, EventType};
+use booking::outbox::{self, Relay};
+use rdkafka::producer::Producer;
+use common::TestEnv;
+use serde_json::json;
+use uuid::Uuid;
+
+async fn enqueue(env: &TestEnv, topic: &str, payload: serde_json::Value) -> Uuid {
+    let envelope = Envelope::new(EventType::NotificationRequest, payload);
+    let mut tx = env.pool.begin().await.unwrap();
+    // One key for every row: order is promised per key.
+    outbox::enqueue(&mut tx, topic, "one-key", &envelope).await.unwrap();
+    tx.commit().await.unwrap();
+    envelope.event_id
+}
+
+async fn published(env: &TestEnv, event: Uuid) -> bool {
+    sqlx::query_scalar("SELECT published_at IS NOT NULL FROM outbox WHERE event_id = $1").bind(event).fetch_one(&env.pool).await.unwrap()
+}
+
+/// (set aside, last error) of the row of `event`.
+async fn set_aside(env: &TestEnv, event: Uuid) -> (bool, Option<String>) {
+    sqlx::query_as("SELECT set_aside_at IS NOT NULL, last_error FROM outbox WHERE event_id = $1").bind(event).fetch_one(&env.pool).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_kafka_refuses_for_good_is_set_aside_and_every_later_event_is_published() {
+    let metrics = booking::telemetry::install_metrics();
+    let env = TestEnv::new().await;
+    let topic = env.topics().notification_request.clone();
+    let first = enqueue(&env, &topic, json!({"n": 1})).await;
+    // Over the producer's message.max.bytes (1 MB) and the broker's limit alike.
+    let too_large = enqueue(&env, &topic, json!({"blob": "x".repeat(2 << 20)})).await;
+    let no_topic = enqueue(&env, &format!("{}no.such.topic", env.prefix), json!({"n": 2})).await;
+    let last = enqueue(&env, &topic, json!({"n": 3})).await;
+
+    let relay = Relay::new(env.pool.clone(), env.res.producer.clone(), 100, Duration::from_millis(100));
+    common::eventually(Duration::from_secs(60), || async {
+        relay.step().await.unwrap();
+        published(&env, last).await && set_aside(&env, no_topic).await.0
+    })
+    .await;
+
+    assert!(published(&env, first).await);
+    let (aside, error) = set_aside(&env, too_large).await;
+    assert!(aside && !published(&env, too_large).await, "the oversized row is set aside, not published");
+    assert!(error.unwrap_or_default().to_lowercase().contains("too large"), "its reason is kept");
+    let (_, error) = set_aside(&env, no_topic).await;
+    assert!(error.unwrap_or_default().to_lowercase().contains("unknown"), "the missing topic is the reason");
+
+    let got = env.read_topic(&topic, 2, Duration::from_secs(20)).await;
+    let ids: Vec<String> = got.iter().map(|(_, v, _)| v["eventId"].as_str().unwrap_or_default().to_string()).collect();
+    assert_eq!(ids, vec![first.to_string(), last.to_string()], "both good events reached Kafka, in order");
+
+    // The set-aside rows stay out of the relay's way; the gauge reports them.
+    assert_eq!(relay.step().await.unwrap(), booking::outbox::RelayTick::Idle);
+    let text = metrics.render();
+    assert!(text.lines().any(|l| l.starts_with("outbox_set_aside ")), "outbox_set_aside is exported:\n{text}");
+
+    // An operator's retry (clearing set_aside_at) sends a row again; a still-missing topic is
+    // set aside again rather than blocking.
+    sqlx::query("UPDATE outbox SET set_aside_at = NULL WHERE event_id = $1").bind(no_topic).execute(&env.pool).await.unwrap();
+    let after = enqueue(&env, &topic, json!({"n": 4})).await;
+    common::eventually(Duration::from_secs(60), || async {
+        relay.step().await.unwrap();
+        published(&env, after).await && set_aside(&env, no_topic).await.0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_fatal_error_of_the_idempotent_producer_the_relay_builds_a_new_one_and_goes_on() {
+    let env = TestEnv::new().await;
+    let topic = env.topics().notification_request.clone();
+    let factory = env.res.producer_factory("relay-test");
+    let relay = Relay::new(env.pool.clone(), factory().unwrap(), 100, Duration::from_millis(100)).rebuild_with(factory);
+    let before = enqueue(&env, &topic, json!({"n": 1})).await;
+    common::eventually(Duration::from_secs(30), || async { relay.step().await.unwrap(); published(&env, before).await }).await;
+
+    // librdkafka's own test hook raises the fatal error a broken idempotent sequence would.
+    let broken = relay.producer();
+    let reason = std::ffi::CString::new("simulated by the test").unwrap();
+    unsafe {
+        rdkafka::bindings::rd_kafka_test_fatal_error(
+            broken.client().native_ptr(),
+            rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
+            reason.as_ptr(),
+        );
+    }
+    assert!(broken.client().fatal_error().is_some());
+
+    let after = enqueue(&env, &topic, json!({"n": 2})).await;
+    common::eventually(Duration::from_secs(60), || async { relay.step().await.unwrap(); published(&env, after).await }).await;
+    assert!(relay.producer().client().fatal_error().is_none(), "a new producer publishes");
+    let got = env.read_topic(&topic, 2, Duration::from_secs(20)).await;
+    assert_eq!(got.len(), 2);
+}
