@@ -113,6 +113,7 @@ pub fn describe_metrics(daemon: Daemon, topic_prefix: &str) {
     describe_counter!("scheduler_published_total", "reservation.expiration messages acknowledged by Kafka");
     describe_counter!("scheduler_rearmed_total", "HELD holds missing from Redis, added back from PostgreSQL");
     describe_counter!("scheduler_cancelled_total", "Holds removed from the scheduler because they were paid or cancelled");
+    describe_histogram!("scheduler_rearm_seconds", Unit::Seconds, "Time one re-arm of shards from PostgreSQL took");
     describe_histogram!("scheduler_publish_lateness_seconds", Unit::Seconds, "Kafka acknowledgement time of reservation.expiration minus expiresAt");
     // Expiry (expirer; hold_takeover in the api).
     describe_histogram!("expiry_lateness_seconds", Unit::Seconds, "expiredAt minus expiresAt, by path (pipeline, sweeper, legacy)");
