@@ -59,6 +59,26 @@ struct Cli {
     /// Fallback poll of the outbox when no NOTIFY arrives.
     #[arg(long, env = "OUTBOX_POLL_INTERVAL", default_value = "1s", value_parser = duration)]
     outbox_poll_interval: Duration,
+
+    /// How often the live streams' feed stamps new seat events and notifications with their
+    /// commit-ordered position and hands them to open streams (one small query per poll, whatever
+    /// the number of streams; an event reaches watchers within about one poll of its commit).
+    #[arg(long, env = "STREAM_POLL_INTERVAL", default_value = "20ms", value_parser = duration)]
+    stream_poll_interval: Duration,
+
+    /// How long seat-map events stay replayable for a reconnect with `Last-Event-ID` (an older id
+    /// gets a fresh snapshot).
+    #[arg(long, env = "SEAT_EVENT_RETENTION", default_value = "1h", value_parser = duration)]
+    seat_event_retention: Duration,
+
+    /// Most notification streams one user may have open on this api (more get 429 TOO_MANY_STREAMS).
+    #[arg(long, env = "MAX_STREAMS_PER_USER", default_value_t = 5)]
+    max_streams_per_user: usize,
+
+    /// Most open streams (seat maps and notifications together) on this api (more get 503
+    /// STREAMS_AT_CAPACITY).
+    #[arg(long, env = "MAX_STREAMS", default_value_t = 20_000)]
+    max_streams: usize,
 }
 
 #[tokio::main]
@@ -81,6 +101,13 @@ async fn main() -> anyhow::Result<()> {
         },
         outbox_batch: cli.outbox_batch,
         outbox_poll: cli.outbox_poll_interval,
+        streams: booking::sequencer::StreamSettings {
+            poll: cli.stream_poll_interval,
+            seat_event_retention: cli.seat_event_retention,
+            max_streams_per_user: cli.max_streams_per_user,
+            max_streams: cli.max_streams,
+            ..Default::default()
+        },
     };
     app::run_api(res, settings, listener, Some(ops), metrics, shutdown).await;
     Ok(())

@@ -116,12 +116,15 @@ pub struct ApiSettings {
     pub queue: QueueConfig,
     pub outbox_batch: i64,
     pub outbox_poll: Duration,
+    /// The live streams' feed and caps.
+    pub streams: crate::sequencer::StreamSettings,
 }
 
-/// Runs the api: HTTP on `listener`, the outbox relay, queue admission and the notification hub.
+/// Runs the api: HTTP on `listener`, the outbox relay, queue admission and the feed of the live streams.
 pub async fn run_api(res: Resources, s: ApiSettings, listener: TcpListener, ops: Option<TcpListener>, metrics: PrometheusHandle, shutdown: CancellationToken) {
     let queue = Queue::new(res.redis.clone(), res.keys.clone(), s.queue.clone());
-    let (notify_tx, _) = tokio::sync::broadcast::channel(1024);
+    let notifications = crate::notification::NotificationHub::default();
+    let seat_map = crate::seat_map::SeatHub::default();
     let health = res.health();
     let api = crate::http::Api {
         pool: res.pool.clone(),
@@ -133,7 +136,10 @@ pub async fn run_api(res: Resources, s: ApiSettings, listener: TcpListener, ops:
         admin_token: s.admin_token.clone(),
         health: health.clone(),
         metrics: metrics.clone(),
-        notifications: notify_tx.clone(),
+        notifications: notifications.clone(),
+        seat_map: seat_map.clone(),
+        stream_permits: Arc::new(tokio::sync::Semaphore::new(s.streams.max_streams)),
+        max_streams_per_user: s.streams.max_streams_per_user,
         shutdown: shutdown.clone(),
     };
     let relay = Relay::new(res.pool.clone(), res.producer.clone(), s.outbox_batch, s.outbox_poll).rebuild_with(res.producer_factory("api"));
@@ -141,7 +147,7 @@ pub async fn run_api(res: Resources, s: ApiSettings, listener: TcpListener, ops:
         // Topics are created in the background: the api takes bookings even while Kafka is down.
         tokio::spawn(res.clone().relay_outbox(relay, shutdown.clone())),
         tokio::spawn(queue.run_admission(res.pool.clone(), res.topics.clone(), shutdown.clone())),
-        tokio::spawn(crate::notification::run_hub(res.pool.clone(), notify_tx, shutdown.clone())),
+        tokio::spawn(crate::sequencer::Feed::new(res.pool.clone(), seat_map, notifications, s.streams.clone()).run(shutdown.clone())),
         tokio::spawn(serve_ops_opt(ops, metrics, health, shutdown.clone())),
     ];
     crate::http::serve(api, listener).await;

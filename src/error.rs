@@ -31,6 +31,10 @@ pub enum Error {
     QueueTokenNotActive,
     #[error("the queue token is for another schedule or user")]
     QueueTokenMismatch,
+    #[error("too many open streams for this user; close one first")]
+    TooManyStreams,
+    #[error("this server has as many open streams as it can take; try again shortly")]
+    StreamsAtCapacity,
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
     #[error("redis: {0}")]
@@ -59,6 +63,8 @@ impl Error {
             | Error::InsufficientPoints => StatusCode::CONFLICT,
             Error::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Error::QueueTokenNotActive | Error::QueueTokenMismatch => StatusCode::FORBIDDEN,
+            Error::TooManyStreams => StatusCode::TOO_MANY_REQUESTS,
+            Error::StreamsAtCapacity => StatusCode::SERVICE_UNAVAILABLE,
             Error::Database(e) if is_unavailable(e) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Redis(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Database(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -79,6 +85,8 @@ impl Error {
             Error::IdempotencyKeyReused => "IDEMPOTENCY_KEY_REUSED",
             Error::QueueTokenNotActive => "QUEUE_TOKEN_NOT_ACTIVE",
             Error::QueueTokenMismatch => "QUEUE_TOKEN_MISMATCH",
+            Error::TooManyStreams => "TOO_MANY_STREAMS",
+            Error::StreamsAtCapacity => "STREAMS_AT_CAPACITY",
             Error::Database(e) if is_unavailable(e) => "UNAVAILABLE",
             Error::Redis(_) => "UNAVAILABLE",
             Error::Database(_) | Error::Internal(_) => "INTERNAL",

@@ -10,6 +10,7 @@
 //! - waiting queue: [`queue`]
 //! - the delay scheduler (§6): [`scheduler`]; the expirer and its sweeper: [`expiry`]
 //! - outbox to Kafka: [`outbox`]; topics, envelope, consumer runner: [`kafka`]
+//! - live streams (seat map, notifications) and their commit-ordered ids: [`seat_map`], [`sequencer`]
 //! - notifications: [`notification`]; ranking: [`ranking`]; data-platform export: [`export`]
 
 pub mod app;
@@ -33,6 +34,8 @@ pub mod ranking;
 pub mod redis_conn;
 pub mod reservation;
 pub mod scheduler;
+pub mod seat_map;
+pub mod sequencer;
 pub mod shutdown;
 pub mod telemetry;
 pub mod user;

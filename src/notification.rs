@@ -113,11 +113,13 @@ pub struct Stored {
     pub created_at: chrono::DateTime<chrono::Utc>,
 }
 
-/// The user's notifications after `cursor`, oldest first.
+/// The user's notifications after `cursor`, oldest first. The cursor is the commit-ordered
+/// position stamped by [`crate::sequencer`] (not the insertion id), so a `next` cursor never
+/// skips a notification that commits later; rows not stamped yet are not shown yet.
 pub async fn list_after(pool: &sqlx::PgPool, user: Uuid, cursor: i64, limit: i64) -> Result<Vec<Stored>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT id AS cursor, id::text AS notification_id, event_id, type, title, message, data, created_at
-         FROM notifications WHERE user_id = $1 AND id > $2 ORDER BY id LIMIT $3",
+        "SELECT pos AS cursor, id::text AS notification_id, event_id, type, title, message, data, created_at
+         FROM notifications WHERE user_id = $1 AND pos > $2 AND pos IS NOT NULL ORDER BY pos LIMIT $3",
     )
     .bind(user)
     .bind(cursor)
@@ -128,7 +130,7 @@ pub async fn list_after(pool: &sqlx::PgPool, user: Uuid, cursor: i64, limit: i64
 
 /// The cursor of the user's latest notification (0 when none), where a new stream starts.
 pub async fn last_cursor(pool: &sqlx::PgPool, user: Uuid) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT COALESCE(max(id), 0) FROM notifications WHERE user_id = $1")
+    sqlx::query_scalar("SELECT COALESCE(max(pos), 0) FROM notifications WHERE user_id = $1 AND pos IS NOT NULL")
         .bind(user)
         .fetch_one(pool)
         .await
@@ -140,7 +142,7 @@ pub const STORED_CHANNEL: &str = "notification_new";
 /// Users per NOTIFY payload: 200 × 37 bytes stays under PostgreSQL's 8,000-byte payload limit.
 const USERS_PER_PAYLOAD: usize = 200;
 
-/// Tells every process listening on [`STORED_CHANNEL`] (the api's stream hubs, the worker's
+/// Tells every process listening on [`STORED_CHANNEL`] (the worker's
 /// delivery loop) which users have new stored notifications: called once per stored batch,
 /// after its commit. One statement, one transaction, one commit for the whole batch (a payload
 /// per 200 users, comma separated): PostgreSQL serializes the commits of notifying transactions,
@@ -172,37 +174,107 @@ pub fn announced_users(payload: &str) -> impl Iterator<Item = Uuid> + '_ {
     payload.split(',').filter_map(|item| Uuid::parse_str(item.split(':').next().unwrap_or_default().trim()).ok())
 }
 
-/// Relays the worker's announcements ([`announce_stored`]) to open streams in this process, as
-/// "user X has something new". Streams re-read from PostgreSQL, so a missed signal only
-/// delays an event until the stream's next periodic read.
-pub async fn run_hub(pool: sqlx::PgPool, tx: tokio::sync::broadcast::Sender<Uuid>, shutdown: tokio_util::sync::CancellationToken) {
-    loop {
-        let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(error = %e, "notification hub connect failed");
-                tokio::select! { _ = shutdown.cancelled() => return, _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => continue }
+/// The users with notifications stamped at `after < pos <= upto` (the feed's read).
+pub async fn users_between(pool: &sqlx::PgPool, after: i64, upto: i64) -> Result<Vec<(Uuid, i64)>, sqlx::Error> {
+    sqlx::query_as("SELECT user_id, max(pos) FROM notifications WHERE pos > $1 AND pos <= $2 GROUP BY user_id")
+        .bind(after)
+        .bind(upto)
+        .fetch_all(pool)
+        .await
+}
+
+/// Fan-out by user: one `watch` per user with open streams on this api, holding the latest
+/// position the feed saw for that user. A stream wakes only for its own user's news, a `watch`
+/// cannot lag (it keeps the latest value), and the entry is removed with the user's last stream.
+/// The per-user cap on open streams is counted here.
+#[derive(Clone, Default)]
+pub struct NotificationHub {
+    users: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<Uuid, (tokio::sync::watch::Sender<i64>, usize)>>>,
+}
+
+/// Why a notification stream was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooManyStreams;
+
+impl NotificationHub {
+    /// Registers a stream of `user`, unless the user already has `cap` open on this api.
+    pub fn subscribe(&self, user: Uuid, cap: usize) -> Result<UserSubscription, TooManyStreams> {
+        let mut map = self.users.lock().expect("notification hub lock");
+        let entry = map.entry(user).or_insert_with(|| (tokio::sync::watch::channel(0).0, 0));
+        if entry.1 >= cap {
+            if entry.1 == 0 {
+                map.remove(&user);
             }
-        };
-        if let Err(e) = listener.listen(STORED_CHANNEL).await {
-            tracing::warn!(error = %e, "notification hub LISTEN failed");
-            continue;
+            return Err(TooManyStreams);
         }
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                n = listener.recv() => match n {
-                    Ok(n) => {
-                        for user in announced_users(n.payload()) {
-                            let _ = tx.send(user);
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "notification hub lost its connection");
-                        break;
-                    }
-                }
+        entry.1 += 1;
+        let rx = entry.0.subscribe();
+        Ok(UserSubscription { rx, hub: self.clone(), user })
+    }
+
+    /// Wakes the streams of the given users (user, latest position); returns how many users had
+    /// streams here.
+    pub fn wake(&self, users: &[(Uuid, i64)]) -> usize {
+        let map = self.users.lock().expect("notification hub lock");
+        let mut n = 0;
+        for (user, pos) in users {
+            if let Some((tx, _)) = map.get(user) {
+                tx.send_replace(*pos);
+                n += 1;
             }
         }
+        n
+    }
+
+    /// True when no notification stream is open on this api.
+    pub fn is_empty(&self) -> bool {
+        self.users.lock().expect("notification hub lock").is_empty()
+    }
+
+    /// Open streams of `user` on this api.
+    pub fn open_streams(&self, user: Uuid) -> usize {
+        self.users.lock().expect("notification hub lock").get(&user).map_or(0, |e| e.1)
+    }
+}
+
+/// One open stream of a user; dropping it frees its place under the cap.
+pub struct UserSubscription {
+    pub rx: tokio::sync::watch::Receiver<i64>,
+    hub: NotificationHub,
+    user: Uuid,
+}
+
+impl Drop for UserSubscription {
+    fn drop(&mut self) {
+        let mut map = self.hub.users.lock().expect("notification hub lock");
+        if let Some(e) = map.get_mut(&self.user) {
+            e.1 -= 1;
+            if e.1 == 0 {
+                map.remove(&self.user);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod hub_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_user_gets_at_most_cap_streams_and_only_their_own_wake_ups() {
+        let hub = NotificationHub::default();
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let s1 = hub.subscribe(a, 2).unwrap();
+        let s2 = hub.subscribe(a, 2).unwrap();
+        assert_eq!(hub.subscribe(a, 2).err(), Some(TooManyStreams));
+        let mut sb = hub.subscribe(b, 2).unwrap();
+        sb.rx.borrow_and_update();
+        assert_eq!(hub.wake(&[(a, 7)]), 1);
+        assert!(s2.rx.has_changed().unwrap());
+        assert!(!sb.rx.has_changed().unwrap(), "b is not woken by a's notification");
+        drop(s1);
+        let s3 = hub.subscribe(a, 2).unwrap();
+        drop((s2, s3, sb));
+        assert!(hub.is_empty());
     }
 }

@@ -40,6 +40,7 @@ pub fn routes(api: Api) -> BoxedFilter<(Response,)> {
         .or(concerts(&api)).unify()
         .or(schedules(&api)).unify()
         .or(seats(&api)).unify()
+        .or(seat_stream(&api)).unify()
         .or(enter_queue(&api)).unify()
         .or(queue_me(&api)).unify()
         .or(hold(&api)).unify()
@@ -106,6 +107,13 @@ fn schedules(api: &Api) -> Route {
 fn seats(api: &Api) -> Route {
     warp::path!("v1" / "schedules" / String / "seats").and(warp::get()).and(with_api(api))
         .then(h::seats).map(done).boxed()
+}
+
+/// GET /v1/schedules/{scheduleId}/seats/stream (Server-Sent Events)
+fn seat_stream(api: &Api) -> Route {
+    warp::path!("v1" / "schedules" / String / "seats" / "stream").and(warp::get()).and(with_api(api))
+        .and(warp::header::optional::<String>("last-event-id"))
+        .then(h::seat_stream).map(done).boxed()
 }
 
 /// POST /v1/queue/tokens

@@ -1,6 +1,5 @@
 //! Plain async functions behind the routes: parse, authenticate, call the domain, shape the reply.
 
-use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::time::Duration;
 
@@ -16,7 +15,7 @@ use warp::Reply;
 use super::body::parse;
 use super::Api;
 use crate::error::{Error, Result};
-use crate::{catalog, idempotency, notification, payment, points, queue, ranking, reservation, user};
+use crate::{catalog, idempotency, notification, payment, points, queue, ranking, reservation, seat_map, user};
 
 type Body = Result<Bytes, Error>;
 
@@ -199,72 +198,189 @@ pub async fn notifications(api: Api, auth: Option<String>, query: String) -> Res
     Ok(json_reply(StatusCode::OK, &json!({ "items": items, "next": next })))
 }
 
-struct StreamState {
-    api: Api,
-    user: Uuid,
-    last: i64,
-    buf: VecDeque<notification::Stored>,
-    rx: tokio::sync::broadcast::Receiver<Uuid>,
+/// A global stream permit, or `STREAMS_AT_CAPACITY`.
+fn stream_permit(api: &Api) -> Result<tokio::sync::OwnedSemaphorePermit> {
+    api.stream_permits.clone().try_acquire_owned().map_err(|_| Error::StreamsAtCapacity)
 }
 
-/// Server-Sent Events: every notification of the user as it is stored, with its cursor as the
-/// event id; `Last-Event-ID` resumes after that cursor, so a reconnect has no gap and no repeat.
+/// The SSE reply around a channel fed by a task of its own; the task ends when the client goes
+/// away (the channel closes) or the server shuts down.
+fn sse_reply(events: tokio::sync::mpsc::Receiver<warp::sse::Event>) -> Response {
+    let stream = tokio_stream::wrappers::ReceiverStream::new(events).map(Ok::<_, Infallible>);
+    warp::sse::reply(warp::sse::keep_alive().interval(Duration::from_secs(15)).stream(stream)).into_response()
+}
+
+/// Server-Sent Events: every notification of the user as it becomes visible, with its
+/// commit-ordered position as the event id; `Last-Event-ID` resumes after it, on any replica,
+/// with no gap and no repeat. The stream reads PostgreSQL only when the feed says this user has
+/// something new (no periodic poll).
 pub async fn notification_stream(api: Api, auth: Option<String>, last_event_id: Option<String>) -> Result<Response> {
     let user = authed(&api, &auth).await?;
-    let rx = api.notifications.subscribe();
     let last = match last_event_id.as_deref().map(str::parse::<i64>) {
-        Some(Ok(n)) if n >= 0 => n,
+        Some(Ok(n)) if n >= 0 => Some(n),
         Some(_) => return Err(Error::invalid("Last-Event-ID", "must be an event id from this stream")),
+        None => None,
+    };
+    // Registered before the first read, so a notification stamped in between still wakes us.
+    let sub = api.notifications.subscribe(user, api.max_streams_per_user).map_err(|_| Error::TooManyStreams)?;
+    let permit = stream_permit(&api)?;
+    let last = match last {
+        Some(n) => n,
         None => notification::last_cursor(&api.pool, user).await?,
     };
-    let state = StreamState { api, user, last, buf: VecDeque::new(), rx };
-    // The reader runs as its own task and hands events over a small channel; it stops when the
-    // client goes away (the channel closes) or the server shuts down.
     let (tx, events) = tokio::sync::mpsc::channel::<warp::sse::Event>(16);
-    tokio::spawn(feed_stream(state, tx));
-    let stream = tokio_stream::wrappers::ReceiverStream::new(events).map(Ok::<_, Infallible>);
-    Ok(warp::sse::reply(warp::sse::keep_alive().interval(Duration::from_secs(15)).stream(stream)).into_response())
+    tokio::spawn(feed_notifications(api, user, last, sub, permit, tx));
+    Ok(sse_reply(events))
 }
 
-async fn feed_stream(mut st: StreamState, tx: tokio::sync::mpsc::Sender<warp::sse::Event>) {
+async fn feed_notifications(
+    api: Api,
+    user: Uuid,
+    mut last: i64,
+    mut sub: notification::UserSubscription,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    tx: tokio::sync::mpsc::Sender<warp::sse::Event>,
+) {
     loop {
-        while let Some(n) = st.buf.pop_front() {
-            st.last = n.cursor;
-            let Ok(ev) = warp::sse::Event::default().id(n.cursor.to_string()).event(n.kind.clone()).json_data(&n) else { continue };
-            if tx.send(ev).await.is_err() {
-                return;
-            }
-        }
-        if st.api.shutdown.is_cancelled() || tx.is_closed() {
-            return;
-        }
-        match notification::list_after(&st.api.pool, st.user, st.last, 100).await {
-            Ok(v) if !v.is_empty() => {
-                st.buf.extend(v);
+        // Mark the current wake-up seen before reading, so one arriving during the read is kept.
+        sub.rx.borrow_and_update();
+        match notification::list_after(&api.pool, user, last, 100).await {
+            Ok(items) if !items.is_empty() => {
+                for n in items {
+                    last = n.cursor;
+                    let Ok(ev) = warp::sse::Event::default().id(n.cursor.to_string()).event(n.kind.clone()).json_data(&n) else { continue };
+                    if tx.send(ev).await.is_err() {
+                        return;
+                    }
+                }
                 continue;
             }
             Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "notification stream read failed"),
-        }
-        let user = st.user;
-        let rx = &mut st.rx;
-        let wait_for_user = async {
-            loop {
-                match rx.recv().await {
-                    Ok(u) if u == user => return,
-                    Ok(_) => continue,
-                    // Lagged: our signal may be among the lost ones; re-read to be sure.
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return,
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => std::future::pending::<()>().await,
+            Err(e) => {
+                tracing::warn!(error = %e, "notification stream read failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    _ = tx.closed() => return,
+                    _ = api.shutdown.cancelled() => return,
                 }
             }
-        };
-        let shutdown = st.api.shutdown.clone();
+        }
         tokio::select! {
-            _ = wait_for_user => {}
-            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            r = sub.rx.changed() => if r.is_err() { return },
             _ = tx.closed() => return,
-            _ = shutdown.cancelled() => return,
+            _ = api.shutdown.cancelled() => return,
+        }
+    }
+}
+
+fn seat_sse(id: i64, kind: &str, data: &impl Serialize) -> Option<warp::sse::Event> {
+    warp::sse::Event::default().id(id.to_string()).event(kind).json_data(data).ok()
+}
+
+/// Server-Sent Events: the live seat map of a schedule. First a `snapshot` (the whole map, with
+/// its position as id), then one `seat` event per change. `Last-Event-ID` resumes after that
+/// position on any replica; an id that can no longer be replayed gets a fresh snapshot.
+pub async fn seat_stream(id: String, api: Api, last_event_id: Option<String>) -> Result<Response> {
+    let schedule = path_id(&id, "schedule")?;
+    let permit = stream_permit(&api)?;
+    // Subscribed before the first read: whatever the feed publishes from now on reaches us, and
+    // what it published before is already visible to the read below.
+    let sub = api.seat_map.subscribe(schedule);
+    // An id that is not a number cannot be resumed: treat it as too old (fresh snapshot), the
+    // way a browser's EventSource expects a stream to recover.
+    let resume = last_event_id.as_deref().and_then(|v| v.trim().parse::<i64>().ok()).filter(|n| *n >= 0);
+    let mut first = Vec::new();
+    let last = match resume {
+        Some(after) => {
+            catalog::schedule_opens_at(&api.pool, schedule).await?;
+            catch_up(&api, schedule, after, &mut first).await?
+        }
+        None => {
+            let snap = seat_map::snapshot(&api.pool, schedule).await?.ok_or(Error::NotFound("schedule"))?;
+            first.extend(seat_sse(snap.pos, "snapshot", &snap));
+            snap.pos
+        }
+    };
+    metrics::counter!("seat_map_streams_opened_total", "start" => if resume.is_some() { "resume" } else { "snapshot" }).increment(1);
+    let (tx, events) = tokio::sync::mpsc::channel::<warp::sse::Event>(64);
+    tokio::spawn(feed_seats(api, schedule, last, first, sub, permit, tx));
+    Ok(sse_reply(events))
+}
+
+/// Appends to `out` the schedule's events after `after` (or a fresh snapshot when they can no
+/// longer be replayed); returns the position the stream is now at.
+async fn catch_up(api: &Api, schedule: Uuid, after: i64, out: &mut Vec<warp::sse::Event>) -> Result<i64> {
+    let mut last = after;
+    loop {
+        match seat_map::replay(&api.pool, schedule, last, 1000).await? {
+            seat_map::Replay::TooOld => {
+                let snap = seat_map::snapshot(&api.pool, schedule).await?.ok_or(Error::NotFound("schedule"))?;
+                out.extend(seat_sse(snap.pos, "snapshot", &snap));
+                metrics::counter!("seat_map_resets_total").increment(1);
+                return Ok(snap.pos);
+            }
+            seat_map::Replay::Events(events) => {
+                let full = events.len() == 1000;
+                for e in events {
+                    last = e.pos;
+                    out.extend(seat_sse(e.pos, "seat", &e));
+                }
+                if !full {
+                    return Ok(last);
+                }
+            }
+        }
+    }
+}
+
+async fn feed_seats(
+    api: Api,
+    schedule: Uuid,
+    mut last: i64,
+    first: Vec<warp::sse::Event>,
+    mut sub: seat_map::Subscription,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    tx: tokio::sync::mpsc::Sender<warp::sse::Event>,
+) {
+    for ev in first {
+        if tx.send(ev).await.is_err() {
+            return;
+        }
+    }
+    loop {
+        let next = tokio::select! {
+            r = sub.recv() => r,
+            _ = tx.closed() => return,
+            _ = api.shutdown.cancelled() => return,
+        };
+        match next {
+            // Already sent by the initial read (or a catch-up): positions only grow.
+            Ok(e) if e.pos <= last => {}
+            Ok(e) => {
+                last = e.pos;
+                let Some(ev) = seat_sse(e.pos, "seat", &*e) else { continue };
+                if tx.send(ev).await.is_err() {
+                    return;
+                }
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                // This watcher alone fell behind: it catches up from PostgreSQL, the others go on.
+                metrics::counter!("seat_map_lagged_total").increment(1);
+                let mut out = Vec::new();
+                match catch_up(&api, schedule, last, &mut out).await {
+                    Ok(at) => last = at,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "seat map catch-up failed; closing the stream so the client resumes");
+                        return;
+                    }
+                }
+                for ev in out {
+                    if tx.send(ev).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
         }
     }
 }

@@ -36,8 +36,14 @@ pub struct Api {
     pub admin_token: String,
     pub health: Arc<Health>,
     pub metrics: PrometheusHandle,
-    /// Signals "user X has a new notification" to open streams.
-    pub notifications: tokio::sync::broadcast::Sender<uuid::Uuid>,
+    /// Wakes a user's open notification streams (fan-out by user; counts the per-user cap).
+    pub notifications: crate::notification::NotificationHub,
+    /// One channel per watched schedule for the live seat map.
+    pub seat_map: crate::seat_map::SeatHub,
+    /// One permit per open stream (seat map or notifications): the global cap.
+    pub stream_permits: Arc<tokio::sync::Semaphore>,
+    /// Most open notification streams per user on this api.
+    pub max_streams_per_user: usize,
     /// Ends open notification streams so a graceful shutdown does not wait on them.
     pub shutdown: CancellationToken,
 }
@@ -80,6 +86,7 @@ pub fn with_metrics() -> warp::log::Log<impl Fn(warp::log::Info<'_>) + Clone> {
 pub const ROUTES: &[&str] = &[
         "/v1/users", "/v1/users/me/points", "/v1/users/me/points/charges", "/v1/users/me/points/history",
         "/v1/admin/concerts", "/v1/concerts", "/v1/concerts/{id}/schedules", "/v1/schedules/{id}/seats",
+        "/v1/schedules/{id}/seats/stream",
         "/v1/queue/tokens", "/v1/queue/tokens/me", "/v1/reservations", "/v1/reservations/{id}",
         "/v1/payments", "/v1/users/me/notifications", "/v1/users/me/notifications/stream",
         "/v1/rankings/schedules", "/health", "/metrics", "/openapi.yaml",

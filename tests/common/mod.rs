@@ -97,6 +97,7 @@ impl TestEnv {
             queue: QueueConfig { tick: queue.tick, batch: queue.batch, max_active: queue.max_active, idle: queue.idle, secret: "test-secret".into() },
             outbox_batch: 500,
             outbox_poll: Duration::from_millis(200),
+            streams: booking::sequencer::StreamSettings::default(),
         };
         let metrics = booking::telemetry::install_metrics();
         let handle = tokio::spawn(booking::app::run_api(self.res.clone(), settings, listener, None, metrics, shutdown.clone()));

@@ -1,0 +1,269 @@
+//! Commit-ordered positions for everything a live stream serves (issue 17), and the api's feed
+//! that hands newly visible events to the open streams.
+//!
+//! **The invariant:** the positions a reader can see always form a prefix — once any reader has
+//! seen position `p`, no row with a position below `p` ever becomes visible. A client resuming
+//! with `Last-Event-ID: p` (to this api or another replica) therefore gets every later event
+//! exactly once, in order.
+//!
+//! Where it comes from: rows are written with no position (`seat_events` by a trigger on
+//! `reservations`, `notifications` by the worker). [`stamp`] is the single sequencer: it locks the
+//! stream's row in `stream_heads` (`FOR UPDATE`, so one stamping transaction at a time whatever the
+//! number of api replicas running it), then, in a *new* statement — whose snapshot sees
+//! everything committed before the lock was granted, including the previous stamper's commit —
+//! gives the committed, unstamped rows the positions `head + 1 …`, and commits. A writer's
+//! transaction that is still open is invisible to the stamper and simply gets a later position
+//! once it commits. Stamping transactions commit one after another in position order, and a
+//! PostgreSQL snapshot that sees a transaction as committed also sees every transaction that
+//! committed before it started; so readers see a prefix. Writers never touch `stream_heads`:
+//! bookings do not serialize on the sequencer, only the (cheap, batched) stamping does.
+//!
+//! Cost: an event is served one stamping round after its commit (the [`Feed`] polls every
+//! `--stream-poll`, 20 ms by default), and each stamped row is written a second time.
+//!
+//! Within one stamping batch rows are ordered by insertion id. For one seat that is commit order:
+//! two changes of a seat are serialized by PostgreSQL (the row lock of the reservation, or the
+//! partial unique index a new hold waits on), so the later change's trigger runs after the
+//! earlier one committed.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::notification::NotificationHub;
+use crate::seat_map::SeatHub;
+
+/// The streams that carry commit-ordered positions, as named in `stream_heads`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Seat,
+    Notification,
+}
+
+impl Stream {
+    fn name(self) -> &'static str {
+        match self {
+            Stream::Seat => "seat",
+            Stream::Notification => "notification",
+        }
+    }
+}
+
+/// Gives the next positions to at most `limit` committed, unstamped rows of `stream`, in one
+/// transaction holding the stream's head row. Returns how many rows it stamped.
+pub async fn stamp(pool: &PgPool, stream: Stream, limit: i64) -> Result<i64, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    // The sequencer lock: a second stamper (another replica) waits here until the first commits.
+    let head: i64 = sqlx::query_scalar("SELECT pos FROM stream_heads WHERE stream = $1 FOR UPDATE")
+        .bind(stream.name())
+        .fetch_one(&mut *tx)
+        .await?;
+    // A separate statement on purpose: its snapshot is taken after the lock was granted.
+    let sql = match stream {
+        Stream::Seat => {
+            "WITH pending AS (
+                 SELECT id, $1 + row_number() OVER (ORDER BY id) AS pos
+                 FROM (SELECT id FROM seat_events WHERE pos IS NULL ORDER BY id LIMIT $2) p
+             ), stamped AS (
+                 UPDATE seat_events e SET pos = pending.pos FROM pending WHERE e.id = pending.id
+                 RETURNING e.pos, e.seat_id, e.schedule_id, e.status
+             ), state AS (
+                 INSERT INTO seat_state (seat_id, schedule_id, status, pos)
+                 SELECT DISTINCT ON (seat_id) seat_id, schedule_id, status, pos FROM stamped
+                 ORDER BY seat_id, pos DESC
+                 ON CONFLICT (seat_id) DO UPDATE SET status = excluded.status, pos = excluded.pos
+             )
+             SELECT count(*) FROM stamped"
+        }
+        Stream::Notification => {
+            "WITH pending AS (
+                 SELECT id, $1 + row_number() OVER (ORDER BY id) AS pos
+                 FROM (SELECT id FROM notifications WHERE pos IS NULL ORDER BY id LIMIT $2) p
+             ), stamped AS (
+                 UPDATE notifications n SET pos = pending.pos FROM pending WHERE n.id = pending.id
+                 RETURNING n.pos
+             )
+             SELECT count(*) FROM stamped"
+        }
+    };
+    let n: i64 = sqlx::query_scalar(sql).bind(head).bind(limit).fetch_one(&mut *tx).await?;
+    if n > 0 {
+        sqlx::query("UPDATE stream_heads SET pos = $2 WHERE stream = $1")
+            .bind(stream.name())
+            .bind(head + n)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    if n > 0 {
+        metrics::counter!("stream_positions_stamped_total", "stream" => stream.name()).increment(n as u64);
+    }
+    Ok(n)
+}
+
+/// One look at both streams: their heads and whether anything waits to be stamped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Probe {
+    pub seat_head: i64,
+    pub seat_pending: bool,
+    pub notification_head: i64,
+    pub notification_pending: bool,
+}
+
+/// Reads both heads and the pending flags in one query (what an idle feed costs per poll).
+pub async fn probe(pool: &PgPool) -> Result<Probe, sqlx::Error> {
+    let (seat_head, seat_pending, notification_head, notification_pending): (i64, bool, i64, bool) = sqlx::query_as(
+        "SELECT (SELECT pos FROM stream_heads WHERE stream = 'seat'),
+                EXISTS (SELECT 1 FROM seat_events WHERE pos IS NULL),
+                (SELECT pos FROM stream_heads WHERE stream = 'notification'),
+                EXISTS (SELECT 1 FROM notifications WHERE pos IS NULL)",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(Probe { seat_head, seat_pending, notification_head, notification_pending })
+}
+
+/// Deletes seat events older than `retention` (by stamped position, oldest first, at most
+/// `limit`) and records the highest deleted position, so a resume from before it gets a fresh
+/// snapshot instead of a gap. Returns how many rows went.
+pub async fn prune_seat_events(pool: &PgPool, retention: Duration, limit: i64) -> Result<u64, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let (upto, n): (Option<i64>, i64) = sqlx::query_as(
+        "WITH gone AS (
+             DELETE FROM seat_events WHERE id IN (
+                 SELECT id FROM seat_events
+                 WHERE pos IS NOT NULL AND created_at < clock_timestamp() - make_interval(secs => $1::float8 / 1000)
+                 ORDER BY pos LIMIT $2)
+             RETURNING pos)
+         SELECT max(pos), count(*) FROM gone",
+    )
+    .bind(retention.as_millis() as i64)
+    .bind(limit)
+    .fetch_one(&mut *tx)
+    .await?;
+    let Some(upto) = upto else { return Ok(0) };
+    // Written before the rows disappear from any reader's view (same commit).
+    sqlx::query("UPDATE stream_heads SET pruned_upto = GREATEST(pruned_upto, $1) WHERE stream = 'seat'")
+        .bind(upto)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(n as u64)
+}
+
+/// Settings of the api's stream feed and the caps on open streams.
+#[derive(Clone, Debug)]
+pub struct StreamSettings {
+    /// How often the feed looks for new positions (and stamps pending rows).
+    pub poll: Duration,
+    /// Most rows one stamping transaction handles.
+    pub stamp_batch: i64,
+    /// How long seat events stay replayable for `Last-Event-ID`.
+    pub seat_event_retention: Duration,
+    /// Most open notification streams per user on one api.
+    pub max_streams_per_user: usize,
+    /// Most open streams (seat map and notifications) on one api.
+    pub max_streams: usize,
+}
+
+impl Default for StreamSettings {
+    fn default() -> Self {
+        Self {
+            poll: Duration::from_millis(20),
+            stamp_batch: 5000,
+            seat_event_retention: Duration::from_secs(3600),
+            max_streams_per_user: 5,
+            max_streams: 20_000,
+        }
+    }
+}
+
+/// Outcome of one [`Feed::step`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FeedStep {
+    pub stamped: i64,
+    pub seat_events: usize,
+    pub notified_users: usize,
+}
+
+/// The api's one reader of the streams: stamps pending rows, reads what became visible past the
+/// last position it handed out, and fans it out in memory (seat events to the schedule's
+/// channel, "something new" to each user's watch). Streams never poll PostgreSQL themselves, so
+/// the database work of idle streams is this feed's one query per poll, whatever their number.
+pub struct Feed {
+    pub pool: PgPool,
+    pub seats: SeatHub,
+    pub notifications: NotificationHub,
+    pub settings: StreamSettings,
+    seat_last: Option<i64>,
+    notification_last: Option<i64>,
+}
+
+impl Feed {
+    pub fn new(pool: PgPool, seats: SeatHub, notifications: NotificationHub, settings: StreamSettings) -> Self {
+        Self { pool, seats, notifications, settings, seat_last: None, notification_last: None }
+    }
+
+    /// One round: probe, stamp what is pending, fan out what became visible.
+    pub async fn step(&mut self) -> Result<FeedStep, sqlx::Error> {
+        let mut out = FeedStep::default();
+        let mut p = probe(&self.pool).await?;
+        if p.seat_pending || p.notification_pending {
+            if p.seat_pending {
+                out.stamped += stamp(&self.pool, Stream::Seat, self.settings.stamp_batch).await?;
+            }
+            if p.notification_pending {
+                out.stamped += stamp(&self.pool, Stream::Notification, self.settings.stamp_batch).await?;
+            }
+            p = probe(&self.pool).await?;
+        }
+        // Seat events: read only when someone on this api watches; otherwise just move on.
+        let seat_last = *self.seat_last.get_or_insert(p.seat_head);
+        if p.seat_head > seat_last {
+            if self.seats.is_empty() {
+                self.seat_last = Some(p.seat_head);
+            } else {
+                let events = crate::seat_map::events_between(&self.pool, seat_last, p.seat_head).await?;
+                out.seat_events = events.len();
+                self.seat_last = Some(p.seat_head);
+                self.seats.publish(events);
+            }
+        }
+        let note_last = *self.notification_last.get_or_insert(p.notification_head);
+        if p.notification_head > note_last {
+            if !self.notifications.is_empty() {
+                let users = crate::notification::users_between(&self.pool, note_last, p.notification_head).await?;
+                out.notified_users = self.notifications.wake(&users);
+            }
+            self.notification_last = Some(p.notification_head);
+        }
+        Ok(out)
+    }
+
+    /// Runs [`Feed::step`] every `poll` (sooner while stamping batches are full) until `shutdown`;
+    /// prunes old seat events once a minute.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(self.settings.poll);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut prune = tokio::time::interval(Duration::from_secs(60));
+        prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {
+                    match self.step().await {
+                        Ok(s) if s.stamped >= self.settings.stamp_batch => tick.reset_immediately(),
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "stream feed step failed"),
+                    }
+                }
+                _ = prune.tick() => {
+                    if let Err(e) = prune_seat_events(&self.pool, self.settings.seat_event_retention, 10_000).await {
+                        tracing::warn!(error = %e, "pruning seat events failed");
+                    }
+                }
+            }
+        }
+    }
+}
