@@ -8,18 +8,23 @@
 # database (bench_<timestamp>) with fresh Kafka topic and Redis key prefixes, and runs the four
 # daemons on fixed ports with bench-friendly flags (the queue admits everyone at the next tick).
 # Then, in three phases:
-#   1. api --hold-ttl 5m:                 queue-spike, seat-fight, sell-out, payments
+#   1. api --hold-ttl 5m:                 limits (pgbench of the same database at the same
+#                                         concurrency), queue-spike, seat-fight, sell-out, payments
 #   2. api --hold-ttl $BENCH_HOLD_TTL:    end-to-end, expiry --label after
 #      (delay-scheduler + expirer --mode after)
+#   2b. the same stack:                   versus-bullmq (N = BENCH_BULLMQ_N holds straight into
+#      PostgreSQL through the outbox, due in one BENCH_WINDOW; then BullMQ 5 on the same Redis with the
+#      same N and window; bullmq is installed from npm into $BENCH_NODE_CACHE, never committed)
 #   3. delay-scheduler stopped, expirer --mode before (the old 10 s scan): expiry --label before
 #   4. every daemon stopped: notify-drain (BENCH_NOTIFICATIONS requests produced to fresh topics,
 #      then a worker of its own is started by the bench and timed until all are delivered)
-# and merges the four JSON files into $BENCH_OUT.{json,md} (default docs/bench/latest) and draws
+# and merges the five JSON files into $BENCH_OUT.{json,md} (default docs/bench/latest) and draws
 # the charts with scripts/bench_charts.py. Daemon logs and the per-phase JSON stay in
 # .data/bench/<timestamp>/.
 #
 # Sizes (environment):
-#   BENCH_USERS=20000 BENCH_FIGHTERS=500 BENCH_SCHEDULES=20 BENCH_CLIENTS=64 BENCH_PAY_CONCURRENCY=32
+#   BENCH_USERS=20000 BENCH_FIGHTERS=500 BENCH_SCHEDULES=20 BENCH_CLIENTS=64 BENCH_PAY_CONCURRENCY=64
+#   BENCH_BULLMQ_N=1000,10000 BENCH_NODE_CACHE=~/.cache/booking-bench-node
 #   BENCH_HOLDS=10000 BENCH_WINDOW=2s BENCH_E2E_USERS=100 BENCH_CONCURRENCY=64 BENCH_NOTIFICATIONS=100000
 #   BENCH_HOLD_TTL=60s  (must exceed the time to take the holds + 11 s for clean DB statistics)
 #   BENCH_PORT=28080    (api; the daemons' metrics on BENCH_PORT+21 … +24)   BENCH_OUT=docs/bench/latest
@@ -32,7 +37,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/booking-target}"
 if [[ "${1:-}" == "--small" ]]; then
   : "${BENCH_USERS:=2000}" "${BENCH_FIGHTERS:=200}" "${BENCH_SCHEDULES:=4}" "${BENCH_CLIENTS:=16}"
   : "${BENCH_HOLDS:=1000}" "${BENCH_E2E_USERS:=20}" "${BENCH_HOLD_TTL:=20s}" "${BENCH_CONCURRENCY:=32}"
-  : "${BENCH_NOTIFICATIONS:=10000}"
+  : "${BENCH_NOTIFICATIONS:=10000}" "${BENCH_BULLMQ_N:=1000}"
   shift
 elif [[ -n "${1:-}" ]]; then
   echo "usage: scripts/bench.sh [--small]" >&2
@@ -42,7 +47,9 @@ USERS=${BENCH_USERS:-20000}
 FIGHTERS=${BENCH_FIGHTERS:-500}
 SCHEDULES=${BENCH_SCHEDULES:-20}
 CLIENTS=${BENCH_CLIENTS:-64}
-PAY_CONCURRENCY=${BENCH_PAY_CONCURRENCY:-32}
+PAY_CONCURRENCY=${BENCH_PAY_CONCURRENCY:-64}
+BULLMQ_N=${BENCH_BULLMQ_N:-1000,10000}
+NODE_CACHE=${BENCH_NODE_CACHE:-$HOME/.cache/booking-bench-node}
 HOLDS=${BENCH_HOLDS:-10000}
 WINDOW=${BENCH_WINDOW:-2s}
 E2E_USERS=${BENCH_E2E_USERS:-100}
@@ -62,6 +69,14 @@ log "building release binaries"
 # The daemons (package booking) and the load generator (package bench, the workspace member bench/).
 cargo build --release --locked -p booking -p bench --bins
 BIN="$CARGO_TARGET_DIR/release"
+
+# BullMQ 5 for the versus-bullmq phase: from the npm registry into a cache directory, once.
+if [[ ! -f "$NODE_CACHE/node_modules/bullmq/package.json" ]]; then
+  log "installing bullmq@5 (npm) into $NODE_CACHE"
+  mkdir -p "$NODE_CACHE"
+  npm install --prefix "$NODE_CACHE" --no-audit --no-fund --silent bullmq@5 >/dev/null
+fi
+export NODE_PATH="$NODE_CACHE/node_modules"
 
 STAMP=$(date -u +%Y%m%d%H%M%S)
 DB="bench_$STAMP"
@@ -149,10 +164,10 @@ start_api 5m
 start_scheduler
 start_expirer after
 start_worker
-"${BENCH[@]}" --scenario queue-spike,seat-fight,sell-out,payments --label spike \
+"${BENCH[@]}" --scenario limits,queue-spike,seat-fight,sell-out,payments --label spike \
   --users "$USERS" --fighters "$FIGHTERS" --schedules "$SCHEDULES" --clients "$CLIENTS" --pay-concurrency "$PAY_CONCURRENCY" \
   --note "$QUEUE_NOTE --hold-ttl 5m" --note "delay-scheduler, expirer --mode after, worker (log channel, ranking consumer)" \
-  --out "$WORK/spike"
+  --out "$WORK/spike" || log "phase 1 reported a failure (see above); the report keeps what it measured"
 
 log "phase 2: end to end and expiry after (api --hold-ttl $HOLD_TTL, delay-scheduler + expirer --mode after)"
 stop_pid "$API_PID"
@@ -161,6 +176,12 @@ start_api "$HOLD_TTL"
   --scheduler-metrics "http://127.0.0.1:$M_SCHED/metrics" --expirer-metrics "http://127.0.0.1:$M_EXP/metrics" --holds "$HOLDS" --window "$WINDOW" --e2e-users "$E2E_USERS" \
   --note "$QUEUE_NOTE --hold-ttl $HOLD_TTL" --note "delay-scheduler (--poll-interval 1s), expirer --mode after (sweeper 30s/10s), worker" \
   --out "$WORK/after"
+
+log "phase 2b: versus-bullmq (N = $BULLMQ_N, window $WINDOW; then BullMQ on the same Redis)"
+"${BENCH[@]}" --scenario versus-bullmq --label bullmq --bullmq-n "$BULLMQ_N" --window "$WINDOW" \
+  --stack-topic-prefix "$PREFIX" --scheduler-metrics "http://127.0.0.1:$M_SCHED/metrics" --bullmq-script "$ROOT/bench/bullmq/delayed.cjs" \
+  --note "holds written by booking::reservation::hold straight into the bench database (outbox → the api's relay); delay-scheduler, expirer --mode after; BullMQ $(node -p "require('$NODE_CACHE/node_modules/bullmq/package.json').version") Worker (concurrency 100) on the same Redis" \
+  --out "$WORK/bullmq" || log "versus-bullmq reported a failure (see above); the report keeps what it measured"
 
 log "phase 3: expiry before (delay-scheduler stopped, expirer --mode before: scan every 10 s)"
 stop_pid "$SCHED_PID"; SCHED_PID=
@@ -182,7 +203,7 @@ log "phase 4: notify-drain ($NOTIFICATIONS requests to fresh topics, then the be
   --out "$WORK/drain"
 
 mkdir -p "$(dirname "$OUT")"
-"$BIN/bench" report --input "$WORK/spike.json" --input "$WORK/after.json" --input "$WORK/before.json" --input "$WORK/drain.json" --out "$OUT"
+"$BIN/bench" report --input "$WORK/spike.json" --input "$WORK/after.json" --input "$WORK/bullmq.json" --input "$WORK/before.json" --input "$WORK/drain.json" --out "$OUT"
 
 if ! python3 -c 'import matplotlib' 2>/dev/null; then
   log "installing matplotlib for the charts"

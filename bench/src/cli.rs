@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use crate::report::{Machine, Report, Results, RunInfo};
-use crate::{cpu, end_to_end, expiry, notify_drain, queue_spike, seat_fight, sell_out, Api, Ctx};
+use crate::{bullmq, cpu, end_to_end, expiry, limits, notify_drain, queue_spike, seat_fight, sell_out, Api, Ctx};
 use booking::config::duration;
 use clap::{Args, Parser, Subcommand};
 
@@ -38,9 +38,10 @@ enum Cmd {
     },
 }
 
-const SCENARIOS: &[&str] = &["queue-spike", "seat-fight", "sell-out", "payments", "end-to-end", "expiry"];
-/// Scenarios not in `all`: `notify-drain` needs the stack's worker stopped.
-const EXTRA: &[&str] = &["notify-drain"];
+const SCENARIOS: &[&str] = &["limits", "queue-spike", "seat-fight", "sell-out", "payments", "end-to-end", "expiry"];
+/// Scenarios not in `all`: `notify-drain` needs the stack's worker stopped; `versus-bullmq` needs
+/// Node.js with bullmq and the stack's topic prefix.
+const EXTRA: &[&str] = &["notify-drain", "versus-bullmq"];
 
 #[derive(Args, Debug)]
 struct RunArgs {
@@ -64,8 +65,9 @@ struct RunArgs {
     #[arg(long, env = "KAFKA_VERSION")]
     kafka_version: Option<String>,
 
-    /// Scenarios, comma separated: queue-spike, seat-fight, sell-out, payments, end-to-end,
+    /// Scenarios, comma separated: limits, queue-spike, seat-fight, sell-out, payments, end-to-end,
     /// expiry, or all. They run in that order; payments pays the sell-out's holds (and runs it).
+    /// `versus-bullmq` (not in all) needs --stack-topic-prefix and Node.js with bullmq.
     /// `notify-drain` (not in all) runs its own worker and needs no api; stop the stack's worker
     /// first (its delivery loop shares the notifications table).
     #[arg(long, value_delimiter = ',', default_value = "all")]
@@ -164,6 +166,39 @@ struct RunArgs {
     #[arg(long, default_value = "notify-drain-worker.log")]
     worker_log: PathBuf,
 
+    /// Limits: seconds of each pgbench run.
+    #[arg(long, default_value = "5s", value_parser = duration)]
+    limits_duration: Duration,
+
+    /// Limits: the pgbench binary.
+    #[arg(long, env = "PGBENCH", default_value = "pgbench")]
+    pgbench: String,
+
+    /// Versus-bullmq: numbers of holds (and of BullMQ jobs), comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+    bullmq_n: Vec<usize>,
+
+    /// Versus-bullmq: from the end of writing the holds to the first due time, at least (the
+    /// window starts this long after the writing began, plus 5 ms per hold).
+    #[arg(long, default_value = "5s", value_parser = duration)]
+    bullmq_lead: Duration,
+
+    /// Versus-bullmq: the running stack's --topic-prefix (the holds' outbox rows go to its topics).
+    #[arg(long, env = "BENCH_STACK_TOPIC_PREFIX")]
+    stack_topic_prefix: Option<String>,
+
+    /// Versus-bullmq: the Node.js binary.
+    #[arg(long, env = "BENCH_NODE", default_value = "node")]
+    node: String,
+
+    /// Versus-bullmq: the BullMQ script (bullmq must be resolvable, e.g. through NODE_PATH).
+    #[arg(long, env = "BENCH_BULLMQ_SCRIPT", default_value = "bench/bullmq/delayed.cjs")]
+    bullmq_script: PathBuf,
+
+    /// Versus-bullmq: BullMQ Worker concurrency.
+    #[arg(long, default_value_t = 100)]
+    bullmq_concurrency: usize,
+
     /// Concurrent requests for setup, entries and holds.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
@@ -226,6 +261,16 @@ async fn run(a: RunArgs) -> Result<()> {
     let mut failures = Vec::new();
     let c = a.concurrency;
 
+    if wants("limits") {
+        let mut clients = vec![c, a.clients, a.pay_concurrency];
+        clients.sort_unstable();
+        clients.dedup();
+        let cfg = limits::Config { clients, seconds: a.limits_duration.as_secs().max(1), database_url: db.clone(), pgbench: a.pgbench.clone() };
+        match limits::run(&ctx, &cfg).await {
+            Ok(l) => results.limits = Some(l),
+            Err(e) => failures.push(format!("limits: {e:#}")),
+        }
+    }
     if wants("queue-spike") {
         let cfg = queue_spike::Config { users: a.users, concurrency: c, pollers: (c / 4).max(1), drain_timeout_s: a.drain_timeout.as_secs_f64() };
         let cpu0 = cpu::snapshot(marker);
@@ -299,6 +344,34 @@ async fn run(a: RunArgs) -> Result<()> {
         }
     }
 
+    if wants("versus-bullmq") {
+        let prefix = a.stack_topic_prefix.clone().context("versus-bullmq needs --stack-topic-prefix (the stack's --topic-prefix)")?;
+        let redis = a.redis_url.clone().context("versus-bullmq needs --redis-url (BullMQ runs on the same Redis)")?;
+        for &n in &a.bullmq_n {
+            let cfg = bullmq::Config {
+                n,
+                window_ms: a.window.as_millis() as u64,
+                lead_ms: (a.bullmq_lead.as_millis() as u64) + 5 * n as u64,
+                concurrency: c,
+                stack_topic_prefix: prefix.clone(),
+                database_url: db.clone(),
+                timeout_s: a.expiry_timeout.as_secs_f64(),
+                scheduler_metrics: a.scheduler_metrics.clone(),
+                node: a.node.clone(),
+                script: a.bullmq_script.clone(),
+                redis_url: redis.clone(),
+                bullmq_prefix: format!("bench{}.bull", ctx.run_id),
+                bullmq_concurrency: a.bullmq_concurrency,
+            };
+            let cpu0 = cpu::snapshot(marker);
+            let r = bullmq::run(&ctx, &cfg).await;
+            results.cpu.insert(format!("versus-bullmq {n}"), cpu0.usage_since(marker));
+            if let Some(e) = &r.ours_error {
+                failures.push(format!("versus-bullmq {n} (ours): {e}"));
+            }
+            results.versus_bullmq.insert(format!("{n:06}"), r);
+        }
+    }
     if wants("notify-drain") {
         let brokers = a.kafka_brokers.clone().context("notify-drain needs --kafka-brokers (or KAFKA_BROKERS)")?;
         let prefix = a.topic_prefix.clone().unwrap_or_else(|| format!("benchdrain{}.", ctx.run_id));

@@ -16,12 +16,16 @@
 //! | `expiry` | [`expiry::run`] | §7-1: ±10 s before, ±100 ms after, 80 % less DB load |
 //! | `end-to-end` | [`end_to_end::run`] | §7-2 |
 //! | `notify-drain` | [`notify_drain::run`] | §7-2 notifications 10,000+/s, the worker alone |
+//! | `limits` | [`limits::run`] | pgbench of the same database: the limits our figures are compared with |
+//! | `versus-bullmq` | [`bullmq::run`] | the delay scheduler against BullMQ 5 on the same Redis |
 
+pub mod bullmq;
 pub mod cli;
 pub mod client;
 pub mod cpu;
 pub mod end_to_end;
 pub mod expiry;
+pub mod limits;
 pub mod notify_drain;
 pub mod pg;
 pub mod queue_spike;

@@ -121,6 +121,12 @@ pub struct Results {
     pub end_to_end: Option<EndToEnd>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notify_drain: Option<NotifyDrain>,
+    /// pgbench of the same database in the same run (issue 11).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<crate::limits::Limits>,
+    /// The delay scheduler against BullMQ on the same Redis, by N (issue 11).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub versus_bullmq: BTreeMap<String, crate::bullmq::Comparison>,
     /// CPU seconds by process during each scenario (key: scenario, `expiry <label>`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub cpu: BTreeMap<String, CpuUsage>,
@@ -148,6 +154,10 @@ impl Results {
         if other.notify_drain.is_some() {
             self.notify_drain = other.notify_drain;
         }
+        if other.limits.is_some() {
+            self.limits = other.limits;
+        }
+        self.versus_bullmq.extend(other.versus_bullmq);
         self.cpu.extend(other.cpu);
     }
 }
@@ -168,6 +178,62 @@ fn fig(what: &str, ours: String, document: &str, reference: &str, size: String) 
     Figure { what: what.into(), ours, document: document.into(), reference: reference.into(), size }
 }
 
+/// One of our figures beside what the machine's PostgreSQL does at the same concurrency.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Ratio {
+    pub what: String,
+    pub ours: String,
+    pub limit: String,
+    /// ours ÷ limit for rates; limit ÷ ours for times (so 1.0 is "as fast as the database").
+    pub ratio: f64,
+    pub goal: String,
+}
+
+/// Our rates and times beside the pgbench limits of the same run.
+pub fn ratios(r: &Results) -> Vec<Ratio> {
+    let Some(l) = &r.limits else { return Vec::new() };
+    let mut out = Vec::new();
+    let rate = |what: &str, ours: f64, clients: usize, goal: &str, out: &mut Vec<Ratio>| {
+        if let Some(lim) = l.get("insert", clients) {
+            out.push(Ratio {
+                what: what.into(),
+                ours: fmt_rate(ours),
+                limit: format!("{} (insert-and-commit, {} clients)", fmt_rate(lim.tps), lim.clients),
+                ratio: if lim.tps > 0.0 { (ours / lim.tps * 1000.0).round() / 1000.0 } else { 0.0 },
+                goal: goal.into(),
+            });
+        }
+    };
+    if let Some(q) = &r.queue_spike {
+        let c = q.config.as_ref().map(|c| c.concurrency).unwrap_or(64);
+        rate("Queue: new entrants per second", q.entry.per_second, c, "≥ 4,000/s, p99 ≤ 50 ms", &mut out);
+        rate("Notifications stored per second during the queue spike", q.notifications.stored_per_second, c, "≥ 5,000/s", &mut out);
+    }
+    if let Some(s) = &r.sell_out {
+        let c = s.config.as_ref().map(|c| c.clients).unwrap_or(64);
+        rate("Holds per second across schedules", s.throughput.per_second, c, "≥ 2,000/s", &mut out);
+    }
+    if let Some(p) = &r.payments {
+        let c = p.config.as_ref().map(|c| c.concurrency).unwrap_or(64);
+        rate("Payments per second", p.throughput.per_second, c, "≥ 1,500/s, p99 ≤ 50 ms at 64 clients", &mut out);
+    }
+    if let Some(f) = &r.seat_fight {
+        let c = f.config.as_ref().map(|c| c.concurrency).unwrap_or(64);
+        if let Some(lim) = l.get("insert", c).filter(|l| l.tps > 0.0) {
+            // The database alone would commit one row per request in fighters ÷ tps.
+            let floor_ms = f.fighters as f64 / lim.tps * 1000.0;
+            out.push(Ratio {
+                what: format!("{} holds on one seat: all decided", f.fighters),
+                ours: format!("{} ms", fmt_ms(f.all_decided_ms)),
+                limit: format!("{} ms ({} one-row commits at {})", fmt_ms(floor_ms), f.fighters, fmt_rate(lim.tps)),
+                ratio: if f.all_decided_ms > 0.0 { (floor_ms / f.all_decided_ms * 1000.0).round() / 1000.0 } else { 0.0 },
+                goal: "≤ 150 ms".into(),
+            });
+        }
+    }
+    out
+}
+
 /// The whole report.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Report {
@@ -177,12 +243,16 @@ pub struct Report {
     pub results: Results,
     /// Derived from `results` by [`figures`] (kept in the JSON for readers of the file alone).
     pub figures: Vec<Figure>,
+    /// Derived from `results` by [`ratios`].
+    #[serde(default)]
+    pub ratios: Vec<Ratio>,
 }
 
 impl Report {
     /// Recomputes the figures and the time stamp.
     pub fn finish(mut self) -> Self {
         self.figures = figures(&self.results);
+        self.ratios = ratios(&self.results);
         self.generated_at = Some(Utc::now());
         self
     }
@@ -412,7 +482,7 @@ pub fn markdown(r: &Report) -> String {
     let _ = writeln!(md, "# Benchmark: the design document's spike, measured\n");
     let _ = writeln!(
         md,
-        "Generated {} by `scripts/bench.sh` (the `bench` binary, `src/bench/`). Every figure below was measured \
+        "Generated {} by `scripts/bench.sh` (the `bench` binary, `bench/src/`). Every figure below was measured \
          on the machine described here, with the whole stack (PostgreSQL, Redis, Kafka and the four daemons) \
          and the load generator on it at once.\n",
         r.generated_at.map(|t| t.format("%Y-%m-%d %H:%M UTC").to_string()).unwrap_or_default()
@@ -443,6 +513,51 @@ pub fn markdown(r: &Report) -> String {
         row(&mut md, &[&f.what, &f.ours, &f.document, &f.reference, &f.size]);
     }
 
+    if let Some(l) = &r.results.limits {
+        let _ = writeln!(md, "\n## Against the machine's own limits (pgbench in the same run)\n");
+        let _ = writeln!(
+            md,
+            "`pgbench` against the same database, at the same concurrency, just before the scenarios: a one-row \
+             insert-and-commit (a JSON row of an envelope's size) and a one-row primary-key read. The ratio is \
+             ours ÷ limit for rates, limit ÷ ours for times: 1.0 would be the database's own speed for one \
+             row per request. The absolute figures move with the machine's load; the ratios are what we track.\n"
+        );
+        row(&mut md, &["what", "ours", "limit", "ratio", "goal"]);
+        row(&mut md, &["---", "---:", "---", "---:", "---"]);
+        for x in &r.ratios {
+            row(&mut md, &[&x.what, &x.ours, &x.limit, &format!("{:.2}", x.ratio), &x.goal]);
+        }
+        let _ = writeln!(md);
+        row(&mut md, &["pgbench", "clients", "transactions/s", "average latency"]);
+        row(&mut md, &["---", "---:", "---:", "---:"]);
+        for x in &l.runs {
+            let kind = if x.kind == "insert" { "one-row insert-and-commit" } else { "one-row read" };
+            row(&mut md, &[kind, &x.clients.to_string(), &fmt_rate(x.tps), &format!("{:.1} ms", x.latency_avg_ms)]);
+        }
+    }
+    if !r.results.versus_bullmq.is_empty() {
+        let _ = writeln!(md, "\n## Delay scheduler against BullMQ 5, same Redis, same workload\n");
+        let _ = writeln!(
+            md,
+            "N holds whose `expiresAt` fall in one window, inserted straight into PostgreSQL through the real \
+             outbox path (no HTTP), so the whole pipeline runs: outbox → `reservation.created` → delay-scheduler \
+             → `reservation.expiration` → expirer; lateness = `expired_at − expiresAt` from PostgreSQL. BullMQ: \
+             N delayed jobs due in the same window on the same Redis, one Worker process; lateness = job start − \
+             due time.\n"
+        );
+        row(&mut md, &["N", "window", "ours: expired_at − expiresAt", "ours: Kafka append − expiresAt (scheduler stage)", "BullMQ: start − due", "BullMQ version"]);
+        row(&mut md, &["---:", "---:", "---", "---", "---", "---"]);
+        for c in r.results.versus_bullmq.values() {
+            row(&mut md, &[
+                &group(c.n as i64),
+                &format!("{} ms", c.window_ms),
+                &c.ours.as_ref().map(|o| format!("{} ({} of {} expired)", o.lateness.short(), o.expired, o.holds)).unwrap_or_else(|| "not run".into()),
+                &c.ours.as_ref().and_then(|o| o.scheduler_stage.clone()).unwrap_or_else(|| "—".into()),
+                &c.bullmq.as_ref().map(|b| format!("{} ({} of {} started)", b.lateness.short(), b.started, b.jobs)).unwrap_or_else(|| c.bullmq_error.clone().unwrap_or_else(|| "not run".into())),
+                &c.bullmq.as_ref().map(|b| b.version.clone()).unwrap_or_default(),
+            ]);
+        }
+    }
     let _ = writeln!(md, "\n## Latencies in detail (ms)\n");
     row(&mut md, &["measure", "count", "p50", "p90", "p99", "max", "mean"]);
     row(&mut md, &["---", "---:", "---:", "---:", "---:", "---:", "---:"]);

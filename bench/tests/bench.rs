@@ -212,6 +212,29 @@ async fn end_to_end_and_expiry_before_and_after_at_a_small_size() {
 }
 
 #[test]
+fn pgbench_summaries_parse_and_the_report_puts_our_rates_beside_the_limits() {
+    use bench::limits::{parse, Limit, Limits};
+    let out = "transaction type: insert.sql\nnumber of clients: 64\nlatency average = 21.458 ms\ninitial connection time = 40.1 ms\ntps = 1491.298058 (without initial connection time)\n";
+    assert_eq!(parse(out), Some((1491.298058, 21.458)));
+    assert_eq!(parse("no summary"), None);
+    let limits = Limits {
+        config: None,
+        runs: vec![
+            Limit { kind: "insert".into(), clients: 64, tps: 2000.0, latency_avg_ms: 30.0 },
+            Limit { kind: "read".into(), clients: 64, tps: 9000.0, latency_avg_ms: 7.0 },
+        ],
+    };
+    let fight = bench::seat_fight::SeatFight { fighters: 500, all_decided_ms: 500.0, ..Default::default() };
+    let results = Results { limits: Some(limits), seat_fight: Some(fight), ..Default::default() };
+    let report = Report { results, ..Default::default() }.finish();
+    let r = report.ratios.iter().find(|r| r.what.contains("500 holds on one seat")).expect("the seat fight beside its limit");
+    // 500 one-row commits at 2,000/s take 250 ms: half the speed of the database alone.
+    assert_eq!(r.ratio, 0.5);
+    let md = markdown(&report);
+    assert!(md.contains("Against the machine's own limits") && md.contains("one-row insert-and-commit"), "{md}");
+}
+
+#[test]
 fn percentiles_and_sse_parsing() {
     use bench::sse::parse_events;
     use bench::stats::{percentile, Summary};
