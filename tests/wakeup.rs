@@ -35,6 +35,7 @@ async fn api_without_poll(env: &TestEnv) -> TestApi {
         queue: QueueConfig { tick: q.tick, batch: q.batch, max_active: q.max_active, idle: q.idle, secret: "test-secret".into() },
         outbox_batch: 500,
         outbox_poll: Duration::from_secs(3600),
+        streams: booking::sequencer::StreamSettings::default(),
     };
     let handle = tokio::spawn(booking::app::run_api(env.res.clone(), settings, listener, None, booking::telemetry::install_metrics(), shutdown.clone()));
     TestApi { base: format!("http://{addr}"), http: reqwest::Client::new(), shutdown, handle: Some(handle) }
