@@ -27,8 +27,9 @@
 #                     + 3 replicas (cluster-node-timeout 1s, so a failover takes seconds), and
 #                     the same single PostgreSQL. up/down/status/env/check/reset act on it
 #                     (down and reset leave PostgreSQL alone: the single topology shares it), plus
-#                     kill-kafka N (SIGKILL broker N = 1..3), kill-redis PORT (SIGKILL one Redis
-#                     node); `up` restarts whatever is down. env also prints
+#                     kill-kafka N (SIGKILL broker N = 1..3), start-kafka N (start it again,
+#                     wait until it listens), kill-redis PORT (SIGKILL one Redis node); `up`
+#                     restarts whatever is down. env also prints
 #                     TOPIC_REPLICATION_FACTOR=3.
 #
 # Environment (all optional):
@@ -1162,6 +1163,18 @@ cluster_kill_kafka() {
     fi
 }
 
+# Start broker N again (after kill-kafka) and wait until it listens; no round trip, so a fault
+# drill is not held up by the command-line tools' JVMs.
+cluster_start_kafka() {
+    local n=${1:-}
+    [[ $n =~ ^[123]$ ]] || die "start-kafka: which broker (1, 2 or 3)?"
+    kafka_require_bin
+    kafka_select_node "$n"
+    launch_cluster_broker
+    wait_ready "kafka-$n" "$KAFKA_SERVER_LOG $KAFKA_OUT" kafka_running kafka_port_ready
+    log "kafka-$n: listening (pid $(read_pid "$KAFKA_PID"))"
+}
+
 cluster_kill_redis() {
     local port=${1:-} pid
     [[ " ${CR_PORTS[*]} " == *" $port "* ]] || die "kill-redis: which node (${CR_PORTS[*]})?"
@@ -1201,6 +1214,7 @@ cluster_main() {
     env) print_env ;;
     reset) cluster_reset >&2 ;;
     kill-kafka) cluster_kill_kafka "${2:-}" >&2 ;;
+    start-kafka) cluster_start_kafka "${2:-}" >&2 ;;
     kill-redis) cluster_kill_redis "${2:-}" >&2 ;;
     -h | --help | help) usage ;;
     *)

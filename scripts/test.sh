@@ -50,6 +50,13 @@ export SCHEMATHESIS="$VENV/bin/schemathesis"
 services_env=$(scripts/services.sh up)
 eval "$services_env"
 export DATABASE_URL REDIS_URL KAFKA_BROKERS
+
+# tests/cluster.rs runs on the production topology (three Kafka brokers, Redis Cluster), which
+# runs beside the single-node services on ports of its own; `up` is idempotent.
+CLUSTER_ENV=$(scripts/services.sh up --topology cluster)
+CLUSTER_REDIS_URL=$(sed -n 's/^export REDIS_URL=//p' <<<"$CLUSTER_ENV")
+CLUSTER_KAFKA_BROKERS=$(sed -n 's/^export KAFKA_BROKERS=//p' <<<"$CLUSTER_ENV")
+export CLUSTER_REDIS_URL CLUSTER_KAFKA_BROKERS
 export PATH="$PATH:/usr/sbin"   # redis-server for the tests that need a private one
 
 # --workspace: the product (booking) and the load generator (bench/) with its tests.

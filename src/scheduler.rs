@@ -363,20 +363,22 @@ impl Scheduler {
     pub async fn rearm(&self, pool: &PgPool, shards: &BTreeSet<i32>) -> Result<usize, HandleError> {
         let mut conn = self.redis.clone();
         let mut added = 0usize;
-        let mut after: Option<(DateTime<Utc>, Uuid)> = None;
+        // Keyset pagination on (expires_at, id), written so that the partial index on HELD holds'
+        // expires_at serves each page as a range scan (no sort of every HELD hold per page).
+        let mut after: (DateTime<Utc>, Uuid) = (DateTime::UNIX_EPOCH, Uuid::nil());
         loop {
             let rows: Vec<(Uuid, Uuid, Uuid, Uuid, DateTime<Utc>)> = sqlx::query_as(
                 "SELECT id, user_id, seat_id, schedule_id, expires_at FROM reservations
-                 WHERE status = 'HELD' AND ($1::timestamptz IS NULL OR (expires_at, id) > ($1, $2))
+                 WHERE status = 'HELD' AND expires_at >= $1 AND (expires_at > $1 OR id > $2)
                  ORDER BY expires_at, id LIMIT $3",
             )
-            .bind(after.map(|a| a.0))
-            .bind(after.map(|a| a.1))
+            .bind(after.0)
+            .bind(after.1)
             .bind(REARM_PAGE)
             .fetch_all(pool)
             .await?;
             let Some(last) = rows.last() else { break };
-            after = Some((last.4, last.0));
+            after = (last.4, last.0);
             let full = rows.len() as i64 == REARM_PAGE;
             let mut by_shard: HashMap<i32, Vec<ReservationEvent>> = HashMap::new();
             for (reservation_id, user_id, seat_id, schedule_id, expires_at) in rows {

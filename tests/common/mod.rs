@@ -2,6 +2,7 @@
 //! consumer groups, against the real services started by `scripts/services.sh`.
 #![allow(dead_code)]
 
+pub mod load;
 pub mod services;
 
 use std::time::Duration;
@@ -36,10 +37,18 @@ pub struct TestEnv {
 }
 
 impl TestEnv {
+    /// On `REDIS_URL` and `KAFKA_BROKERS`. `TOPIC_REPLICATION_FACTOR` is 3 on the cluster
+    /// topology (`scripts/services.sh env --topology cluster` exports it): with
+    /// min.insync.replicas=2 a topic of one replica refuses every acks=all write.
     pub async fn new() -> Self {
+        let replication_factor: i32 = std::env::var("TOPIC_REPLICATION_FACTOR").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+        Self::on(var("REDIS_URL"), var("KAFKA_BROKERS"), replication_factor).await
+    }
+
+    /// An isolated world on the given Redis and Kafka (the cluster topology's, for example) and
+    /// the shared PostgreSQL; topics get `replication_factor` replicas.
+    pub async fn on(redis_url: String, brokers: String, replication_factor: i32) -> Self {
         let base = var("DATABASE_URL");
-        let brokers = var("KAFKA_BROKERS");
-        let redis_url = var("REDIS_URL");
         let id = Uuid::new_v4().simple().to_string()[..12].to_string();
         let db = format!("test_{id}");
         let admin = PgPoolOptions::new().max_connections(1).connect(&base).await.expect("admin connection");
@@ -48,9 +57,6 @@ impl TestEnv {
         let (head, _) = base.rsplit_once('/').expect("database url has a path");
         let db_url = format!("{head}/{db}");
         let prefix = format!("t{id}.");
-        // 3 on the cluster topology (`scripts/services.sh env --topology cluster` exports it):
-        // with min.insync.replicas=2 a topic of one replica refuses every acks=all write.
-        let replication_factor: i32 = std::env::var("TOPIC_REPLICATION_FACTOR").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
         let common = booking::config::Common {
             database_url: db_url.clone(),
             redis_url: redis_url.clone(),
