@@ -46,13 +46,22 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// `scripts/services.sh --topology cluster ARGS…` (blocking; run it off the async threads).
+/// `scripts/services.sh --topology cluster ARGS…` of the checkout the test runs from (blocking;
+/// run it off the async threads). Refused unless that script's cluster is the one this test's
+/// daemons use (`CLUSTER_REDIS_URL`, `CLUSTER_KAFKA_BROKERS`): a fault must never hit another
+/// checkout's services.
 fn services(args: &[&str]) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services.sh");
+    let script = common::services::script();
+    let out = Command::new("bash").arg(&script).args(["--topology", "cluster", "env"]).output().unwrap();
+    let env = String::from_utf8_lossy(&out.stdout);
+    for (name, ours) in [("REDIS_URL", cluster_var("CLUSTER_REDIS_URL")), ("KAFKA_BROKERS", cluster_var("CLUSTER_KAFKA_BROKERS"))] {
+        let theirs = env.lines().find_map(|l| l.strip_prefix(&format!("export {name}="))).unwrap_or_default();
+        assert_eq!(theirs, ours, "refusing to run {} {args:?}: it acts on another cluster", script.display());
+    }
     // A broker restarted after SIGKILL recovers every partition it holds first: on a busy
     // machine that takes minutes, not seconds.
     let timeout = std::env::var("BOOKING_SERVICES_TIMEOUT").unwrap_or_else(|_| "300".into());
-    let ok = Command::new("bash").arg(script).arg("--topology").arg("cluster").args(args).env("BOOKING_SERVICES_TIMEOUT", timeout).stdout(Stdio::null()).status().unwrap().success();
+    let ok = Command::new("bash").arg(&script).arg("--topology").arg("cluster").args(args).env("BOOKING_SERVICES_TIMEOUT", timeout).stdout(Stdio::null()).status().unwrap().success();
     assert!(ok, "services.sh --topology cluster {args:?}");
 }
 
