@@ -115,7 +115,6 @@ pub fn describe_metrics(daemon: Daemon, topic_prefix: &str) {
     describe_counter!("scheduler_cancelled_total", "Holds removed from the scheduler because they were paid or cancelled");
     describe_histogram!("scheduler_rearm_seconds", Unit::Seconds, "Time one re-arm of shards from PostgreSQL took");
     describe_histogram!("scheduler_publish_lateness_seconds", Unit::Seconds, "Kafka acknowledgement time of reservation.expiration minus expiresAt");
-    describe_histogram!("scheduler_rearm_seconds", Unit::Seconds, "Duration of one re-arm of HELD holds from PostgreSQL (runs beside the shard loops)");
     // Expiry (expirer; hold_takeover in the api).
     describe_histogram!("expiry_lateness_seconds", Unit::Seconds, "expiredAt minus expiresAt, by path (pipeline, sweeper, legacy)");
     describe_histogram!("expiry_message_lateness_seconds", Unit::Seconds, "Broker append time of reservation.expiration minus expiresAt");

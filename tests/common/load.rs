@@ -55,7 +55,8 @@ impl Client {
     /// Sends the request built for the current api; `None` if it could not be reached.
     pub async fn send(&self, build: impl Fn(&reqwest::Client, &str) -> reqwest::RequestBuilder) -> Option<(u16, Value)> {
         let i = self.next.load(Ordering::Relaxed) % self.bases.len();
-        match build(&self.http, &self.bases[i]).timeout(Duration::from_secs(10)).send().await {
+        // 30 s: on a machine shared with compilers a healthy api can take seconds to answer.
+        match build(&self.http, &self.bases[i]).timeout(Duration::from_secs(30)).send().await {
             Ok(r) => {
                 let s = r.status().as_u16();
                 Some((s, r.json().await.unwrap_or(Value::Null)))
