@@ -28,6 +28,11 @@ struct Cli {
     #[arg(long, env = "HOLD_TTL", default_value = "5m", value_parser = duration)]
     hold_ttl: Duration,
 
+    /// Refunds close this long before a schedule starts (a refund needs the show to start later
+    /// than now plus this).
+    #[arg(long, env = "REFUND_CUTOFF", default_value = "24h", value_parser = duration)]
+    refund_cutoff: Duration,
+
     /// Bearer token for the admin routes (empty disables them).
     #[arg(long, env = "ADMIN_TOKEN", default_value = "", hide_env_values = true)]
     admin_token: String,
@@ -91,6 +96,7 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(listen = %cli.listen, metrics = %cli.metrics_addr, "api started");
     let settings = ApiSettings {
         hold_ttl: cli.hold_ttl,
+        refund_cutoff: cli.refund_cutoff,
         admin_token: cli.admin_token,
         queue: QueueConfig {
             tick: cli.queue_tick,

@@ -112,6 +112,8 @@ impl Resources {
 #[derive(Clone, Debug)]
 pub struct ApiSettings {
     pub hold_ttl: Duration,
+    /// Refunds close this long before a schedule starts.
+    pub refund_cutoff: Duration,
     pub admin_token: String,
     pub queue: QueueConfig,
     pub outbox_batch: i64,
@@ -133,6 +135,7 @@ pub async fn run_api(res: Resources, s: ApiSettings, listener: TcpListener, ops:
         topics: res.topics.clone(),
         queue: queue.clone(),
         hold_ttl: s.hold_ttl,
+        refund_cutoff: s.refund_cutoff,
         admin_token: s.admin_token.clone(),
         health: health.clone(),
         metrics: metrics.clone(),
@@ -280,7 +283,7 @@ pub async fn run_worker(res: Resources, s: WorkerSettings, group_prefix: &str, o
         )?;
         let pays = ConsumerRunner::new(
             &consumer_config(&res.brokers, &format!("{group_prefix}payments")),
-            &[&res.topics.payment_completed],
+            &[&res.topics.payment_completed, &res.topics.payment_refunded],
             res.producer.clone(),
             "worker-payments",
         )?;

@@ -35,6 +35,10 @@ pub enum Error {
     TooManyStreams,
     #[error("this server has as many open streams as it can take; try again shortly")]
     StreamsAtCapacity,
+    #[error("the reservation is not paid")]
+    NotConfirmed,
+    #[error("refunds are closed this close to the show")]
+    RefundWindowClosed,
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
     #[error("redis: {0}")]
@@ -60,7 +64,9 @@ impl Error {
             Error::SeatUnavailable
             | Error::NotHeld
             | Error::ReservationExpired
-            | Error::InsufficientPoints => StatusCode::CONFLICT,
+            | Error::InsufficientPoints
+            | Error::NotConfirmed
+            | Error::RefundWindowClosed => StatusCode::CONFLICT,
             Error::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Error::QueueTokenNotActive | Error::QueueTokenMismatch => StatusCode::FORBIDDEN,
             Error::TooManyStreams => StatusCode::TOO_MANY_REQUESTS,
@@ -87,6 +93,8 @@ impl Error {
             Error::QueueTokenMismatch => "QUEUE_TOKEN_MISMATCH",
             Error::TooManyStreams => "TOO_MANY_STREAMS",
             Error::StreamsAtCapacity => "STREAMS_AT_CAPACITY",
+            Error::NotConfirmed => "NOT_CONFIRMED",
+            Error::RefundWindowClosed => "REFUND_WINDOW_CLOSED",
             Error::Database(e) if is_unavailable(e) => "UNAVAILABLE",
             Error::Redis(_) => "UNAVAILABLE",
             Error::Database(_) | Error::Internal(_) => "INTERNAL",

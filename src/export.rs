@@ -1,4 +1,5 @@
-//! Data-platform export: each `payment.completed` is handed once to a sink (brief §5).
+//! Data-platform export: each `payment.completed` is handed once to a sink (brief §5), and each
+//! `payment.refunded` once more, as its own line (`"eventType":"payment.refunded"`).
 //!
 //! Once-ness comes from `processed_events` (consumer `export`, keyed by the payment's event id):
 //! the row is inserted in a transaction that commits only after the sink accepted the record, so

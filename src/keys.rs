@@ -9,7 +9,7 @@
 //! | --- | --- | --- |
 //! | `{<scheduleId>}` | `queue:{s}:waiting`, `:active`, `:seq`, `:waiting:opens` | queue `ENTER`, `TOUCH`, `ADMIT` |
 //! | `{<shard>}` | `sched:{n}:due`, `:inflight`, `:payload`, `:cancelled:<reservationId>` | scheduler `CLAIM`, `SCHEDULE`, `ACK`, `CANCEL`, `REARM` |
-//! | `{ranking}` | `{ranking}:schedules`, `:built`, `:counted` | ranking `COUNT_ONCE` |
+//! | `{ranking}` | `{ranking}:schedules`, `:built`, `:counted`, `:refunded` | ranking `COUNT_ONCE`, `UNCOUNT_ONCE` |
 //!
 //! Keys used alone (`queue:schedules`, `queue:admission-lock`) need no tag. The test
 //! `every_script_touches_one_slot` computes the slot of every key of every script.
@@ -86,6 +86,10 @@ impl Keys {
     /// SET of payment ids already counted in the ranking (exactly-once increments).
     pub fn ranking_counted(&self) -> String {
         format!("{}{{ranking}}:counted", self.prefix)
+    }
+    /// SET of payment ids already refunded in the ranking (exactly-once decrements).
+    pub fn ranking_refunded(&self) -> String {
+        format!("{}{{ranking}}:refunded", self.prefix)
     }
 }
 

@@ -6,7 +6,7 @@
 //!
 //! Where to find a rule of the brief (§5):
 //! - seat holds and "a hold past its expiry can never be paid": [`reservation`]
-//! - payment in one transaction: [`payment`]
+//! - payment in one transaction: [`payment`]; refunds: [`refund`]
 //! - waiting queue: [`queue`]
 //! - the delay scheduler (§6): [`scheduler`]; the expirer and its sweeper: [`expiry`]
 //! - outbox to Kafka: [`outbox`]; topics, envelope, consumer runner: [`kafka`]
@@ -32,6 +32,7 @@ pub mod points;
 pub mod queue;
 pub mod ranking;
 pub mod redis_conn;
+pub mod refund;
 pub mod reservation;
 pub mod scheduler;
 pub mod seat_map;

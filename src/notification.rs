@@ -18,6 +18,7 @@ pub enum Kind {
     ReservationExpired,
     QueuePosition(u64),
     QueueActivated,
+    PaymentRefunded,
 }
 
 impl Kind {
@@ -27,6 +28,7 @@ impl Kind {
             Kind::ReservationExpired => "RESERVATION_EXPIRED",
             Kind::QueuePosition(_) => "QUEUE_POSITION",
             Kind::QueueActivated => "QUEUE_ACTIVATED",
+            Kind::PaymentRefunded => "PAYMENT_REFUNDED",
         }
     }
 
@@ -36,6 +38,7 @@ impl Kind {
             Kind::ReservationExpired => "예약 만료",
             Kind::QueuePosition(_) => "대기 순번",
             Kind::QueueActivated => "예약 가능",
+            Kind::PaymentRefunded => "환불 완료",
         }
     }
 
@@ -45,6 +48,7 @@ impl Kind {
             Kind::ReservationExpired => "5분 이내 결제하지 않아 예약이 만료되었습니다.".into(),
             Kind::QueuePosition(n) => format!("현재 대기 순번은 {n}번입니다."),
             Kind::QueueActivated => "예약 가능한 시간입니다.".into(),
+            Kind::PaymentRefunded => "환불이 완료되었습니다. 포인트가 반환되었습니다.".into(),
         }
     }
 }

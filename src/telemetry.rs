@@ -68,7 +68,9 @@ const EXPIRY_PATHS: &[&str] = &["pipeline", "sweeper", "legacy"];
 /// `payments_total{outcome}`: a confirmation or the refusal's error code (`payment.rs`).
 const PAYMENT_OUTCOMES: &[&str] = &["confirmed", "RESERVATION_EXPIRED", "NOT_HELD", "INSUFFICIENT_POINTS"];
 /// `notifications_stored_total{type}`: the worker's known notification types.
-const NOTIFICATION_TYPES: &[&str] = &["PAYMENT_CONFIRMED", "RESERVATION_EXPIRED", "QUEUE_POSITION", "QUEUE_ACTIVATED"];
+const NOTIFICATION_TYPES: &[&str] = &["PAYMENT_CONFIRMED", "RESERVATION_EXPIRED", "QUEUE_POSITION", "QUEUE_ACTIVATED", "PAYMENT_REFUNDED"];
+/// `refunds_total{outcome}`: a refund or the refusal's error code (`refund.rs`).
+const REFUND_OUTCOMES: &[&str] = &["refunded", "NOT_CONFIRMED", "REFUND_WINDOW_CLOSED"];
 
 /// Describes every metric of the catalogue (README "Metrics") and registers, at zero, the
 /// counters `daemon` produces, with the label values known at start.
@@ -89,6 +91,7 @@ pub fn describe_metrics(daemon: Daemon, topic_prefix: &str) {
     describe_counter!("holds_total", "Seat hold attempts, by outcome (held, unavailable)");
     describe_counter!("payments_total", "Payments confirmed, or refused by error code (outcome)");
     describe_counter!("cancellations_total", "Holds cancelled by their user");
+    describe_counter!("refunds_total", "Refunds made, or refused by error code (outcome)");
     describe_counter!("users_created_total", "Users created");
     describe_counter!("points_charged_total", "Points charged to balances");
     // Waiting queue (api).
@@ -127,6 +130,7 @@ pub fn describe_metrics(daemon: Daemon, topic_prefix: &str) {
     describe_counter!("notifications_delivered_total", "Notifications delivered on the channel");
     describe_counter!("notifications_delivery_failures_total", "Notification delivery attempts that failed (retried with backoff)");
     describe_counter!("ranking_increments_total", "Ranking increments from payment.completed");
+    describe_counter!("ranking_decrements_total", "Ranking decrements from payment.refunded");
     describe_counter!("ranking_rebuilds_total", "Rankings rebuilt from PostgreSQL because Redis had lost them");
     describe_counter!("exports_total", "Payments exported to the data platform");
     // Kafka consumers.
@@ -155,6 +159,9 @@ pub fn describe_metrics(daemon: Daemon, topic_prefix: &str) {
             }
             for outcome in PAYMENT_OUTCOMES {
                 metrics::counter!("payments_total", "outcome" => *outcome).increment(0);
+            }
+            for outcome in REFUND_OUTCOMES {
+                metrics::counter!("refunds_total", "outcome" => *outcome).increment(0);
             }
             for name in ["cancellations_total", "users_created_total", "points_charged_total", "queue_entries_total", "queue_admitted_total"] {
                 zero(name);
@@ -200,11 +207,11 @@ pub fn describe_metrics(daemon: Daemon, topic_prefix: &str) {
                     metrics::counter!("notifications_stored_total", "type" => *kind, "outcome" => outcome).increment(0);
                 }
             }
-            for name in ["notification_announcements_total", "notifications_delivered_total", "notifications_delivery_failures_total", "ranking_increments_total", "ranking_rebuilds_total", "exports_total"] {
+            for name in ["notification_announcements_total", "notifications_delivered_total", "notifications_delivery_failures_total", "ranking_increments_total", "ranking_decrements_total", "ranking_rebuilds_total", "exports_total"] {
                 zero(name);
             }
             consumer("worker-notifications", &[&topics.notification_request]);
-            consumer("worker-payments", &[&topics.payment_completed]);
+            consumer("worker-payments", &[&topics.payment_completed, &topics.payment_refunded]);
         }
     }
 }

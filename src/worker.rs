@@ -3,7 +3,8 @@
 //!   delivery loop ([`Deliverer`]) sends stored notifications through the configured channel and
 //!   records a delivery state per notification, retrying with backoff while the channel is down.
 //! - `payment.completed` → the ranking (exactly once per payment, [`crate::ranking`]) and the
-//!   data-platform export (once per payment, [`crate::export`]) ([`PaymentHandler`]).
+//!   data-platform export (once per payment, [`crate::export`]) ([`PaymentHandler`]);
+//!   `payment.refunded` → the seat off the ranking and a refund line in the export, each once.
 
 use std::time::Duration;
 
@@ -17,8 +18,9 @@ use crate::kafka::{Envelope, EventType, HandleError, Handler, Incoming};
 use crate::keys::Keys;
 use crate::notification::NotificationRequest;
 use crate::payment::PaymentCompleted;
+use crate::refund::PaymentRefunded;
 
-const KNOWN_TYPES: &[&str] = &["PAYMENT_CONFIRMED", "RESERVATION_EXPIRED", "QUEUE_POSITION", "QUEUE_ACTIVATED"];
+const KNOWN_TYPES: &[&str] = &["PAYMENT_CONFIRMED", "RESERVATION_EXPIRED", "QUEUE_POSITION", "QUEUE_ACTIVATED", "PAYMENT_REFUNDED"];
 
 /// Consumer of `notification.request`: stores each request once.
 pub struct NotificationHandler {
@@ -456,7 +458,8 @@ pub async fn run_ranking_reconciler(pool: PgPool, redis: crate::redis_conn::Redi
     }
 }
 
-/// Consumer of `payment.completed`: ranking and export, each once per payment.
+/// Consumer of `payment.completed` and `payment.refunded`: ranking and export, each once per
+/// payment and once per refund.
 pub struct PaymentHandler {
     pub pool: PgPool,
     pub redis: crate::redis_conn::RedisConn,
@@ -464,22 +467,19 @@ pub struct PaymentHandler {
     pub sink: Sink,
 }
 
-impl Handler for PaymentHandler {
-    async fn handle(&self, msg: &Incoming) -> Result<(), HandleError> {
-        let env = Envelope::<PaymentCompleted>::parse(&msg.payload, EventType::PaymentCompleted).map_err(HandleError::Poison)?;
-        let p = &env.payload;
-        if crate::ranking::record(&self.redis, &self.keys, p.payment_id, p.schedule_id).await? {
-            metrics::counter!("ranking_increments_total").increment(1);
-        }
+impl PaymentHandler {
+    /// Hands `record` to the export sink once per (`consumer`, `id`): the `processed_events` row
+    /// commits only after the sink accepted the record (see [`crate::export`]).
+    async fn export_once(&self, consumer: &str, id: Uuid, record: Value) -> Result<(), HandleError> {
         let mut tx = self.pool.begin().await?;
-        let fresh = sqlx::query("INSERT INTO processed_events (consumer, event_id) VALUES ('export', $1) ON CONFLICT DO NOTHING")
-            .bind(p.payment_id)
+        let fresh = sqlx::query("INSERT INTO processed_events (consumer, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+            .bind(consumer)
+            .bind(id)
             .execute(&mut *tx)
             .await?
             .rows_affected()
             == 1;
         if fresh {
-            let record = serde_json::to_value(p).expect("payments serialize");
             self.sink.send(&record).await.map_err(|e| match e.is_permanent() {
                 true => HandleError::Poison(e.to_string()),
                 false => HandleError::Transient(e.to_string()),
@@ -488,5 +488,43 @@ impl Handler for PaymentHandler {
             metrics::counter!("exports_total").increment(1);
         }
         Ok(())
+    }
+
+    async fn completed(&self, msg: &Incoming) -> Result<(), HandleError> {
+        let env = Envelope::<PaymentCompleted>::parse(&msg.payload, EventType::PaymentCompleted).map_err(HandleError::Poison)?;
+        let p = &env.payload;
+        if crate::ranking::record(&self.redis, &self.keys, p.payment_id, p.schedule_id).await? {
+            metrics::counter!("ranking_increments_total").increment(1);
+        }
+        self.export_once("export", p.payment_id, serde_json::to_value(p).expect("payments serialize")).await
+    }
+
+    /// A refund takes the seat off the ranking once, and is exported once as its own line
+    /// (marked `"eventType":"payment.refunded"`; a payment is refunded at most once, so its id
+    /// names the refund).
+    async fn refunded(&self, msg: &Incoming) -> Result<(), HandleError> {
+        let env = Envelope::<PaymentRefunded>::parse(&msg.payload, EventType::PaymentRefunded).map_err(HandleError::Poison)?;
+        let p = &env.payload;
+        if crate::ranking::unrecord(&self.redis, &self.keys, p.payment_id, p.schedule_id).await? {
+            metrics::counter!("ranking_decrements_total").increment(1);
+        }
+        let mut record = serde_json::to_value(p).expect("refunds serialize");
+        record["eventType"] = json!(EventType::PaymentRefunded.as_str());
+        self.export_once("export-refund", p.payment_id, record).await
+    }
+}
+
+impl Handler for PaymentHandler {
+    async fn handle(&self, msg: &Incoming) -> Result<(), HandleError> {
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Kind {
+            event_type: String,
+        }
+        match serde_json::from_slice::<Kind>(&msg.payload) {
+            Ok(k) if k.event_type == EventType::PaymentRefunded.as_str() => self.refunded(msg).await,
+            // Anything else is parsed as a payment; a wrong type or bad JSON is dead-lettered there.
+            _ => self.completed(msg).await,
+        }
     }
 }

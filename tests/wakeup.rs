@@ -31,6 +31,7 @@ async fn api_without_poll(env: &TestEnv) -> TestApi {
     let q = QueueSettings::default();
     let settings = ApiSettings {
         hold_ttl: Duration::from_secs(300),
+        refund_cutoff: Duration::from_secs(24 * 3600),
         admin_token: ADMIN.into(),
         queue: QueueConfig { tick: q.tick, batch: q.batch, max_active: q.max_active, idle: q.idle, secret: "test-secret".into() },
         outbox_batch: 500,

@@ -47,6 +47,7 @@ pub fn routes(api: Api) -> BoxedFilter<(Response,)> {
         .or(get_reservation(&api)).unify()
         .or(cancel_reservation(&api)).unify()
         .or(pay(&api)).unify()
+        .or(refund(&api)).unify()
         .or(notifications(&api)).unify()
         .or(notification_stream(&api)).unify()
         .or(rankings(&api)).unify()
@@ -153,6 +154,13 @@ fn pay(api: &Api) -> Route {
     warp::path!("v1" / "payments").and(warp::post()).and(with_api(api)).and(auth())
         .and(warp::header::optional::<String>("idempotency-key")).and(body::limited())
         .then(h::pay).map(done).boxed()
+}
+
+/// POST /v1/reservations/{reservationId}/refund
+fn refund(api: &Api) -> Route {
+    warp::path!("v1" / "reservations" / String / "refund").and(warp::post()).and(with_api(api)).and(auth())
+        .and(warp::header::optional::<String>("idempotency-key"))
+        .then(h::refund).map(done).boxed()
 }
 
 /// GET /v1/users/me/notifications?after=cursor

@@ -15,7 +15,7 @@ use warp::Reply;
 use super::body::parse;
 use super::Api;
 use crate::error::{Error, Result};
-use crate::{catalog, idempotency, notification, payment, points, queue, ranking, reservation, seat_map, user};
+use crate::{catalog, idempotency, notification, payment, points, queue, ranking, refund, reservation, seat_map, user};
 
 type Body = Result<Bytes, Error>;
 
@@ -181,6 +181,14 @@ pub async fn pay(api: Api, auth: Option<String>, key: Option<String>, body: Body
         }
     }
     Ok(json_reply(StatusCode::from_u16(paid.status).unwrap_or(StatusCode::CREATED), &paid.body))
+}
+
+pub async fn refund(id: String, api: Api, auth: Option<String>, key: Option<String>) -> Result<Response> {
+    let user = authed(&api, &auth).await?;
+    let key = idempotency::validate_key(key.as_deref())?;
+    let id = path_id(&id, "reservation")?;
+    let r = refund::refund(&api.pool, &api.topics, user, &key, id, api.refund_cutoff).await?;
+    Ok(json_reply(StatusCode::from_u16(r.status).unwrap_or(StatusCode::OK), &r.body))
 }
 
 pub async fn notifications(api: Api, auth: Option<String>, query: String) -> Result<Response> {

@@ -33,6 +33,8 @@ pub struct Api {
     pub topics: Topics,
     pub queue: Queue,
     pub hold_ttl: Duration,
+    /// Refunds close this long before a schedule starts.
+    pub refund_cutoff: Duration,
     pub admin_token: String,
     pub health: Arc<Health>,
     pub metrics: PrometheusHandle,
@@ -90,13 +92,14 @@ pub const ROUTES: &[&str] = &[
         "/v1/queue/tokens", "/v1/queue/tokens/me", "/v1/reservations", "/v1/reservations/{id}",
         "/v1/payments", "/v1/users/me/notifications", "/v1/users/me/notifications/stream",
         "/v1/rankings/schedules", "/health", "/metrics", "/openapi.yaml",
+        "/v1/reservations/{id}/refund",
 ];
 
 /// The methods a route answers (the `Allow` header of a 405).
 pub fn allowed_methods(route: &str) -> Option<&'static str> {
     Some(match route {
         "/v1/users" | "/v1/users/me/points/charges" | "/v1/admin/concerts" | "/v1/queue/tokens"
-        | "/v1/reservations" | "/v1/payments" => "POST",
+        | "/v1/reservations" | "/v1/payments" | "/v1/reservations/{id}/refund" => "POST",
         "/v1/reservations/{id}" => "GET, DELETE",
         r if ROUTES.contains(&r) => "GET",
         _ => return None,

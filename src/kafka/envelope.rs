@@ -12,6 +12,7 @@ pub enum EventType {
     ReservationExpiration,
     ReservationCancelled,
     PaymentCompleted,
+    PaymentRefunded,
     NotificationRequest,
 }
 
@@ -22,6 +23,7 @@ impl EventType {
             EventType::ReservationExpiration => "reservation.expiration",
             EventType::ReservationCancelled => "reservation.cancelled",
             EventType::PaymentCompleted => "payment.completed",
+            EventType::PaymentRefunded => "payment.refunded",
             EventType::NotificationRequest => "notification.request",
         }
     }

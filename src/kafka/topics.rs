@@ -15,6 +15,7 @@ pub struct Topics {
     pub reservation_expiration: String,
     pub reservation_cancelled: String,
     pub payment_completed: String,
+    pub payment_refunded: String,
     pub notification_request: String,
 }
 
@@ -31,6 +32,7 @@ impl Topics {
             reservation_expiration: format!("{prefix}reservation.expiration"),
             reservation_cancelled: format!("{prefix}reservation.cancelled"),
             payment_completed: format!("{prefix}payment.completed"),
+            payment_refunded: format!("{prefix}payment.refunded"),
             notification_request: format!("{prefix}notification.request"),
         }
     }
@@ -49,6 +51,7 @@ impl Topics {
                 vec![("retention.ms", DAY_MS), ("message.timestamp.type", "LogAppendTime")],
             ),
             (self.payment_completed.clone(), vec![("retention.ms", WEEK_MS)]),
+            (self.payment_refunded.clone(), vec![("retention.ms", WEEK_MS)]),
             (self.reservation_cancelled.clone(), vec![("retention.ms", DAY_MS)]),
             (self.notification_request.clone(), vec![("retention.ms", WEEK_MS)]),
         ];

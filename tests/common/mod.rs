@@ -99,6 +99,7 @@ impl TestEnv {
         let shutdown = CancellationToken::new();
         let settings = ApiSettings {
             hold_ttl,
+            refund_cutoff: Duration::from_secs(24 * 3600),
             admin_token: ADMIN.into(),
             queue: QueueConfig { tick: queue.tick, batch: queue.batch, max_active: queue.max_active, idle: queue.idle, secret: "test-secret".into() },
             outbox_batch: 500,
