@@ -34,8 +34,11 @@ struct Cli {
     #[arg(long, env = "BATCH_SIZE", default_value_t = 500)]
     batch_size: u32,
 
-    /// How long a claimed hold may wait for Kafka's acknowledgement before it is claimed again.
-    #[arg(long, env = "LEASE", default_value = "30s", value_parser = duration)]
+    /// How long a claimed hold stays in flight before another claim takes it again. It must
+    /// exceed the producer's message timeout (10 s): a send still waiting for Kafka's answer is
+    /// then never claimed and published twice. A send that fails goes back at once, so only a
+    /// scheduler that died mid-publish makes its holds wait this out: keep the margin small.
+    #[arg(long, env = "LEASE", default_value = "15s", value_parser = duration)]
     lease: Duration,
 
     /// How often every HELD hold is re-added from PostgreSQL (also done at start).
@@ -46,6 +49,7 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    anyhow::ensure!(cli.lease > booking::kafka::MESSAGE_TIMEOUT, "--lease must exceed the producer's message timeout ({:?})", booking::kafka::MESSAGE_TIMEOUT);
     let (metrics, shutdown) = booking::telemetry::start(booking::telemetry::Daemon::DelayScheduler, cli.common.log_json, &cli.common.topic_prefix);
     let res = Resources::connect(&cli.common, "delay-scheduler").await.context("connecting")?;
     let ops = booking::telemetry::bind(cli.metrics_addr).await.context("binding --metrics-addr")?;

@@ -241,7 +241,7 @@ pub async fn run_expirer(res: Resources, s: ExpirerSettings, group: &str, ops: T
                     res.producer.clone(),
                     "expirer",
                 )?;
-                let handler = ExpirationHandler { pool: res.pool.clone(), topics: res.topics.clone() };
+                let handler = ExpirationHandler { pool: res.pool.clone(), topics: res.topics.clone(), redis: res.redis.clone(), keys: res.keys.clone() };
                 runner.run(&handler, shutdown.clone()).await;
             }
             let _ = sweeper.await;

@@ -18,7 +18,18 @@
 //! - **Redis Cluster.** Every key a script touches carries the shard's hash tag (`keys.rs`),
 //!   the paid/cancelled tombstone included, so each script runs on one slot.
 //! - **On time.** [`drive`] sleeps until the earliest due member (or `poll`, whichever is sooner)
-//!   and wakes at once when a newly scheduled hold is due before its planned wake-up.
+//!   and wakes at once when a newly scheduled hold is due before its planned wake-up; a hold
+//!   scheduled while a step runs (after its claim looked) is remembered by the [`Wake`], so the
+//!   loop never sleeps past it. Each shard loop has its own [`Wake`]: a cancelled loop still
+//!   finishing a step cannot take or overwrite the wake-ups of its replacement.
+//! - **Failures come back at once.** A member whose `reservation.expiration` could not be queued
+//!   (QueueFull) or was refused goes straight back to the due set ([`Scheduler::step`]); only a
+//!   scheduler that dies mid-publish leaves members to wait out the lease, which is a margin over
+//!   the producer's message timeout ([`crate::kafka::MESSAGE_TIMEOUT`]) so a send still waiting for
+//!   Kafka's answer is never claimed twice.
+//! - **Never early by PostgreSQL's clock.** Scores are `expiresAt` rounded up to the millisecond;
+//!   if Redis's clock runs ahead anyway, the expirer refuses to end the hold early and puts it back
+//!   here with the clocks' difference added ([`put_back_early`]).
 //! - **No useless expirations.** A payment or cancellation removes the member and leaves a
 //!   tombstone, so a `reservation.created` consumed late does not put it back.
 //! - Duplicates are possible (a lease running out during a slow publish); the expirer's
@@ -112,11 +123,46 @@ redis.call('HSETNX', KEYS[3], ARGV[1], ARGV[3])
 return added
 "#;
 
-// KEYS: inflight, payload. ARGV: members.
+// KEYS: inflight, payload, due. ARGV: members. A member the expirer put back in the due set
+// meanwhile ([`put_back_early`]) keeps its payload.
 const ACK: &str = r#"
-redis.call('ZREM', KEYS[1], unpack(ARGV))
-redis.call('HDEL', KEYS[2], unpack(ARGV))
+for _, m in ipairs(ARGV) do
+  redis.call('ZREM', KEYS[1], m)
+  if not redis.call('ZSCORE', KEYS[3], m) then redis.call('HDEL', KEYS[2], m) end
+end
 return #ARGV
+"#;
+
+// Members whose publish failed go straight back to the due set (with their due score), so the
+// next claim retries them instead of waiting for the lease. Only members still in flight: a
+// cancellation meanwhile removed them for good.
+// KEYS: due, inflight. ARGV: member, score pairs. Returns how many went back.
+const RELEASE: &str = r#"
+local n = 0
+for i = 1, #ARGV, 2 do
+  if redis.call('ZREM', KEYS[2], ARGV[i]) == 1 then
+    redis.call('ZADD', KEYS[1], ARGV[i + 1], ARGV[i])
+    n = n + 1
+  end
+end
+return n
+"#;
+
+// A hold whose expiration reached the expirer before its expiresAt by PostgreSQL's clock, put
+// back on Redis's clock: score = expiresAt + (Redis TIME - PostgreSQL's now), so it is claimed
+// when PostgreSQL's clock reaches expiresAt. Measuring the difference here, after PostgreSQL was
+// read, can only overstate it (later, never earlier).
+// KEYS: due, inflight, payload, tombstone. ARGV: member, expiresAt ms, PostgreSQL now ms, payload.
+// Returns the score, or -1 when the hold was paid or cancelled meanwhile.
+const PUT_BACK: &str = r#"
+if redis.call('EXISTS', KEYS[4]) == 1 then return -1 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local score = tonumber(ARGV[2]) + now - tonumber(ARGV[3])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[1], score, ARGV[1])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
+return score
 "#;
 
 // KEYS: due, inflight, payload, tombstone. ARGV: member, tombstone TTL (s). Returns 1 if it was
@@ -163,7 +209,10 @@ fn schedule_keys(k: &Keys, shard: i32, reservation: Uuid) -> Vec<String> {
     v
 }
 fn ack_keys(k: &Keys, shard: i32) -> Vec<String> {
-    vec![k.sched_inflight(shard), k.sched_payload(shard)]
+    vec![k.sched_inflight(shard), k.sched_payload(shard), k.sched_due(shard)]
+}
+fn release_keys(k: &Keys, shard: i32) -> Vec<String> {
+    vec![k.sched_due(shard), k.sched_inflight(shard)]
 }
 fn rearm_keys(k: &Keys, shard: i32, reservations: &[Uuid]) -> Vec<String> {
     let mut v = shard_keys(k, shard);
@@ -178,6 +227,8 @@ pub(crate) fn script_keys(k: &Keys, shard: i32, reservations: &[Uuid]) -> Vec<(S
         (format!("scheduler CLAIM shard {shard}"), shard_keys(k, shard)),
         (format!("scheduler SCHEDULE shard {shard}"), schedule_keys(k, shard, reservations[0])),
         (format!("scheduler ACK shard {shard}"), ack_keys(k, shard)),
+        (format!("scheduler RELEASE shard {shard}"), release_keys(k, shard)),
+        (format!("scheduler PUT_BACK shard {shard}"), schedule_keys(k, shard, reservations[0])),
         (format!("scheduler CANCEL shard {shard}"), schedule_keys(k, shard, reservations[0])),
         (format!("scheduler REARM shard {shard}"), rearm_keys(k, shard, reservations)),
     ]
@@ -187,17 +238,34 @@ pub(crate) fn script_keys(k: &Keys, shard: i32, reservations: &[Uuid]) -> Vec<(S
 /// after which no late copy of that message can arrive.
 const TOMBSTONE_TTL_SECS: u64 = 24 * 3600;
 
-/// Per-shard wake-up: the loop's planned wake time and a way to bring it forward.
-#[derive(Default)]
+/// The wake-up of one shard loop: when it plans to wake, the earliest due time offered since its
+/// last step began, and a way to bring the wake-up forward.
 pub struct Wake {
+    /// When the sleeping loop wakes (ms since the epoch); `i64::MIN` while it steps.
     planned_ms: AtomicI64,
+    /// The earliest due time offered since the loop's current step began (`i64::MAX`: none).
+    /// The step's claim may have looked before such a member was added, so the loop never
+    /// sleeps past it.
+    offered_ms: AtomicI64,
     notify: Notify,
 }
 
+impl Default for Wake {
+    fn default() -> Self {
+        Self { planned_ms: AtomicI64::new(i64::MIN), offered_ms: AtomicI64::new(i64::MAX), notify: Notify::new() }
+    }
+}
+
 impl Wake {
-    /// Wakes the loop if `due_ms` comes before its planned wake-up.
+    /// A member due at `due_ms` was just added: wakes the sleeping loop if that comes before its
+    /// planned wake-up; during a step it is remembered for the sleep that follows.
+    ///
+    /// Both sides use sequentially consistent order: either this sees the loop's new plan (and
+    /// wakes it if earlier), or the loop sees this offer when it reads `offered_ms` after
+    /// storing its plan.
     pub fn offer(&self, due_ms: i64) {
-        if due_ms < self.planned_ms.load(Ordering::Acquire) {
+        self.offered_ms.fetch_min(due_ms, Ordering::SeqCst);
+        if due_ms < self.planned_ms.load(Ordering::SeqCst) {
             self.notify.notify_one();
         }
     }
@@ -210,12 +278,13 @@ pub struct Scheduler {
     producer: FutureProducer,
     topics: Topics,
     cfg: SchedulerConfig,
-    wakes: Vec<Arc<Wake>>,
+    /// The wake-up of each shard's current loop (replaced when a new loop starts).
+    wakes: Vec<std::sync::Mutex<Arc<Wake>>>,
 }
 
 impl Scheduler {
     pub fn new(redis: RedisConn, keys: Keys, producer: FutureProducer, topics: Topics, cfg: SchedulerConfig) -> Self {
-        let wakes = (0..PARTITIONS).map(|_| Arc::new(Wake::default())).collect();
+        let wakes = (0..PARTITIONS).map(|_| std::sync::Mutex::new(Arc::new(Wake::default()))).collect();
         Self { redis, keys, producer, topics, cfg, wakes }
     }
 
@@ -223,10 +292,15 @@ impl Scheduler {
         &self.cfg
     }
 
+    /// The wake-up of `shard`'s current loop.
+    fn wake(&self, shard: i32) -> Option<Arc<Wake>> {
+        self.wakes.get(shard as usize).map(|w| w.lock().expect("wake lock").clone())
+    }
+
     /// Adds a hold to shard `shard` (unless it was paid or cancelled, or is in flight).
     pub async fn schedule(&self, shard: i32, ev: &ReservationEvent) -> Result<bool, redis::RedisError> {
         let mut conn = self.redis.clone();
-        let due_ms = ev.expires_at.timestamp_millis();
+        let due_ms = due_ms(ev.expires_at);
         let payload = serde_json::to_string(ev).expect("events serialize");
         let added: i64 = Script::new(SCHEDULE)
             .key(schedule_keys(&self.keys, shard, ev.reservation_id))
@@ -236,7 +310,7 @@ impl Scheduler {
             .invoke_async(&mut conn)
             .await?;
         if added == 1 {
-            if let Some(w) = self.wakes.get(shard as usize) {
+            if let Some(w) = self.wake(shard) {
                 w.offer(due_ms);
             }
         }
@@ -284,6 +358,21 @@ impl Scheduler {
         })
     }
 
+    /// Puts members whose publish failed back into the due set at once, with their due scores.
+    pub async fn release(&self, shard: i32, members: &[(String, i64)]) -> Result<(), redis::RedisError> {
+        if members.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.redis.clone();
+        let script = Script::new(RELEASE);
+        let mut inv = script.key(release_keys(&self.keys, shard));
+        for (member, score) in members {
+            inv.arg(member).arg(*score);
+        }
+        let _: i64 = inv.invoke_async(&mut conn).await?;
+        Ok(())
+    }
+
     /// Removes published members from the in-flight set.
     pub async fn ack(&self, shard: i32, members: &[String]) -> Result<(), redis::RedisError> {
         if members.is_empty() {
@@ -299,8 +388,9 @@ impl Scheduler {
     }
 
     /// One unit of work on `shard`: claim, publish `reservation.expiration`, ack what Kafka
-    /// acknowledged. Members whose publish failed stay in flight and come back when their lease
-    /// runs out.
+    /// acknowledged. Members whose publish failed (not queued, refused, timed out) are counted in
+    /// `failed` and go straight back to the due set, so the next claim retries them; the loop
+    /// ([`drive`]) waits a little before that step.
     pub async fn step(&self, shard: i32) -> Result<Tick, redis::RedisError> {
         let claimed = self.claim(shard).await?;
         let s = shard.to_string();
@@ -315,6 +405,7 @@ impl Scheduler {
 
         let mut sends = Vec::with_capacity(claimed.members.len());
         let mut orphans = Vec::new();
+        let mut retry: Vec<(String, i64)> = Vec::new();
         for (member, payload) in &claimed.members {
             let Some(ev) = payload.as_deref().and_then(|p| serde_json::from_str::<ReservationEvent>(p).ok()) else {
                 // Payload gone: the hold was cancelled while in flight. Nothing to publish.
@@ -330,12 +421,14 @@ impl Scheduler {
             // send_result queues at once, so the whole batch goes out together.
             match self.producer.send_result(record) {
                 Ok(fut) => sends.push((member.clone(), ev.expires_at, fut)),
-                Err((e, _)) => tracing::warn!(error = %e, reservation = %member, "expiration not queued; lease will retry"),
+                Err((e, _)) => {
+                    tracing::warn!(error = %e, reservation = %member, "expiration not queued; back to the due set");
+                    retry.push((member.clone(), due_ms(ev.expires_at)));
+                }
             }
         }
         self.ack(shard, &orphans).await?;
         let mut acked = Vec::with_capacity(sends.len());
-        let mut failed = 0;
         for (member, expires_at, fut) in sends {
             match fut.await {
                 Ok(Ok(_)) => {
@@ -343,16 +436,18 @@ impl Scheduler {
                     metrics::histogram!("scheduler_publish_lateness_seconds").record(lateness_secs(expires_at));
                 }
                 Ok(Err((e, _))) => {
-                    failed += 1;
-                    tracing::warn!(error = %e, reservation = %member, "expiration publish failed; lease will retry");
+                    tracing::warn!(error = %e, reservation = %member, "expiration publish failed; back to the due set");
+                    retry.push((member, due_ms(expires_at)));
                 }
-                Err(_) => failed += 1,
+                Err(_) => retry.push((member, due_ms(expires_at))),
             }
         }
         // Only now, after Kafka acknowledged them, do the members leave the in-flight set.
         self.ack(shard, &acked).await?;
-        let published = acked.len();
+        self.release(shard, &retry).await?;
+        let (published, failed) = (acked.len(), retry.len());
         metrics::counter!("scheduler_published_total").increment(published as u64);
+        metrics::counter!("scheduler_publish_failures_total").increment(failed as u64);
         Ok(Tick::Published { claimed: claimed.members.len(), reclaimed: claimed.reclaimed, published, failed })
     }
 
@@ -393,12 +488,12 @@ impl Scheduler {
                 let mut inv = script.key(rearm_keys(&self.keys, shard, &ids));
                 for ev in &evs {
                     inv.arg(ev.reservation_id.to_string())
-                        .arg(ev.expires_at.timestamp_millis())
+                        .arg(due_ms(ev.expires_at))
                         .arg(serde_json::to_string(ev).expect("events serialize"));
                 }
                 let (n, earliest): (usize, Option<i64>) = inv.invoke_async(&mut conn).await?;
                 added += n;
-                if let (Some(due_ms), Some(w)) = (earliest, self.wakes.get(shard as usize)) {
+                if let (Some(due_ms), Some(w)) = (earliest, self.wake(shard)) {
                     w.offer(due_ms);
                 }
             }
@@ -459,7 +554,10 @@ impl Scheduler {
 
     /// The loop of one shard until `cancel`.
     pub async fn run_shard(self: Arc<Self>, shard: i32, cancel: CancellationToken) {
-        let wake = self.wakes[shard as usize].clone();
+        // A fresh wake-up for this loop: a cancelled predecessor may still be finishing a step
+        // with the old one, and must neither take this loop's notifications nor plan for it.
+        let wake = Arc::new(Wake::default());
+        *self.wakes[shard as usize].lock().expect("wake lock") = wake.clone();
         let me = self.clone();
         drive(move || { let me = me.clone(); async move { me.step(shard).await } }, self.cfg.poll_interval, &wake, cancel).await;
     }
@@ -499,6 +597,32 @@ impl Scheduler {
     }
 }
 
+/// A hold's score: `expiresAt` in ms, rounded up, so the claim (which compares with whole
+/// milliseconds of Redis `TIME`) is never a fraction of a millisecond early.
+pub fn due_ms(expires_at: DateTime<Utc>) -> i64 {
+    let ms = expires_at.timestamp_millis();
+    if expires_at.timestamp_subsec_micros() % 1000 == 0 { ms } else { ms + 1 }
+}
+
+/// Puts a hold back into its shard's due set to be expired when PostgreSQL's clock reaches its
+/// `expiresAt` (see `PUT_BACK`): the expirer's answer to a `reservation.expiration` that arrived
+/// early. `db_now` is PostgreSQL's clock, read just before. Returns false if the hold was paid or
+/// cancelled meanwhile (its tombstone).
+pub async fn put_back_early(redis: &RedisConn, keys: &Keys, ev: &ReservationEvent, db_now: DateTime<Utc>) -> Result<bool, redis::RedisError> {
+    let member = ev.reservation_id.to_string();
+    let shard = partition_for(&member, PARTITIONS);
+    let mut conn = redis.clone();
+    let score: i64 = Script::new(PUT_BACK)
+        .key(schedule_keys(keys, shard, ev.reservation_id))
+        .arg(&member)
+        .arg(due_ms(ev.expires_at))
+        .arg(db_now.timestamp_millis())
+        .arg(serde_json::to_string(ev).expect("events serialize"))
+        .invoke_async(&mut conn)
+        .await?;
+    Ok(score >= 0)
+}
+
 fn lateness_secs(expires_at: DateTime<Utc>) -> f64 {
     (Utc::now() - expires_at).num_microseconds().unwrap_or(0) as f64 / 1e6
 }
@@ -516,7 +640,15 @@ where
         if cancel.is_cancelled() {
             break;
         }
-        let sleep = match step().await {
+        // Stepping: nothing to wake; members added meanwhile are collected in `offered_ms`.
+        wake.planned_ms.store(i64::MIN, Ordering::SeqCst);
+        wake.offered_ms.store(i64::MAX, Ordering::SeqCst);
+        let outcome = step().await;
+        // Cancelled during the step (the shard moved): leave now, planning nothing.
+        if cancel.is_cancelled() {
+            break;
+        }
+        let sleep = match outcome {
             Ok(Tick::Published { failed: 0, .. }) => {
                 backoff = Duration::from_millis(100);
                 continue;
@@ -532,15 +664,21 @@ where
                 backoff
             }
         };
-        let wake_at = Utc::now().timestamp_millis() + sleep.as_millis() as i64;
-        wake.planned_ms.store(wake_at, Ordering::Release);
+        let now = Utc::now().timestamp_millis();
+        let mut wake_at = now.saturating_add(sleep.as_millis() as i64);
+        wake.planned_ms.store(wake_at, Ordering::SeqCst);
+        // A member added during the step, after its claim looked, may be due sooner.
+        let offered = wake.offered_ms.load(Ordering::SeqCst);
+        if offered < wake_at {
+            wake_at = offered;
+            wake.planned_ms.store(wake_at, Ordering::SeqCst);
+        }
+        let sleep = Duration::from_millis(wake_at.saturating_sub(now).max(0) as u64);
         tokio::select! {
             _ = cancel.cancelled() => break,
             _ = tokio::time::sleep(sleep) => {}
             _ = wake.notify.notified() => {}
         }
-        // While stepping, any new member is picked up by the step itself.
-        wake.planned_ms.store(i64::MIN, Ordering::Release);
     }
 }
 
@@ -663,5 +801,78 @@ mod tests {
         });
         drive(step, Duration::from_secs(1), &wake, cancel).await;
         assert_eq!(calls.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_member_added_while_a_step_runs_wakes_the_loop_at_its_due_time() {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let wake = Arc::new(Wake::default());
+        let (w, recorded) = (wake.clone(), calls.clone());
+        let mut first = true;
+        let step = move || {
+            recorded.lock().unwrap().push(Instant::now());
+            if std::mem::take(&mut first) {
+                // The step's claim already looked when a hold due in 50 ms is scheduled.
+                w.offer(Utc::now().timestamp_millis() + 50);
+            }
+            std::future::ready(Ok::<_, String>(Tick::Idle { next_due: None }))
+        };
+        let cancel = CancellationToken::new();
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            c.cancel();
+        });
+        let start = Instant::now();
+        drive(step, Duration::from_secs(1), &wake, cancel).await;
+        let calls = calls.lock().unwrap();
+        assert_eq!(calls.len(), 2, "the loop stepped again before the next poll: {calls:?}");
+        let second = calls[1] - start;
+        assert!(second >= Duration::from_millis(40) && second <= Duration::from_millis(60), "second step at the due time, not a poll later: {second:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_loop_cancelled_during_its_step_does_not_plan_the_wake_up_of_its_replacement() {
+        let wake = Arc::new(Wake::default());
+        // The old loop is in a 200 ms step (which will find a member due 100 ms later) when its
+        // shard moves away and back, and the replacement starts on the same shard.
+        let old_cancel = CancellationToken::new();
+        let old = tokio::spawn({
+            let (w, c) = (wake.clone(), old_cancel.clone());
+            async move {
+                let step = || async {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    Ok::<_, String>(Tick::Idle { next_due: Some(Duration::from_millis(100)) })
+                };
+                drive(step, Duration::from_secs(1), &w, c).await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        old_cancel.cancel();
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let cancel = CancellationToken::new();
+        let new = tokio::spawn({
+            let (w, c, step) = (wake.clone(), cancel.clone(), scripted(vec![], calls.clone()));
+            async move { drive(step, Duration::from_secs(1), &w, c).await }
+        });
+        let start = Instant::now();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        old.await.unwrap();
+        // Due before the replacement's planned wake-up (a poll after it started): it must wake.
+        wake.offer(Utc::now().timestamp_millis() + 500);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        cancel.cancel();
+        new.await.unwrap();
+        let calls = calls.lock().unwrap();
+        assert!(calls.len() >= 2, "the replacement was woken by the offer: {calls:?}");
+        assert_eq!(calls[1] - start, Duration::from_millis(300), "woken when the member was offered");
+    }
+
+    #[test]
+    fn scores_round_expiry_up_to_the_millisecond() {
+        let t = DateTime::parse_from_rfc3339("2030-01-01T00:00:00.123001Z").unwrap().with_timezone(&Utc);
+        assert_eq!(due_ms(t), t.timestamp_millis() + 1);
+        let exact = DateTime::parse_from_rfc3339("2030-01-01T00:00:00.123Z").unwrap().with_timezone(&Utc);
+        assert_eq!(due_ms(exact), exact.timestamp_millis());
     }
 }

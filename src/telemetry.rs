@@ -114,6 +114,7 @@ pub fn describe_metrics(daemon: Daemon, topic_prefix: &str) {
     describe_counter!("scheduler_claimed_total", "Due holds claimed for the first time");
     describe_counter!("scheduler_reclaimed_total", "Holds claimed again after their lease ran out");
     describe_counter!("scheduler_published_total", "reservation.expiration messages acknowledged by Kafka");
+    describe_counter!("scheduler_publish_failures_total", "reservation.expiration sends that failed (not queued, refused, timed out); the hold went straight back to the due set");
     describe_counter!("scheduler_rearmed_total", "HELD holds missing from Redis, added back from PostgreSQL");
     describe_counter!("scheduler_cancelled_total", "Holds removed from the scheduler because they were paid or cancelled");
     describe_histogram!("scheduler_rearm_seconds", Unit::Seconds, "Time one re-arm of shards from PostgreSQL took");
@@ -123,6 +124,7 @@ pub fn describe_metrics(daemon: Daemon, topic_prefix: &str) {
     describe_histogram!("expiry_message_lateness_seconds", Unit::Seconds, "Broker append time of reservation.expiration minus expiresAt");
     describe_counter!("expiry_transitions_total", "Expiry updates that turned a HELD hold EXPIRED, by path");
     describe_counter!("expiry_already_final_total", "Expiry updates that found the hold already final, by path");
+    describe_counter!("expiry_early_total", "reservation.expiration messages that arrived before expiresAt by PostgreSQL's clock; the hold was put back to the scheduler");
     describe_counter!("sweeper_caught_total", "Holds only the sweeper caught (the pipeline missed them; should stay 0)");
     // Worker.
     describe_counter!("notifications_stored_total", "Notification requests consumed, by type and outcome (stored, duplicate)");
@@ -178,6 +180,7 @@ pub fn describe_metrics(daemon: Daemon, topic_prefix: &str) {
                 "scheduler_claimed_total",
                 "scheduler_reclaimed_total",
                 "scheduler_published_total",
+                "scheduler_publish_failures_total",
                 "scheduler_rearmed_total",
                 "scheduler_cancelled_total",
             ] {
@@ -192,6 +195,7 @@ pub fn describe_metrics(daemon: Daemon, topic_prefix: &str) {
             zero("outbox_set_aside_total");
             zero("outbox_producer_rebuilds_total");
             zero("sweeper_caught_total");
+            zero("expiry_early_total");
             for path in EXPIRY_PATHS {
                 metrics::counter!("expiry_transitions_total", "path" => *path).increment(0);
             }

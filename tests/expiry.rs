@@ -285,3 +285,136 @@ async fn a_malformed_reservation_created_goes_to_the_dead_letter_topic_and_the_s
     api.stop().await;
 }
 
+
+/// The scheduler's due and in-flight sets of a hold's shard: (score in due, in flight).
+async fn in_scheduler(env: &TestEnv, id: &str) -> (Option<f64>, bool) {
+    let shard = partition_for(id, booking::kafka::PARTITIONS);
+    let mut conn = env.res.redis.clone();
+    let due: Option<f64> = redis::cmd("ZSCORE").arg(env.keys().sched_due(shard)).arg(id).query_async(&mut conn).await.unwrap();
+    let inflight: Option<f64> = redis::cmd("ZSCORE").arg(env.keys().sched_inflight(shard)).arg(id).query_async(&mut conn).await.unwrap();
+    (due, inflight.is_some())
+}
+
+async fn event_of(env: &TestEnv, id: &str) -> ReservationEvent {
+    let (reservation_id, user_id, seat_id, schedule_id, expires_at): (Uuid, Uuid, Uuid, Uuid, chrono::DateTime<chrono::Utc>) =
+        sqlx::query_as("SELECT id, user_id, seat_id, schedule_id, expires_at FROM reservations WHERE id = $1::uuid").bind(id).fetch_one(&env.pool).await.unwrap();
+    ReservationEvent { reservation_id, user_id, seat_id, schedule_id, expires_at }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expiration_that_arrives_early_leaves_the_hold_payable_and_it_expires_on_time_once() {
+    let env = TestEnv::new().await;
+    let api = env.api(Duration::from_secs(5), QueueSettings::default()).await;
+    let s = scheduler(&env, Duration::from_secs(15)).await;
+    // The sweeper is an hour away: only the pipeline can expire the hold.
+    let e = expirer(&env, expirer_cfg(ExpirerMode::After, Duration::from_secs(3600), Duration::from_secs(3600))).await;
+    let (schedule, seats) = api.concert(2, 10).await;
+    // Users and queue tokens first, so the two holds are taken together.
+    let (payer, other) = (api.user("payer").await, api.user("late-payer").await);
+    api.charge(&payer, 10_000).await;
+    let (t1, t2) = (api.active_token(&payer, &schedule).await, api.active_token(&other, &schedule).await);
+    let held = |r: reqwest::Response| async move {
+        assert_eq!(r.status(), 201);
+        r.json::<Value>().await.unwrap()["reservationId"].as_str().unwrap().to_string()
+    };
+    let paid = held(api.hold(&payer, &t1, &seats[0]).await).await;
+    let id = held(api.hold(&other, &t2, &seats[1]).await).await;
+    for hold in [&paid, &id] {
+        // As if the scheduler had claimed it by a Redis clock running ahead and published it
+        // (claimed and acknowledged: gone from Redis), its expiration is published now, seconds
+        // before its expiresAt.
+        common::eventually(Duration::from_secs(10), || async { in_scheduler(&env, hold).await.0.is_some() }).await;
+        let shard = partition_for(hold, booking::kafka::PARTITIONS);
+        let mut conn = env.res.redis.clone();
+        let _: () = redis::cmd("ZREM").arg(env.keys().sched_due(shard)).arg(hold.as_str()).query_async(&mut conn).await.unwrap();
+        let _: () = redis::cmd("HDEL").arg(env.keys().sched_payload(shard)).arg(hold.as_str()).query_async(&mut conn).await.unwrap();
+        let early = booking::kafka::Envelope::new(booking::kafka::EventType::ReservationExpiration, event_of(&env, hold).await);
+        let body = serde_json::to_string(&early).unwrap();
+        env.res.producer.send(FutureRecord::to(&env.topics().reservation_expiration).key(hold.as_str()).payload(&body), Duration::from_secs(5)).await.unwrap();
+    }
+    // The expirer handled the early messages when each hold is either back in the scheduler or
+    // no longer HELD.
+    for hold in [&paid, &id] {
+        common::eventually(Duration::from_secs(10), || async { in_scheduler(&env, hold).await.0.is_some() || status_of(&env, hold).await != "HELD" }).await;
+        assert_eq!(status_of(&env, hold).await, "HELD", "an early expiration must not end a hold before its expiresAt");
+    }
+    assert_eq!(api.pay(&payer, "early", &paid).await.status(), 201, "the hold is still payable");
+
+    await_status(&env, &id, "EXPIRED", Duration::from_secs(15)).await;
+    let (expires_at, expired_at): (chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>) =
+        sqlx::query_as("SELECT expires_at, expired_at FROM reservations WHERE id = $1::uuid").bind(&id).fetch_one(&env.pool).await.unwrap();
+    assert!(expired_at >= expires_at, "never before expiresAt: {expired_at} < {expires_at}");
+    println!("expired {} ms after expiresAt", (expired_at - expires_at).num_milliseconds());
+    // The scheduler's copy is published too, and changes nothing: one expiry, one notification.
+    common::eventually(Duration::from_secs(20), || async { in_scheduler(&env, &id).await == (None, false) }).await;
+    let group = format!("{}expirer", env.prefix);
+    common::eventually(Duration::from_secs(20), || async { group_caught_up(&env, &group, &env.topics().reservation_expiration) }).await;
+    assert_eq!(expired_notifications(&env, &id).await, 1, "expired once");
+    assert_eq!(status_of(&env, &paid).await, "CONFIRMED");
+    stop(s).await;
+    stop(e).await;
+    api.stop().await;
+}
+
+fn group_caught_up(env: &TestEnv, group: &str, topic: &str) -> bool {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Offset, TopicPartitionList};
+    let c: BaseConsumer = booking::kafka::consumer_config(&env.brokers, group).create().unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..booking::kafka::PARTITIONS {
+        tpl.add_partition(topic, p);
+    }
+    let committed = c.committed_offsets(tpl, Duration::from_secs(5)).unwrap();
+    committed.elements().iter().all(|e| {
+        let (_, high) = c.fetch_watermarks(topic, e.partition(), Duration::from_secs(5)).unwrap();
+        match e.offset() {
+            Offset::Offset(o) => o >= high,
+            _ => high == 0,
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_that_cannot_be_queued_counts_as_failed_and_goes_straight_back_to_be_sent_again() {
+    let env = TestEnv::new().await;
+    // A producer whose local queue holds one message: the second send of a batch is refused at
+    // once with QueueFull.
+    let tiny = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &env.brokers)
+        .set("queue.buffering.max.messages", "1")
+        .set("linger.ms", "50")
+        .create()
+        .unwrap();
+    // A lease of a minute: only the failure handling, not the lease, can bring members back.
+    let sched = Scheduler::new(env.res.redis.clone(), env.keys().clone(), tiny, env.topics().clone(), sched_cfg(Duration::from_secs(60)));
+    let shard = 0;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let ev = ReservationEvent { reservation_id: Uuid::new_v4(), user_id: Uuid::new_v4(), seat_id: Uuid::new_v4(), schedule_id: Uuid::new_v4(), expires_at: chrono::Utc::now() };
+        assert!(sched.schedule(shard, &ev).await.unwrap());
+        ids.push(ev.reservation_id.to_string());
+    }
+    let tick = sched.step(shard).await.unwrap();
+    let booking::scheduler::Tick::Published { claimed, published, failed, .. } = tick else { panic!("{tick:?}") };
+    assert_eq!(claimed, 3);
+    assert!(failed >= 1, "the refused sends count as failed: {tick:?}");
+    assert_eq!(published + failed, 3);
+    let mut conn = env.res.redis.clone();
+    let inflight: u64 = redis::cmd("ZCARD").arg(env.keys().sched_inflight(shard)).query_async(&mut conn).await.unwrap();
+    let due: u64 = redis::cmd("ZCARD").arg(env.keys().sched_due(shard)).query_async(&mut conn).await.unwrap();
+    assert_eq!((inflight, due), (0, failed as u64), "failed members are back in the due set, not waiting out the lease");
+    // The next steps send them.
+    let sent = std::sync::atomic::AtomicUsize::new(published);
+    common::eventually(Duration::from_secs(20), || async {
+        if let Ok(booking::scheduler::Tick::Published { published, .. }) = sched.step(shard).await {
+            sent.fetch_add(published, std::sync::atomic::Ordering::SeqCst);
+        }
+        sent.load(std::sync::atomic::Ordering::SeqCst) == 3
+    })
+    .await;
+    let got = env.read_topic(&env.topics().reservation_expiration, 3, Duration::from_secs(20)).await;
+    let mut keys: Vec<String> = got.into_iter().filter_map(|(k, _, _)| k).collect();
+    keys.sort();
+    ids.sort();
+    assert_eq!(keys, ids);
+}

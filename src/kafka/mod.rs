@@ -16,6 +16,10 @@ use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::FutureProducer;
 
+/// How long a send waits for Kafka's acknowledgement before it fails (`message.timeout.ms`).
+/// The delay scheduler's lease must exceed it (`--lease`).
+pub const MESSAGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// An idempotent producer: `acks=all` and `enable.idempotence`, so a retried send is written once
 /// and in order per partition. `message.timeout.ms` bounds how long a send waits for a broker
 /// that is down; callers treat a timeout as "not published" and try again later.
@@ -29,7 +33,7 @@ pub fn producer(brokers: &str, client_id: &str) -> Result<FutureProducer, KafkaE
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "0")
-        .set("message.timeout.ms", "10000")
+        .set("message.timeout.ms", MESSAGE_TIMEOUT.as_millis().to_string())
         .set("topic.metadata.propagation.max.ms", "5000")
         .set("socket.keepalive.enable", "true")
         .create()
