@@ -73,5 +73,6 @@ if ! out=$(curl -sS -f -X POST "http://$LISTEN_ADDR/v1/admin/concerts" -H "Autho
   fail "creating the demo concert failed: $out"
 fi
 echo "$out" >&2
+echo "The sale, live: open http://$LISTEN_ADDR/ in a browser" >&2
 echo "API on http://$LISTEN_ADDR  (admin token: $ADMIN_TOKEN)  metrics on :9101-:9104, logs in $LOGS — Ctrl-C to stop" >&2
 wait "${pids[@]}"

@@ -45,6 +45,21 @@ if [[ ! -x "$VENV/bin/schemathesis" ]]; then
 fi
 export SCHEMATHESIS="$VENV/bin/schemathesis"
 
+# The browser test (tests/browser.rs): Debian's Chromium (and its WebDriver), driven by
+# playwright-core from npm, installed into tests/browser/node_modules (git-ignored). Playwright never
+# downloads a browser here: the test points it at /usr/bin/chromium.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null || ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  pkgs=(chromium chromium-driver)
+  command -v node >/dev/null || pkgs+=(nodejs)
+  command -v npm >/dev/null || pkgs+=(npm)
+  apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
+fi
+if [[ ! -d tests/browser/node_modules/playwright-core ]]; then
+  PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --prefix tests/browser --no-audit --no-fund --silent
+fi
+
 # `up` prints the exports on stdout only when every service answers; when it fails, its message
 # (stderr) is the last thing printed and the run stops here.
 services_env=$(scripts/services.sh up)

@@ -52,6 +52,7 @@ pub fn routes(api: Api) -> BoxedFilter<(Response,)> {
         .or(notification_stream(&api)).unify()
         .or(rankings(&api)).unify()
         .or(openapi()).unify()
+        .or(super::web::routes()).unify()
         .or(ops).unify()
         .or(unmatched()).unify()
         .boxed();

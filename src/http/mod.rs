@@ -8,6 +8,7 @@
 mod body;
 pub mod filters;
 pub mod handlers;
+mod web;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -93,6 +94,7 @@ pub const ROUTES: &[&str] = &[
         "/v1/payments", "/v1/users/me/notifications", "/v1/users/me/notifications/stream",
         "/v1/rankings/schedules", "/health", "/metrics", "/openapi.yaml",
         "/v1/reservations/{id}/refund",
+        "/", "/app.js", "/style.css",
 ];
 
 /// The methods a route answers (the `Allow` header of a 405).
