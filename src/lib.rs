@@ -12,6 +12,7 @@
 //! - outbox to Kafka: [`outbox`]; topics, envelope, consumer runner: [`kafka`]
 //! - live streams (seat map, notifications) and their commit-ordered ids: [`seat_map`], [`sequencer`]
 //! - notifications: [`notification`]; ranking: [`ranking`]; data-platform export: [`export`]
+//! - what operators see and do (`bookingctl`): [`ops`]
 
 pub mod app;
 pub mod catalog;
@@ -26,6 +27,7 @@ pub mod idempotency;
 pub mod kafka;
 pub mod keys;
 pub mod notification;
+pub mod ops;
 pub mod outbox;
 pub mod payment;
 pub mod points;

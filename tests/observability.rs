@@ -87,6 +87,26 @@ fn alert_exprs() -> Vec<String> {
     out
 }
 
+/// Every alert carries a `runbook` annotation pointing at its own heading under the README's
+/// "Operating a sale" (the anchor GitHub derives from `### AlertName`).
+#[test]
+fn every_alert_has_a_runbook_in_the_readmes_operating_a_sale_section() {
+    let rules = std::fs::read_to_string(repo().join("prometheus/alerts.yml")).unwrap();
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let section = readme.split("\n## Operating a sale\n").nth(1).expect("README has an Operating a sale section");
+    let section = section.split("\n## ").next().unwrap();
+    let anchors: Vec<String> = section.lines().filter_map(|l| l.strip_prefix("### ")).map(|h| h.trim().to_lowercase()).collect();
+    let mut alerts = 0;
+    for block in rules.split("- alert: ").skip(1) {
+        let name = block.split_whitespace().next().unwrap();
+        let want = format!("runbook: \"README.md#{}\"", name.to_lowercase());
+        assert!(block.contains(&want), "alert {name} needs the annotation {want}");
+        assert!(anchors.contains(&name.to_lowercase()), "README's Operating a sale needs a heading ### {name}");
+        alerts += 1;
+    }
+    assert!(alerts >= 8, "read {alerts} alerts");
+}
+
 /// The README's Metrics table: each metric name with the daemons its "served by" column names.
 fn readme_catalogue() -> BTreeMap<String, BTreeSet<&'static str>> {
     const DAEMONS: [&str; 4] = ["api", "delay-scheduler", "expirer", "worker"];

@@ -1,0 +1,377 @@
+//! `bookingctl` against the real services: the real binary (`CARGO_BIN_EXE_bookingctl`) reading
+//! and changing what the daemons of one isolated test world hold.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use booking::app::{self, ExpirerMode, ExpirerSettings};
+use booking::kafka::{consumer_config, partition_for, ConsumerRunner, HandleError, Handler, Incoming, PARTITIONS};
+use booking::reservation::ReservationEvent;
+use booking::scheduler::{Scheduler, SchedulerConfig};
+use common::{eventually, QueueSettings, TestApi, TestEnv, User};
+use rdkafka::producer::FutureRecord;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+const LEASE: Duration = Duration::from_secs(30);
+
+fn sched_cfg() -> SchedulerConfig {
+    SchedulerConfig { batch_size: 100, lease: LEASE, poll_interval: Duration::from_secs(1), rearm_interval: Duration::from_secs(3600) }
+}
+
+/// What one run of bookingctl printed.
+struct Run {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn json(&self) -> Value {
+        assert!(self.ok, "bookingctl failed:\n{}\n{}", self.stdout, self.stderr);
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", self.stdout))
+    }
+}
+
+/// The flags that point bookingctl at this test's world.
+fn world(env: &TestEnv) -> Vec<String> {
+    let mut a = env.common_args();
+    for (flag, v) in [
+        ("--scheduler-group", format!("{}scheduler", env.prefix)),
+        ("--expirer-group", format!("{}expirer", env.prefix)),
+        ("--worker-group-prefix", format!("{}worker-", env.prefix)),
+        ("--lease", "30s".to_string()),
+    ] {
+        a.push(flag.into());
+        a.push(v);
+    }
+    a
+}
+
+/// Runs bookingctl with `flags` then `args`; standard input is not a terminal (as in a script).
+async fn ctl(flags: &[String], args: &[&str]) -> Run {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_bookingctl"))
+        .args(flags)
+        .args(args)
+        .env_remove("ADMIN_TOKEN")
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("bookingctl runs");
+    Run { ok: out.status.success(), stdout: String::from_utf8_lossy(&out.stdout).into(), stderr: String::from_utf8_lossy(&out.stderr).into() }
+}
+
+async fn scheduler(env: &TestEnv) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let t = CancellationToken::new();
+    let (res, group, sd) = (env.res.clone(), format!("{}scheduler", env.prefix), t.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let h = tokio::spawn(async move {
+        app::run_scheduler(res, sched_cfg(), &group, listener, booking::telemetry::install_metrics(), sd).await.unwrap();
+    });
+    (t, h)
+}
+
+async fn expirer(env: &TestEnv) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let t = CancellationToken::new();
+    let (res, group, sd) = (env.res.clone(), format!("{}expirer", env.prefix), t.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    // The sweeper is kept out of the way: only the pipeline (and replays) may expire holds here.
+    let s = ExpirerSettings {
+        mode: ExpirerMode::After,
+        sweep_interval: Duration::from_secs(3600),
+        sweep_grace: Duration::from_secs(3600),
+        sweep_batch: 1000,
+        legacy_interval: Duration::from_secs(1),
+        outbox_batch: 500,
+        outbox_poll: Duration::from_millis(200),
+    };
+    let h = tokio::spawn(async move {
+        app::run_expirer(res, s, &group, listener, booking::telemetry::install_metrics(), sd).await.unwrap();
+    });
+    (t, h)
+}
+
+async fn stop(x: (CancellationToken, tokio::task::JoinHandle<()>)) {
+    x.0.cancel();
+    let _ = x.1.await;
+}
+
+async fn hold_one(api: &TestApi, name: &str, schedule: &str, seat: &str) -> (User, String) {
+    let u = api.user(name).await;
+    api.charge(&u, 10_000).await;
+    let t = api.active_token(&u, schedule).await;
+    let r = api.hold(&u, &t, seat).await;
+    assert_eq!(r.status(), 201);
+    let v: Value = r.json().await.unwrap();
+    (u, v["reservationId"].as_str().unwrap().to_string())
+}
+
+async fn status_of(env: &TestEnv, id: &str) -> String {
+    sqlx::query_scalar("SELECT status FROM reservations WHERE id = $1::uuid").bind(id).fetch_one(&env.pool).await.unwrap()
+}
+
+async fn expired_notifications(env: &TestEnv, id: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM outbox WHERE topic = $1 AND envelope->'payload'->>'type' = 'RESERVATION_EXPIRED'
+         AND envelope->'payload'->'data'->>'reservationId' = $2",
+    )
+    .bind(&env.topics().notification_request)
+    .bind(id)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap()
+}
+
+/// Polls `dlq list --json` until it shows `n` dead letters (of `topic`).
+async fn dead_letters(flags: &[String], topic: &str, n: usize) -> Vec<Value> {
+    let mut last = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::time::Instant::now() < deadline {
+        last = ctl(flags, &["--json", "dlq", "list", "--topic", topic]).await.json().as_array().unwrap().clone();
+        if last.len() >= n {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    panic!("expected {n} dead letters on {topic}, saw {last:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_reservation_created_lands_in_the_dlq_and_dlq_list_shows_it_with_its_reason() {
+    let env = TestEnv::new().await;
+    let flags = world(&env);
+    let topic = env.topics().reservation_created.clone();
+    let sent = env.res.producer.send(FutureRecord::to(&topic).key("junk-key").payload("{not json").partition(1), Duration::from_secs(5)).await.unwrap();
+    let s = scheduler(&env).await;
+
+    let letters = dead_letters(&flags, "reservation.created", 1).await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let d = &letters[0];
+    assert_eq!(d["key"], "junk-key");
+    assert!(d["reason"].as_str().unwrap().contains("malformed envelope"), "{d}");
+    assert_eq!(d["originalTopic"], topic.as_str());
+    assert_eq!(d["originalPartition"], 1);
+    assert_eq!(d["originalOffset"], sent.offset);
+    assert_eq!(d["dlqTopic"], format!("{topic}.dlq"));
+    assert!(d["time"].is_string());
+    assert_eq!(d["replayed"], 0);
+
+    // The table shows the same, and `show` pretty-prints the one letter.
+    let table = ctl(&flags, &["dlq", "list"]).await;
+    assert!(table.ok, "{}", table.stderr);
+    assert!(table.stdout.contains("junk-key") && table.stdout.contains("malformed envelope"), "{}", table.stdout);
+    let pos = format!("{}:{}", d["partition"], d["offset"]);
+    let shown = ctl(&flags, &["--json", "dlq", "show", &format!("{topic}.dlq"), &pos]).await.json();
+    assert_eq!(shown["payload"], "{not json");
+    assert_eq!(shown["consumer"], "delay-scheduler");
+    let missing = ctl(&flags, &["dlq", "show", "reservation.created", "2:999"]).await;
+    assert!(!missing.ok && missing.stderr.contains("no message at 2:999"), "{}", missing.stderr);
+    stop(s).await;
+}
+
+/// A consumer with a bug: it rejects every message as poison, valid or not.
+struct Buggy;
+
+impl Handler for Buggy {
+    async fn handle(&self, _msg: &Incoming) -> Result<(), HandleError> {
+        Err(HandleError::Poison("bug: rejected a valid expiration (fixed in the next release)".into()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_valid_message_dead_lettered_by_a_bug_is_processed_once_after_replay_and_a_second_replay_does_nothing() {
+    let env = TestEnv::new().await;
+    let flags = world(&env);
+    let api = env.api(Duration::from_secs(2), QueueSettings::default()).await;
+    let (schedule, seats) = api.concert(1, 10).await;
+    let s = scheduler(&env).await;
+    // The expirer's group runs the buggy release: the hold's expiration is dead-lettered.
+    let group = format!("{}expirer", env.prefix);
+    let topic = env.topics().reservation_expiration.clone();
+    let buggy = ConsumerRunner::new(&consumer_config(&env.brokers, &group), &[&topic], env.res.producer.clone(), "expirer").unwrap();
+    let stop_buggy = CancellationToken::new();
+    let b = tokio::spawn({
+        let t = stop_buggy.clone();
+        async move { buggy.run(&Buggy, t).await }
+    });
+    let (_, id) = hold_one(&api, "victim", &schedule, &seats[0]).await;
+    let letters = dead_letters(&flags, "reservation.expiration.dlq", 1).await;
+    assert_eq!(letters[0]["key"], id.as_str());
+    assert!(letters[0]["reason"].as_str().unwrap().starts_with("bug:"));
+    stop_buggy.cancel();
+    b.await.unwrap();
+    assert_eq!(status_of(&env, &id).await, "HELD", "the dead-lettered expiration changed nothing");
+
+    // The fixed release takes over the group (its offset is past the dead-lettered message).
+    let e = expirer(&env).await;
+    let replay = ["--json", "dlq", "replay", "--topic", "reservation.expiration", "--all"];
+
+    // No terminal and no --yes: refused, nothing replayed.
+    let refused = ctl(&flags, &replay).await;
+    assert!(!refused.ok && refused.stderr.contains("--yes"), "{}", refused.stderr);
+    let dry = ctl(&flags, &[&replay[..], &["--dry-run"]].concat()).await.json();
+    assert_eq!(dry["replayed"], 1, "{dry}");
+    assert_eq!(status_of(&env, &id).await, "HELD");
+
+    let first = ctl(&flags, &[&["--yes"][..], &replay].concat()).await;
+    let v = first.json();
+    assert_eq!(v["replayed"], 1, "{v}");
+    assert!(first.stderr.contains("dead letter replayed") && first.stderr.contains('@'), "who replayed is logged: {}", first.stderr);
+    eventually(Duration::from_secs(30), || async { status_of(&env, &id).await == "EXPIRED" }).await;
+    assert_eq!(expired_notifications(&env, &id).await, 1);
+    let copies = env.read_topic(&topic, 2, Duration::from_secs(10)).await;
+    assert_eq!(copies.len(), 2, "the original and one replay");
+    let headers = &copies.iter().find(|(_, _, h)| h.iter().any(|(k, _)| k == "replayed-from")).expect("the replay is marked").2;
+    assert!(headers.contains(&("replay-count".to_string(), "1".to_string())), "{headers:?}");
+    assert_eq!(copies[0].0.as_deref(), Some(id.as_str()), "same key");
+
+    // Again: nothing happens without --force.
+    let second = ctl(&flags, &[&["--yes"][..], &replay].concat()).await.json();
+    assert_eq!(second["replayed"], 0, "{second}");
+    assert_eq!(second["items"][0]["outcome"], "skipped");
+    assert_eq!(env.read_topic(&topic, 3, Duration::from_secs(3)).await.len(), 2, "no third copy");
+    // With --force it goes again, and the idempotent expirer still expires once.
+    let forced = ctl(&flags, &[&["--yes"][..], &replay, &["--force"]].concat()).await.json();
+    assert_eq!(forced["replayed"], 1);
+    assert_eq!(forced["items"][0]["replayCount"], 2);
+    assert_eq!(env.read_topic(&topic, 3, Duration::from_secs(10)).await.len(), 3);
+    let audit: i64 = sqlx::query_scalar("SELECT count(*) FROM ops_audit WHERE command = 'dlq replay' AND actor LIKE '%@%'").fetch_one(&env.pool).await.unwrap();
+    assert_eq!(audit, 2, "each replay that changed something is recorded");
+    stop(e).await;
+    assert_eq!(expired_notifications(&env, &id).await, 1);
+    stop(s).await;
+    api.stop().await;
+}
+
+async fn find(flags: &[String], id: &str) -> Value {
+    ctl(flags, &["--json", "scheduler", "find", id]).await.json()
+}
+
+async fn event_of(env: &TestEnv, id: &str) -> ReservationEvent {
+    let (reservation_id, user_id, seat_id, schedule_id, expires_at): (Uuid, Uuid, Uuid, Uuid, chrono::DateTime<chrono::Utc>) =
+        sqlx::query_as("SELECT id, user_id, seat_id, schedule_id, expires_at FROM reservations WHERE id = $1::uuid").bind(id).fetch_one(&env.pool).await.unwrap();
+    ReservationEvent { reservation_id, user_id, seat_id, schedule_id, expires_at }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduler_find_tells_due_in_flight_tombstoned_and_lost_and_rearm_brings_the_lost_one_back() {
+    let env = TestEnv::new().await;
+    let flags = world(&env);
+    let api = env.api(Duration::from_secs(3600), QueueSettings::default()).await;
+    let (schedule, seats) = api.concert(3, 10).await;
+    // The delay scheduler's own operations, driven step by step (as its consumer and loop would).
+    let sched = Scheduler::new(env.res.redis.clone(), env.keys().clone(), env.res.producer.clone(), env.topics().clone(), sched_cfg());
+    let shard_of = |id: &str| partition_for(id, PARTITIONS);
+
+    // A fresh hold: due at its expiry on its shard.
+    let (_, fresh) = hold_one(&api, "fresh", &schedule, &seats[0]).await;
+    let ev = event_of(&env, &fresh).await;
+    assert!(sched.schedule(shard_of(&fresh), &ev).await.unwrap());
+    let f = find(&flags, &fresh).await;
+    assert_eq!(f["redis"]["state"], "due", "{f}");
+    assert_eq!(f["redis"]["shard"], shard_of(&fresh));
+    let due_at = f["redis"]["dueAt"].as_str().unwrap().parse::<chrono::DateTime<chrono::Utc>>().unwrap();
+    assert_eq!(due_at.timestamp_millis(), ev.expires_at.timestamp_millis(), "due at its expiry (Redis keeps milliseconds)");
+    assert_eq!(f["postgres"]["status"], "HELD");
+    assert_eq!(f["warnings"].as_array().unwrap().len(), 0, "{f}");
+
+    // Lost after Redis forgot everything of this world (only this test's keys: Redis is shared).
+    let mut conn = env.res.redis.clone();
+    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{}*", env.prefix)).query_async(&mut conn).await.unwrap();
+    let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await.unwrap();
+    let f = find(&flags, &fresh).await;
+    assert_eq!(f["redis"]["state"], "absent", "{f}");
+    assert!(f["warnings"][0].as_str().unwrap().contains("HELD in PostgreSQL but nowhere in Redis"), "{f}");
+    let table = ctl(&flags, &["scheduler", "find", &fresh]).await;
+    assert!(table.stdout.contains("WARNING"), "{}", table.stdout);
+
+    // Re-arm: asks, then re-adds exactly the missing one; a second run finds nothing missing.
+    let refused = ctl(&flags, &["scheduler", "rearm"]).await;
+    assert!(!refused.ok && refused.stderr.contains("--yes"), "{}", refused.stderr);
+    let r = ctl(&flags, &["--yes", "--json", "scheduler", "rearm"]).await.json();
+    assert_eq!((r["held"].as_u64(), r["missing"].as_u64()), (Some(1), Some(1)), "{r}");
+    let f = find(&flags, &fresh).await;
+    assert_eq!(f["redis"]["state"], "due", "{f}");
+    let again = ctl(&flags, &["--yes", "--json", "scheduler", "rearm"]).await.json();
+    assert_eq!(again["missing"], 0);
+
+    // Claimed: in flight since the claim, until the lease runs out.
+    let (_, claimed) = hold_one(&api, "claimed", &schedule, &seats[1]).await;
+    let mut ev = event_of(&env, &claimed).await;
+    ev.expires_at = chrono::Utc::now() - chrono::Duration::seconds(1);
+    assert!(sched.schedule(shard_of(&claimed), &ev).await.unwrap());
+    let before = chrono::Utc::now();
+    let c = sched.claim(shard_of(&claimed)).await.unwrap();
+    assert!(c.members.iter().any(|(m, _)| *m == claimed));
+    let f = find(&flags, &claimed).await;
+    assert_eq!(f["redis"]["state"], "inFlight", "{f}");
+    let at = |k: &str| f["redis"][k].as_str().unwrap().parse::<chrono::DateTime<chrono::Utc>>().unwrap();
+    assert_eq!(at("leaseUntil") - at("since"), chrono::Duration::seconds(30));
+    assert!((at("since") - before).num_seconds().abs() <= 2, "{f}");
+
+    // Paid: tombstoned, and PostgreSQL agrees.
+    let (u, paid) = hold_one(&api, "paid", &schedule, &seats[2]).await;
+    assert!(sched.schedule(shard_of(&paid), &event_of(&env, &paid).await).await.unwrap());
+    assert!(api.pay(&u, "pay-1", &paid).await.status().is_success());
+    sched.cancel(paid.parse().unwrap()).await.unwrap();
+    let f = find(&flags, &paid).await;
+    assert_eq!(f["redis"]["state"], "tombstoned", "{f}");
+    assert_eq!(f["postgres"]["status"], "CONFIRMED");
+    assert_eq!(f["warnings"].as_array().unwrap().len(), 0, "{f}");
+
+    // `scheduler list`: the pending ones, earliest first.
+    let l = ctl(&flags, &["--json", "scheduler", "list"]).await.json();
+    let ids: Vec<&str> = l.as_array().unwrap().iter().map(|p| p["reservationId"].as_str().unwrap()).collect();
+    assert_eq!(ids, vec![claimed.as_str(), fresh.as_str()], "{l}");
+    let unknown = find(&flags, &Uuid::new_v4().to_string()).await;
+    assert_eq!(unknown["redis"]["state"], "absent");
+    assert!(unknown["postgres"].is_null());
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_json_names_every_dependency_topic_group_shard_schedule_and_dead_letter_topic() {
+    let env = TestEnv::new().await;
+    let flags = world(&env);
+    let api = env.api(Duration::from_secs(3600), QueueSettings::default()).await;
+    let (schedule, _) = api.concert(1, 10).await;
+    let u = api.user("waiting").await;
+    api.enter_queue(&u, &schedule).await;
+
+    let v = ctl(&flags, &["status", "--json"]).await.json();
+    let names = |arr: &Value, k: &str| -> Vec<String> { arr.as_array().unwrap().iter().map(|x| x[k].as_str().unwrap().to_string()).collect() };
+    assert_eq!(names(&v["dependencies"], "name"), ["postgres", "redis", "kafka"]);
+    assert!(v["dependencies"].as_array().unwrap().iter().all(|d| d["up"] == true), "{v}");
+    let t = env.topics();
+    let product = [&t.reservation_created, &t.reservation_expiration, &t.reservation_cancelled, &t.payment_completed, &t.notification_request];
+    let topics = names(&v["topics"], "topic");
+    for p in product {
+        assert!(topics.contains(p), "{p} in {topics:?}");
+        let dlq = format!("{p}.dlq");
+        assert!(v["dlq"].as_array().unwrap().iter().any(|d| d["topic"] == dlq.as_str() && d["messages"] == 0), "{dlq}: {v}");
+    }
+    let groups: Vec<String> = v["topics"].as_array().unwrap().iter().flat_map(|t| names(&t["groups"], "group")).collect();
+    for g in ["scheduler", "expirer", "worker-payments", "worker-notifications"] {
+        assert!(groups.contains(&format!("{}{g}", env.prefix)), "{g} in {groups:?}");
+    }
+    let shards: Vec<i64> = v["scheduler"].as_array().unwrap().iter().map(|s| s["shard"].as_i64().unwrap()).collect();
+    assert_eq!(shards, (0..PARTITIONS as i64).collect::<Vec<_>>());
+    let q = v["queues"].as_array().unwrap();
+    assert_eq!(q.len(), 1, "{v}");
+    assert_eq!(q[0]["scheduleId"], schedule.as_str());
+    assert!(v["outbox"]["backlog"].is_number());
+
+    // Redis unreachable: status still answers, says so, and keeps every other part.
+    let mut down = flags.clone();
+    let i = down.iter().position(|a| a == "--redis-url").unwrap();
+    down[i + 1] = "redis://127.0.0.1:1".into();
+    let v = ctl(&down, &["--json", "status"]).await.json();
+    let redis = v["dependencies"].as_array().unwrap().iter().find(|d| d["name"] == "redis").unwrap().clone();
+    assert_eq!(redis["up"], false, "{v}");
+    assert_eq!(v["topics"].as_array().unwrap().len(), 5);
+    assert!(v["scheduler"][0]["due"].is_null());
+    api.stop().await;
+}
