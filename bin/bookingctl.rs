@@ -254,7 +254,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Scheduler(SchedulerCmd::Rearm) => {
             let n = ops::scheduler::held_count(&ops).await?;
             confirm(&format!("Re-arm the {n} HELD holds in Redis (only missing ones are added)?"), yes)?;
-            emit(&ops::scheduler::rearm(&ops, &progress(n as u64, "re-arming")).await?, json)
+            emit(&ops::scheduler::rearm(&ops, &indicatif::ProgressBar::new_spinner()).await?, json)
         }
         Command::Dlq(DlqCmd::List { topic, since }) => {
             emit(&ops::dlq::list(&ops, prefix, topic.as_deref(), *since, &progress(0, "reading")).await?, json)

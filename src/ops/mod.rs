@@ -41,6 +41,8 @@ pub enum OpsError {
     RedisDown(String),
     #[error("Kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("scheduler: {0}")]
+    Scheduler(String),
     #[error("admin API: {0}")]
     Api(String),
     #[error("{0}")]
@@ -156,7 +158,8 @@ pub trait Report: Serialize {
     fn table(&self) -> String;
 }
 
-/// A progress bar on stderr for `n` steps (hidden when stderr is not a terminal).
+/// A progress bar on stderr for `n` steps (hidden when stderr is not a terminal); a spinner
+/// when the number of steps is not known.
 pub fn progress(n: u64, what: &str) -> indicatif::ProgressBar {
     let pb = indicatif::ProgressBar::new(n);
     pb.set_style(

@@ -11,7 +11,6 @@ use uuid::Uuid;
 
 use super::{fmt_time, opt, Ops, OpsError, Report, Table};
 use crate::kafka::{partition_for, PARTITIONS};
-use crate::reservation::ReservationEvent;
 use crate::scheduler::{Scheduler, SchedulerConfig};
 
 /// Where a hold's expiry is in Redis.
@@ -105,7 +104,11 @@ pub async fn find(ops: &Ops, reservation: Uuid) -> Result<Found, OpsError> {
             break;
         }
     }
-    let tombstone: bool = conn.exists(ops.keys.sched_cancelled(reservation)).await?;
+    // A cancellation leaves a tombstone in every shard (each shard's script reads only its slot).
+    let mut tombstone = false;
+    for shard in 0..PARTITIONS {
+        tombstone |= conn.exists::<_, bool>(ops.keys.sched_cancelled(shard, reservation)).await?;
+    }
     if place == Place::Absent && tombstone {
         place = Place::Tombstoned;
     }
@@ -213,65 +216,43 @@ pub async fn list(ops: &Ops, shard: Option<i32>, due_before: Option<DateTime<Utc
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Rearmed {
-    /// HELD holds in PostgreSQL.
-    pub held: usize,
+    /// HELD holds in PostgreSQL when the re-arm started.
+    pub held: i64,
     /// Of those, missing from Redis and added back now.
     pub missing: usize,
-    /// HELD but tombstoned in Redis (not re-added; the sweeper ends them).
-    pub tombstoned: usize,
 }
 
 impl Report for Rearmed {
     fn table(&self) -> String {
-        format!(
-            "{} HELD holds in PostgreSQL; {} were missing from Redis and are re-armed; {} tombstoned (left to the sweeper)\n",
-            self.held, self.missing, self.tombstoned
-        )
+        format!("{} HELD holds in PostgreSQL; {} were missing from Redis and are re-armed\n", self.held, self.missing)
     }
 }
 
-/// The number of HELD holds `rearm` would walk (for the confirmation question).
+/// The number of HELD holds `rearm` walks (for the confirmation question).
 pub async fn held_count(ops: &Ops) -> Result<i64, OpsError> {
     Ok(sqlx::query_scalar("SELECT count(*) FROM reservations WHERE status = 'HELD'").fetch_one(&ops.pool).await?)
 }
 
-/// Re-adds every HELD hold to its shard (existing members keep their state) and reports how many
-/// were missing. Same effect as the scheduler's periodic re-arm, at once and with progress.
+/// Re-adds every HELD hold to its shard and reports how many were missing: the scheduler's own
+/// re-arm ([`Scheduler::rearm`], `ZADD NX` in pages, tombstones respected) over every shard, at
+/// once instead of at its next `--rearm-interval`.
 pub async fn rearm(ops: &Ops, pb: &indicatif::ProgressBar) -> Result<Rearmed, OpsError> {
     let redis = ops.redis()?;
-    let rows: Vec<(Uuid, Uuid, Uuid, Uuid, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT id, user_id, seat_id, schedule_id, expires_at FROM reservations WHERE status = 'HELD' ORDER BY expires_at",
-    )
-    .fetch_all(&ops.pool)
-    .await?;
-    pb.set_length(rows.len() as u64);
-    // Only `schedule` is used: the loop settings below are never read.
+    let held = held_count(ops).await?;
+    // Only `rearm` is used: the loop settings below are never read.
     let cfg = SchedulerConfig {
         batch_size: 1,
         lease: ops.lease,
         poll_interval: std::time::Duration::from_secs(1),
         rearm_interval: std::time::Duration::from_secs(3600),
     };
-    let scheduler = Scheduler::new(redis.clone(), ops.keys.clone(), ops.producer.clone(), ops.topics.clone(), cfg);
-    let mut conn = redis;
-    let (mut missing, mut tombstoned) = (0, 0);
-    let mut readded = Vec::new();
-    for (reservation_id, user_id, seat_id, schedule_id, expires_at) in &rows {
-        let ev = ReservationEvent { reservation_id: *reservation_id, user_id: *user_id, seat_id: *seat_id, schedule_id: *schedule_id, expires_at: *expires_at };
-        let shard = partition_for(&reservation_id.to_string(), PARTITIONS);
-        if scheduler.schedule(shard, &ev).await? {
-            missing += 1;
-            if readded.len() < 100 {
-                readded.push(reservation_id.to_string());
-            }
-        } else if conn.exists::<_, bool>(ops.keys.sched_cancelled(*reservation_id)).await? {
-            tombstoned += 1;
-        }
-        pb.inc(1);
-    }
+    let scheduler = Scheduler::new(redis, ops.keys.clone(), ops.producer.clone(), ops.topics.clone(), cfg);
+    pb.set_message(format!("re-arming {held} HELD holds"));
+    pb.enable_steady_tick(std::time::Duration::from_millis(120));
+    let missing = scheduler.rearm(&ops.pool, &(0..PARTITIONS).collect()).await.map_err(|e| OpsError::Scheduler(e.to_string()))?;
     pb.finish_and_clear();
-    let report = Rearmed { held: rows.len(), missing, tombstoned };
-    ops.audit("scheduler rearm", serde_json::json!({"held": report.held, "readded": missing, "tombstoned": tombstoned, "readdedIds": readded})).await;
+    let report = Rearmed { held, missing };
+    ops.audit("scheduler rearm", serde_json::json!({"held": held, "readded": missing})).await;
     Ok(report)
 }
 
