@@ -144,8 +144,19 @@ enum DlqCmd {
 
 #[derive(Subcommand, Debug)]
 enum OutboxCmd {
-    /// The backlog and the age of its oldest event.
+    /// The backlog, the age of its oldest event, and how many rows are set aside.
     Status,
+    /// The rows the relay set aside because Kafka refused them for good, with Kafka's error.
+    Stuck {
+        /// Most rows shown.
+        #[arg(long, env = "BOOKINGCTL_LIMIT", default_value_t = 100)]
+        limit: i64,
+    },
+    /// Puts a set-aside row back in line for the relay.
+    Retry {
+        /// The outbox row id (from `outbox stuck`).
+        id: i64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -272,6 +283,11 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Outbox(OutboxCmd::Status) => emit(&ops::outbox::status(&ops).await?, json),
+        Command::Outbox(OutboxCmd::Stuck { limit }) => emit(&ops::outbox::stuck(&ops, *limit).await?, json),
+        Command::Outbox(OutboxCmd::Retry { id }) => {
+            confirm(&format!("Put set-aside outbox row {id} back in line?"), yes)?;
+            emit(&ops::outbox::retry(&ops, *id).await?, json)
+        }
         Command::Queue(QueueCmd::Show { schedule_id }) => emit(&ops::queue::show(&ops, *schedule_id).await?, json),
         Command::Queue(q) => {
             let (schedule, change, what) = match q {

@@ -1,34 +1,116 @@
-//! `bookingctl outbox …`: what waits in the transactional outbox for Kafka.
+//! `bookingctl outbox …`: what waits in the transactional outbox for Kafka, and the rows the relay
+//! set aside because Kafka refused them for good (`set_aside_at`, `last_error`: see `outbox.rs`
+//! and migration 0050).
+//!
+//! `outbox retry` only clears `set_aside_at`: the row goes back in line in its place (`id` order)
+//! and the relay publishes it like any other, or sets it aside again with Kafka's new answer.
 
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use super::{Ops, OpsError, Report, Table};
+use super::{fmt_time, Ops, OpsError, Report, Table};
 
-/// `outbox status`: the backlog and its age.
+/// `outbox status`: the backlog and its age, and how many rows are set aside.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct OutboxStatus {
-    /// Rows not yet acknowledged by Kafka.
+    /// Rows waiting for Kafka (set-aside rows not counted).
     pub backlog: i64,
     /// Age of the oldest of them, in seconds (0 when nothing waits).
     pub oldest_age_seconds: f64,
+    /// Rows the relay set aside (see `outbox stuck`).
+    pub set_aside: i64,
 }
 
 impl Report for OutboxStatus {
     fn table(&self) -> String {
-        let mut t = Table::new(&["backlog", "oldest age"]);
-        t.row(&[self.backlog.to_string(), format!("{:.1}s", self.oldest_age_seconds)]);
+        let mut t = Table::new(&["backlog", "oldest age", "set aside"]);
+        t.row(&[self.backlog.to_string(), format!("{:.1}s", self.oldest_age_seconds), self.set_aside.to_string()]);
         t.to_string()
     }
 }
 
-/// The backlog and the age of its oldest row (the partial index `outbox_unpublished` keeps this
+/// The backlog, the age of its oldest row and the set-aside count (partial indexes keep each
 /// cheap however long the table is).
 pub async fn status(ops: &Ops) -> Result<OutboxStatus, OpsError> {
     let (backlog, age): (i64, Option<f64>) = sqlx::query_as(
-        "SELECT count(*), EXTRACT(EPOCH FROM now() - min(created_at))::float8 FROM outbox WHERE published_at IS NULL",
+        "SELECT count(*), EXTRACT(EPOCH FROM now() - min(created_at))::float8 FROM outbox
+         WHERE published_at IS NULL AND set_aside_at IS NULL",
     )
     .fetch_one(&ops.pool)
     .await?;
-    Ok(OutboxStatus { backlog, oldest_age_seconds: age.unwrap_or(0.0).max(0.0) })
+    let set_aside: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE set_aside_at IS NOT NULL AND published_at IS NULL")
+        .fetch_one(&ops.pool)
+        .await?;
+    Ok(OutboxStatus { backlog, oldest_age_seconds: age.unwrap_or(0.0).max(0.0), set_aside })
+}
+
+/// One set-aside row.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[serde(rename_all = "camelCase")]
+pub struct SetAside {
+    pub id: i64,
+    pub topic: String,
+    #[sqlx(rename = "message_key")]
+    pub key: String,
+    pub event_id: uuid::Uuid,
+    pub created_at: DateTime<Utc>,
+    pub set_aside_at: DateTime<Utc>,
+    pub last_error: Option<String>,
+}
+
+/// `outbox stuck`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Stuck(pub Vec<SetAside>);
+
+impl Report for Stuck {
+    fn table(&self) -> String {
+        let mut t = Table::new(&["id", "set aside at", "topic", "key", "error"]);
+        for r in &self.0 {
+            t.row(&[r.id.to_string(), fmt_time(&r.set_aside_at), r.topic.clone(), r.key.clone(), r.last_error.clone().unwrap_or_default()]);
+        }
+        t.to_string()
+    }
+}
+
+/// The rows the relay set aside, oldest first, at most `limit`.
+pub async fn stuck(ops: &Ops, limit: i64) -> Result<Stuck, OpsError> {
+    let rows = sqlx::query_as::<_, SetAside>(
+        "SELECT id, topic, message_key, event_id, created_at, set_aside_at, last_error FROM outbox
+         WHERE set_aside_at IS NOT NULL AND published_at IS NULL ORDER BY id LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(&ops.pool)
+    .await?;
+    Ok(Stuck(rows))
+}
+
+/// `outbox retry`.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Retried {
+    pub id: i64,
+    pub topic: String,
+    /// Kafka's answer when the row was set aside.
+    pub last_error: Option<String>,
+}
+
+impl Report for Retried {
+    fn table(&self) -> String {
+        format!("outbox row {} ({}) is back in line; it was set aside with: {}\n", self.id, self.topic, self.last_error.as_deref().unwrap_or("-"))
+    }
+}
+
+/// Puts set-aside row `id` back in line for the relay.
+pub async fn retry(ops: &Ops, id: i64) -> Result<Retried, OpsError> {
+    let row: Option<(String, Option<String>)> = sqlx::query_as(
+        "UPDATE outbox SET set_aside_at = NULL WHERE id = $1 AND set_aside_at IS NOT NULL AND published_at IS NULL
+         RETURNING topic, last_error",
+    )
+    .bind(id)
+    .fetch_optional(&ops.pool)
+    .await?;
+    let (topic, last_error) = row.ok_or_else(|| OpsError::NotFound(format!("outbox row {id} is not set aside (see `bookingctl outbox stuck`)")))?;
+    ops.audit("outbox retry", serde_json::json!({"id": id, "topic": topic, "lastError": last_error})).await;
+    Ok(Retried { id, topic, last_error })
 }

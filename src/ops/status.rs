@@ -149,10 +149,10 @@ impl Report for Status {
         out.push_str(&t.to_string());
 
         out.push_str("\noutbox\n");
-        let mut t = Table::new(&["backlog", "oldest age"]);
+        let mut t = Table::new(&["backlog", "oldest age", "set aside"]);
         match &self.outbox {
-            Some(o) => t.row(&[o.backlog.to_string(), format!("{:.1}s", o.oldest_age_seconds)]),
-            None => t.row(&["?", "?"]),
+            Some(o) => t.row(&[o.backlog.to_string(), format!("{:.1}s", o.oldest_age_seconds), o.set_aside.to_string()]),
+            None => t.row(&["?", "?", "?"]),
         };
         out.push_str(&t.to_string());
 
