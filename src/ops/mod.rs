@@ -75,6 +75,7 @@ impl Groups {
             (t.reservation_expiration.clone(), vec![self.expirer.clone()]),
             (t.reservation_cancelled.clone(), vec![self.scheduler.clone()]),
             (t.payment_completed.clone(), vec![self.scheduler.clone(), format!("{w}payments")]),
+            (t.payment_refunded.clone(), vec![format!("{w}payments")]),
             (t.notification_request.clone(), vec![format!("{w}notifications")]),
         ]
     }
