@@ -47,7 +47,7 @@ struct Cli {
     worker_group_prefix: String,
 
     /// The delay scheduler's --lease (tells when an in-flight hold was claimed).
-    #[arg(long, env = "LEASE", default_value = "30s", value_parser = duration)]
+    #[arg(long, env = "LEASE", default_value = "15s", value_parser = duration)]
     lease: Duration,
 
     /// Base URL of the api, for the queue commands.

@@ -140,7 +140,7 @@ fn disagreements(place: &Place, tombstone: bool, pg: Option<&PgState>) -> Vec<St
         Place::Tombstoned if held => w.push(
             "HELD in PostgreSQL but tombstoned in Redis: no expiration will be published; the expirer's sweeper will end it".into(),
         ),
-        Place::Due { due_at, .. } if held && due_at.timestamp_millis() != pg.expires_at.timestamp_millis() => {
+        Place::Due { due_at, .. } if held && due_at.timestamp_millis() != crate::scheduler::due_ms(pg.expires_at) => {
             w.push(format!("due in Redis at {} but expires at {} in PostgreSQL", fmt_time(due_at), fmt_time(&pg.expires_at)))
         }
         Place::Due { .. } | Place::InFlight { .. } if !held => w.push(format!(
