@@ -140,6 +140,7 @@ pub fn describe_metrics(daemon: Daemon, topic_prefix: &str) {
     describe_counter!("kafka_handler_retries_total", "Transient handler failures retried, by consumer");
     describe_counter!("kafka_consume_errors_total", "Errors receiving from Kafka, by consumer");
     describe_counter!("kafka_dead_letters_total", "Messages sent to <topic>.dlq, by source topic");
+    describe_counter!("stream_positions_stamped_total", "Stream events given their commit-ordered position by the sequencer, by stream (`seat`, `notification`)");
     describe_gauge!("kafka_consumer_lag", "Messages behind the partition end, by group, topic and partition (rdkafka statistics)");
     // Every daemon.
     describe_gauge!("dependency_up", "1 when the last health check of the dependency succeeded, else 0");
