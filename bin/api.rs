@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use booking::app::{self, ApiSettings, Resources};
 use booking::config::{duration, Common};
-use booking::queue::QueueConfig;
+use booking::queue::{EarlyOrder, QueueConfig};
 use clap::Parser;
 
 /// The HTTP booking API (brief §4): users, points, catalog, waiting queue, holds, payments.
@@ -49,9 +49,24 @@ struct Cli {
     #[arg(long, env = "QUEUE_MAX_ACTIVE", default_value_t = 500)]
     queue_max_active: u32,
 
-    /// An active user lapses after this long without a request.
+    /// An active user lapses after this long without a successful hold (failed attempts and
+    /// status polls do not count).
     #[arg(long, env = "QUEUE_IDLE_TIMEOUT", default_value = "5m", value_parser = duration)]
     queue_idle_timeout: Duration,
+
+    /// An active user also lapses this long after becoming active, whatever they do.
+    #[arg(long, env = "QUEUE_ACTIVE_LIMIT", default_value = "15m", value_parser = duration)]
+    queue_active_limit: Duration,
+
+    /// How users who enter before booking opens are ordered when it opens: `shuffle` (a random
+    /// order drawn once) or `fifo` (arrival order).
+    #[arg(long, env = "QUEUE_EARLY_ORDER", value_enum, default_value = "shuffle")]
+    queue_early_order: EarlyOrder,
+
+    /// Most seats one user may hold or own (HELD and CONFIRMED) per schedule; one more hold gets
+    /// 409 SEAT_LIMIT_REACHED.
+    #[arg(long, env = "MAX_SEATS_PER_USER", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    max_seats_per_user: u32,
 
     /// Secret that signs queue tokens (set the same value on every replica).
     #[arg(long, env = "QUEUE_SECRET", hide_env_values = true)]
@@ -97,12 +112,15 @@ async fn main() -> anyhow::Result<()> {
     let settings = ApiSettings {
         hold_ttl: cli.hold_ttl,
         refund_cutoff: cli.refund_cutoff,
+        max_seats_per_user: cli.max_seats_per_user,
         admin_token: cli.admin_token,
         queue: QueueConfig {
             tick: cli.queue_tick,
             batch: cli.queue_batch,
             max_active: cli.queue_max_active,
             idle: cli.queue_idle_timeout,
+            active_limit: cli.queue_active_limit,
+            early_order: cli.queue_early_order,
             secret: cli.queue_secret,
         },
         outbox_batch: cli.outbox_batch,

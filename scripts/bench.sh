@@ -93,7 +93,7 @@ COMMON=(--database-url "$BENCH_DB_URL" --redis-url "$REDIS_URL" --kafka-brokers 
         --topic-prefix "$PREFIX" --redis-prefix "$PREFIX")
 API_FLAGS=(--listen "127.0.0.1:$PORT" --metrics-addr "127.0.0.1:$M_API" --admin-token bench-admin
            --queue-secret bench-secret --queue-tick 100ms --queue-batch 100000 --queue-max-active 1000000
-           --queue-idle-timeout 30m --db-max-connections 32)
+           --queue-idle-timeout 30m --queue-active-limit 1h --max-seats-per-user 1000000 --db-max-connections 32)
 SCHED_FLAGS=(--metrics-addr "127.0.0.1:$M_SCHED" --group "${PREFIX}scheduler" --rearm-interval 1h --db-max-connections 10)
 EXPIRER_FLAGS=(--metrics-addr "127.0.0.1:$M_EXP" --group "${PREFIX}expirer" --db-max-connections 10)
 WORKER_FLAGS=(--metrics-addr "127.0.0.1:$M_WORK" --group-prefix "${PREFIX}worker-" --export-sink "file:$WORK/payments-export.jsonl"

@@ -114,6 +114,8 @@ pub struct ApiSettings {
     pub hold_ttl: Duration,
     /// Refunds close this long before a schedule starts.
     pub refund_cutoff: Duration,
+    /// Most live seats one user may have in one schedule (`--max-seats-per-user`).
+    pub max_seats_per_user: u32,
     pub admin_token: String,
     pub queue: QueueConfig,
     pub outbox_batch: i64,
@@ -136,6 +138,7 @@ pub async fn run_api(res: Resources, s: ApiSettings, listener: TcpListener, ops:
         queue: queue.clone(),
         hold_ttl: s.hold_ttl,
         refund_cutoff: s.refund_cutoff,
+        max_seats_per_user: s.max_seats_per_user,
         admin_token: s.admin_token.clone(),
         health: health.clone(),
         metrics: metrics.clone(),

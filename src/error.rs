@@ -19,6 +19,8 @@ pub enum Error {
     NotFound(&'static str),
     #[error("this seat is already held or sold")]
     SeatUnavailable,
+    #[error("you already hold or own the most seats one user may have for this schedule")]
+    SeatLimitReached,
     #[error("the reservation is not held")]
     NotHeld,
     #[error("the hold has expired")]
@@ -62,6 +64,7 @@ impl Error {
             Error::Unauthorized => StatusCode::UNAUTHORIZED,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::SeatUnavailable
+            | Error::SeatLimitReached
             | Error::NotHeld
             | Error::ReservationExpired
             | Error::InsufficientPoints
@@ -85,6 +88,7 @@ impl Error {
             Error::Unauthorized => "UNAUTHORIZED",
             Error::NotFound(_) => "NOT_FOUND",
             Error::SeatUnavailable => "SEAT_UNAVAILABLE",
+            Error::SeatLimitReached => "SEAT_LIMIT_REACHED",
             Error::NotHeld => "NOT_HELD",
             Error::ReservationExpired => "RESERVATION_EXPIRED",
             Error::InsufficientPoints => "INSUFFICIENT_POINTS",

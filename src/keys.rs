@@ -47,6 +47,25 @@ impl Keys {
     pub fn queue_opens(&self, schedule: Uuid) -> String {
         format!("{}:opens", self.queue_waiting(schedule))
     }
+    /// ZSET userId -> arrival sequence: users who entered before booking opened, waiting for the
+    /// one draw that orders them (see `queue`); deleted by that draw.
+    pub fn queue_early(&self, schedule: Uuid) -> String {
+        format!("{}queue:{{{schedule}}}:early", self.prefix)
+    }
+    /// ZSET userId -> hard deadline (ms): when an active place lapses whatever the user does.
+    pub fn queue_active_limit(&self, schedule: Uuid) -> String {
+        format!("{}queue:{{{schedule}}}:active-limit", self.prefix)
+    }
+    /// HASH of a schedule's admission: operator settings (`paused`, `batch`, `maxActive`) that
+    /// override the flags, and counters (`admitted`, `drawn`).
+    pub fn queue_admission(&self, schedule: Uuid) -> String {
+        format!("{}queue:{{{schedule}}}:admission", self.prefix)
+    }
+    /// LIST of `userId:activation` admitted but whose `QUEUE_ACTIVATED` is not yet committed in
+    /// PostgreSQL; an entry leaves only after that commit.
+    pub fn queue_pending_activations(&self, schedule: Uuid) -> String {
+        format!("{}queue:{{{schedule}}}:pending-activations", self.prefix)
+    }
     /// SET of schedules that have a queue, walked by the admission tick.
     pub fn queue_schedules(&self) -> String {
         format!("{}queue:schedules", self.prefix)

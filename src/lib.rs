@@ -7,13 +7,15 @@
 //! Where to find a rule of the brief (§5):
 //! - seat holds and "a hold past its expiry can never be paid": [`reservation`]
 //! - payment in one transaction: [`payment`]; refunds: [`refund`]
-//! - waiting queue: [`queue`]
+//! - waiting queue, its fairness rules and admission: [`queue`]; operators steering it: [`admin`]
+//! - the seat limit per user: [`reservation`]
 //! - the delay scheduler (§6): [`scheduler`]; the expirer and its sweeper: [`expiry`]
 //! - outbox to Kafka: [`outbox`]; topics, envelope, consumer runner: [`kafka`]
 //! - live streams (seat map, notifications) and their commit-ordered ids: [`seat_map`], [`sequencer`]
 //! - notifications: [`notification`]; ranking: [`ranking`]; data-platform export: [`export`]
 //! - what operators see and do (`bookingctl`): [`ops`]
 
+pub mod admin;
 pub mod app;
 pub mod catalog;
 pub mod config;

@@ -1,14 +1,35 @@
-//! The waiting queue (brief §5), one per schedule, in Redis.
+//! The waiting queue (brief §5, issue 12 "a fair sale"), one per schedule, in Redis.
 //!
-//! - Fair order: an entrant gets the next number of the schedule's counter and waits in a sorted
-//!   set by that number; entering again returns the same place.
+//! Rules, and where each is kept:
+//! - Fair order: an entrant after opening gets the next number of the schedule's counter and
+//!   waits in a sorted set by that number; entering again returns the same place ([`ENTER`]).
+//! - Early arrivals (before `bookingOpensAt`) wait unordered (`position: null`). The first
+//!   admission tick after opening draws their order once ([`ADMIT`], run only by the lease holder,
+//!   so the draw happens in one place and every replica reads the same result from Redis):
+//!   shuffled (`--queue-early-order shuffle`, the default) or by arrival (`fifo`). Drawn users get
+//!   negative scores, so every early user comes before every later one.
 //! - Admission: every tick, up to `batch` users move from waiting to active, never more than
-//!   `max_active` at once. Only the instance holding the admission lease runs ticks, so several
-//!   api replicas still admit at most `batch` per tick. Every step is one Lua script with Redis
-//!   `TIME` as the clock, so replicas never disagree about time.
-//! - An active user lapses after `idle` without a request, and after paying.
+//!   `maxActive` at once, nothing while `paused`. Operators change those three per schedule at run
+//!   time (`PATCH /v1/admin/schedules/{id}/queue`): they live in Redis, in the schedule's admission
+//!   hash, and the script reads them on every tick, so a change applies within one tick on every
+//!   replica. Only the instance holding the admission lease runs ticks. Every step is one Lua
+//!   script with Redis `TIME` as the clock, so replicas never disagree about time.
+//! - An active place lapses `--queue-idle-timeout` after activation or after the last
+//!   *successful* hold ([`Queue::touch`], called by the hold handler only after a 201), and in any
+//!   case `--queue-active-limit` after activation (a hard deadline the idle extension never
+//!   passes). Failed attempts do not extend it ([`Queue::require_active`] only reads), so a bot
+//!   cannot camp in the active set. Paying frees the place at once. A lapsed user queues again.
+//! - `QUEUE_ACTIVATED` cannot be lost (issue 15 item 4): the admission script itself appends
+//!   `user:activation` to the schedule's pending-activations list, in the same atomic step that
+//!   makes the user active. [`Queue::drain_activations`] writes those notifications into the
+//!   outbox and removes the entries only after PostgreSQL committed. A PostgreSQL outage leaves
+//!   them in Redis for the next tick; a crash between commit and removal re-drains them, and the
+//!   event id derived from (schedule, user, activation number) makes the second insert a no-op.
 //! - Tokens are `v1.<scheduleId>.<userId>.<hmac>`: bound to the user and the schedule, signed
 //!   with the server secret, so they cannot be forged or used by someone else.
+//!
+//! Every key of one script carries the schedule's `{hash tag}` (see `keys`), so each script runs
+//! in one Redis Cluster slot.
 
 use std::time::Duration;
 
@@ -28,13 +49,26 @@ use crate::keys::Keys;
 use crate::kafka::Topics;
 use crate::notification::{self, Kind, NotificationRequest};
 
-/// Queue settings (api flags).
+/// How early arrivals are ordered when booking opens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum EarlyOrder {
+    /// By arrival, like everyone after opening.
+    Fifo,
+    /// A random permutation, drawn once (arriving first before opening gains nothing).
+    Shuffle,
+}
+
+/// Queue settings (api flags). `batch` and `max_active` are the defaults an operator can
+/// override per schedule at run time.
 #[derive(Clone, Debug)]
 pub struct QueueConfig {
     pub tick: Duration,
     pub batch: u32,
     pub max_active: u32,
     pub idle: Duration,
+    /// An active place lapses this long after activation, whatever the user does.
+    pub active_limit: Duration,
+    pub early_order: EarlyOrder,
     pub secret: String,
 }
 
@@ -43,28 +77,79 @@ pub struct QueueConfig {
 #[serde(rename_all = "camelCase")]
 pub struct Place {
     pub status: &'static str,
-    pub position: u64,
+    /// `null` for an early arrival whose order is not drawn yet.
+    pub position: Option<u64>,
+    /// When booking opens; shown to early arrivals only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub opens_at: Option<DateTime<Utc>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub active_until: Option<DateTime<Utc>>,
     pub retry_after_ms: u64,
 }
 
+/// A schedule's admission as operators see and steer it (`/v1/admin/schedules/{id}/queue`).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Admission {
+    /// Users waiting, early arrivals included.
+    pub waiting: u64,
+    /// Users allowed to book now.
+    pub active: u64,
+    pub paused: bool,
+    /// Users admitted per tick.
+    pub batch: u32,
+    /// The admission tick, in milliseconds (the api's `--queue-tick`).
+    pub tick: u64,
+    pub max_active: u32,
+    /// Users admitted since the queue began.
+    pub admitted_total: u64,
+}
+
+/// A change of a schedule's admission; absent fields stay as they are.
+#[derive(Debug, Clone, Default)]
+pub struct AdmissionChange {
+    pub paused: Option<bool>,
+    pub batch: Option<u32>,
+    pub max_active: Option<u32>,
+}
+
+/// What one admission step did for one schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admitted {
+    pub paused: bool,
+    pub admitted: u64,
+}
+
+// KEYS: waiting, active, seq, opens, early, active-limit. ARGV: user, opens (ms).
+// Returns {state, position, until-or-opens, new sequence}: state 1 active, 0 waiting, 3 early.
 const ENTER: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local a = redis.call('ZSCORE', KEYS[2], ARGV[1])
 if a and tonumber(a) > now then return {1, 0, tonumber(a), 0} end
+local early = redis.call('ZCARD', KEYS[5])
 local r = redis.call('ZRANK', KEYS[1], ARGV[1])
-if r then return {0, r + 1, 0, 0} end
-if a then redis.call('ZREM', KEYS[2], ARGV[1]) end
-local s = redis.call('INCR', KEYS[3])
-redis.call('ZADD', KEYS[1], s, ARGV[1])
+if r then return {0, early + r + 1, 0, 0} end
 redis.call('SET', KEYS[4], ARGV[2])
-return {0, redis.call('ZRANK', KEYS[1], ARGV[1]) + 1, 0, s}
+local opens = tonumber(ARGV[2])
+if redis.call('ZSCORE', KEYS[5], ARGV[1]) then return {3, 0, opens, 0} end
+if a then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('ZREM', KEYS[6], ARGV[1])
+end
+local s = redis.call('INCR', KEYS[3])
+if now < opens then
+  redis.call('ZADD', KEYS[5], s, ARGV[1])
+  return {3, 0, opens, s}
+end
+redis.call('ZADD', KEYS[1], s, ARGV[1])
+return {0, early + redis.call('ZRANK', KEYS[1], ARGV[1]) + 1, 0, s}
 "#;
 
-// Reads a user's place. With ARGV[2] > 0 an active user's idle deadline is pushed back: booking
-// is activity, asking for one's place is not (or polling would keep a place forever).
+// Reads a user's place. With ARGV[2] > 0 an active user's idle deadline is pushed back, never
+// past the hard deadline: a successful hold is activity; asking for one's place, or a failed
+// attempt, is not (or polling would keep a place forever).
+// KEYS: waiting, active, early, active-limit, opens. Returns {state, position, until-or-opens}.
 const TOUCH: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -72,32 +157,86 @@ local a = redis.call('ZSCORE', KEYS[2], ARGV[1])
 if a and tonumber(a) > now then
   local idle = tonumber(ARGV[2])
   if idle > 0 then
-    redis.call('ZADD', KEYS[2], now + idle, ARGV[1])
-    return {1, 0, now + idle}
+    local untl = now + idle
+    local hard = redis.call('ZSCORE', KEYS[4], ARGV[1])
+    if hard and tonumber(hard) < untl then untl = tonumber(hard) end
+    redis.call('ZADD', KEYS[2], untl, ARGV[1])
+    return {1, 0, untl}
   end
   return {1, 0, tonumber(a)}
 end
+local early = redis.call('ZCARD', KEYS[3])
 local r = redis.call('ZRANK', KEYS[1], ARGV[1])
-if r then return {0, r + 1, 0} end
+if r then return {0, early + r + 1, 0} end
+if redis.call('ZSCORE', KEYS[3], ARGV[1]) then
+  return {3, 0, tonumber(redis.call('GET', KEYS[5]) or '0')}
+end
 return {2, 0, 0}
 "#;
 
+// One admission step for one schedule.
+// KEYS: waiting, active, opens, early, active-limit, admission, pending-activations.
+// ARGV: batch, max active (flag defaults), idle ms, active limit ms, shuffle (1/0), seed.
+// Returns {paused, admitted}.
 const ADMIT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local opens = tonumber(redis.call('GET', KEYS[3]) or '0')
-if now < opens then return {} end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-local room = tonumber(ARGV[2]) - redis.call('ZCARD', KEYS[2])
-local n = math.min(tonumber(ARGV[1]), room)
-if n <= 0 then return {} end
-local popped = redis.call('ZPOPMIN', KEYS[1], n)
-local out = {}
-for i = 1, #popped, 2 do
-  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), popped[i])
-  table.insert(out, popped[i])
+if now < opens then return {0, 0} end
+-- The one draw of the early arrivals' order: here, by the lease holder, once (the early set is
+-- deleted with it). Scores -n..-1 put all of them before every later arrival (scores >= 1).
+local early = redis.call('ZRANGE', KEYS[4], 0, -1)
+if #early > 0 then
+  if ARGV[5] == '1' then
+    math.randomseed(tonumber(ARGV[6]))
+    for i = #early, 2, -1 do
+      local j = math.random(i)
+      early[i], early[j] = early[j], early[i]
+    end
+  end
+  local n = #early
+  for i = 1, n do redis.call('ZADD', KEYS[1], i - n - 1, early[i]) end
+  redis.call('DEL', KEYS[4])
+  redis.call('HSET', KEYS[6], 'drawn', now)
 end
-return out
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
+local cfg = redis.call('HMGET', KEYS[6], 'paused', 'batch', 'maxActive')
+if cfg[1] == '1' then return {1, 0} end
+local batch = tonumber(cfg[2] or ARGV[1])
+local maxa = tonumber(cfg[3] or ARGV[2])
+local n = math.min(batch, maxa - redis.call('ZCARD', KEYS[2]))
+if n <= 0 then return {0, 0} end
+local popped = redis.call('ZPOPMIN', KEYS[1], n)
+local idle, lim = tonumber(ARGV[3]), tonumber(ARGV[4])
+local first = math.min(idle, lim)
+local count = 0
+for i = 1, #popped, 2 do
+  local u = popped[i]
+  redis.call('ZADD', KEYS[2], now + first, u)
+  redis.call('ZADD', KEYS[5], now + lim, u)
+  local k = redis.call('HINCRBY', KEYS[6], 'admitted', 1)
+  redis.call('RPUSH', KEYS[7], u .. ':' .. k)
+  count = count + 1
+end
+return {0, count}
+"#;
+
+// A schedule's admission state, counted by Redis's clock.
+// KEYS: waiting, active, early, admission. Returns {waiting, active, paused, batch, maxActive, admitted}
+// (batch and maxActive -1 when the flags apply).
+const STATE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local cfg = redis.call('HMGET', KEYS[4], 'paused', 'batch', 'maxActive', 'admitted')
+return {
+  redis.call('ZCARD', KEYS[1]) + redis.call('ZCARD', KEYS[3]),
+  redis.call('ZCOUNT', KEYS[2], '(' .. now, '+inf'),
+  cfg[1] == '1' and 1 or 0,
+  tonumber(cfg[2] or '-1'),
+  tonumber(cfg[3] or '-1'),
+  tonumber(cfg[4] or '0'),
+}
 "#;
 
 // Takes or renews the admission lease if free or already ours.
@@ -112,13 +251,31 @@ return 0
 
 // KEYS of each script, built in one place so `keys::tests` can prove each set lies in one slot.
 fn enter_keys(k: &Keys, schedule: Uuid) -> Vec<String> {
-    vec![k.queue_waiting(schedule), k.queue_active(schedule), k.queue_seq(schedule), k.queue_opens(schedule)]
+    vec![
+        k.queue_waiting(schedule),
+        k.queue_active(schedule),
+        k.queue_seq(schedule),
+        k.queue_opens(schedule),
+        k.queue_early(schedule),
+        k.queue_active_limit(schedule),
+    ]
 }
 fn touch_keys(k: &Keys, schedule: Uuid) -> Vec<String> {
-    vec![k.queue_waiting(schedule), k.queue_active(schedule)]
+    vec![k.queue_waiting(schedule), k.queue_active(schedule), k.queue_early(schedule), k.queue_active_limit(schedule), k.queue_opens(schedule)]
 }
 fn admit_keys(k: &Keys, schedule: Uuid) -> Vec<String> {
-    vec![k.queue_waiting(schedule), k.queue_active(schedule), k.queue_opens(schedule)]
+    vec![
+        k.queue_waiting(schedule),
+        k.queue_active(schedule),
+        k.queue_opens(schedule),
+        k.queue_early(schedule),
+        k.queue_active_limit(schedule),
+        k.queue_admission(schedule),
+        k.queue_pending_activations(schedule),
+    ]
+}
+fn state_keys(k: &Keys, schedule: Uuid) -> Vec<String> {
+    vec![k.queue_waiting(schedule), k.queue_active(schedule), k.queue_early(schedule), k.queue_admission(schedule)]
 }
 
 /// Every queue script with the keys it is given for `schedule` (for the one-slot test).
@@ -128,9 +285,13 @@ pub(crate) fn script_keys(k: &Keys, schedule: Uuid) -> Vec<(String, Vec<String>)
         ("queue ENTER".into(), enter_keys(k, schedule)),
         ("queue TOUCH".into(), touch_keys(k, schedule)),
         ("queue ADMIT".into(), admit_keys(k, schedule)),
+        ("queue STATE".into(), state_keys(k, schedule)),
         ("queue LEASE".into(), vec![k.queue_admission_lock()]),
     ]
 }
+
+/// Most pending activations written to PostgreSQL in one transaction.
+const DRAIN_BATCH: isize = 500;
 
 /// The waiting queue service.
 #[derive(Clone)]
@@ -198,10 +359,17 @@ impl Queue {
     }
 
     fn place(&self, state: i64, pos: u64, until: i64) -> Place {
+        let base = Place { status: "WAITING", position: None, opens_at: None, active_until: None, retry_after_ms: 0 };
         match state {
-            1 => Place { status: "ACTIVE", position: 0, active_until: DateTime::from_timestamp_millis(until), retry_after_ms: 0 },
-            0 => Place { status: "WAITING", position: pos, active_until: None, retry_after_ms: self.retry_after(pos) },
-            _ => Place { status: "EXPIRED", position: 0, active_until: None, retry_after_ms: 0 },
+            1 => Place { status: "ACTIVE", position: Some(0), active_until: DateTime::from_timestamp_millis(until), ..base },
+            0 => Place { position: Some(pos), retry_after_ms: self.retry_after(pos), ..base },
+            3 => {
+                // Early: ask again around the opening, or after a tick once it has passed.
+                let tick = self.cfg.tick.as_millis().max(1) as u64;
+                let to_open = (until - Utc::now().timestamp_millis()).max(0) as u64;
+                Place { opens_at: DateTime::from_timestamp_millis(until), retry_after_ms: to_open.clamp(tick.min(1000), 30_000), ..base }
+            }
+            _ => Place { status: "EXPIRED", position: Some(0), ..base },
         }
     }
 
@@ -210,7 +378,8 @@ impl Queue {
         self.read_place(schedule, user, 0).await
     }
 
-    /// The place of `user` in `schedule`'s queue; an active user's idle timer restarts.
+    /// Records a successful hold: an active user's idle timer restarts (never past the place's
+    /// hard deadline). Returns the place.
     pub async fn touch(&self, schedule: Uuid, user: Uuid) -> Result<Place> {
         self.read_place(schedule, user, self.cfg.idle.as_millis() as u64).await
     }
@@ -232,7 +401,8 @@ impl Queue {
         if token_schedule != schedule {
             return Err(Error::QueueTokenMismatch);
         }
-        match self.touch(schedule, user).await?.status {
+        // Only reads: a failed attempt must not keep the place alive (issue 12).
+        match self.place_of(schedule, user).await?.status {
             "ACTIVE" => Ok(()),
             _ => Err(Error::QueueTokenNotActive),
         }
@@ -241,7 +411,11 @@ impl Queue {
     /// Frees the active place of `user` (after payment).
     pub async fn leave(&self, schedule: Uuid, user: Uuid) -> Result<()> {
         let mut conn = self.redis.clone();
-        let _: () = redis::cmd("ZREM").arg(self.keys.queue_active(schedule)).arg(user.to_string()).query_async(&mut conn).await?;
+        let _: () = redis::pipe()
+            .cmd("ZREM").arg(self.keys.queue_active(schedule)).arg(user.to_string()).ignore()
+            .cmd("ZREM").arg(self.keys.queue_active_limit(schedule)).arg(user.to_string()).ignore()
+            .query_async(&mut conn)
+            .await?;
         Ok(())
     }
 
@@ -257,38 +431,140 @@ impl Queue {
         Ok(got == 1)
     }
 
-    /// One admission tick over every schedule with a queue: returns `(schedule, admitted users)`.
-    pub async fn admit_tick(&self) -> Result<Vec<(Uuid, Vec<Uuid>)>> {
+    /// One admission step for `schedule` (Redis only): the early draw if due, lapsed places
+    /// removed, then up to `batch` users admitted and recorded as pending activations.
+    pub async fn admit(&self, schedule: Uuid) -> Result<Admitted> {
+        let mut conn = self.redis.clone();
+        let seed = u32::from_le_bytes(Uuid::new_v4().as_bytes()[..4].try_into().expect("4 bytes"));
+        let (paused, admitted): (i64, u64) = Script::new(ADMIT)
+            .key(admit_keys(&self.keys, schedule))
+            .arg(self.cfg.batch)
+            .arg(self.cfg.max_active)
+            .arg(self.cfg.idle.as_millis() as u64)
+            .arg(self.cfg.active_limit.as_millis() as u64)
+            .arg(if self.cfg.early_order == EarlyOrder::Shuffle { 1 } else { 0 })
+            .arg(seed)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(Admitted { paused: paused == 1, admitted })
+    }
+
+    /// Writes the `QUEUE_ACTIVATED` notifications of `schedule`'s pending activations into the
+    /// outbox, then removes exactly those entries from Redis. Returns how many were written.
+    pub async fn drain_activations(&self, pool: &PgPool, topics: &Topics, schedule: Uuid) -> Result<usize> {
+        let mut conn = self.redis.clone();
+        let key = self.keys.queue_pending_activations(schedule);
+        let items: Vec<String> = redis::cmd("LRANGE").arg(&key).arg(0).arg(DRAIN_BATCH - 1).query_async(&mut conn).await?;
+        if items.is_empty() {
+            return Ok(0);
+        }
+        let mut tx = pool.begin().await?;
+        let mut written = 0;
+        for item in &items {
+            let Some(user) = item.split_once(':').and_then(|(u, _)| Uuid::parse_str(u).ok()) else {
+                tracing::warn!(item, "dropping a malformed pending activation");
+                continue;
+            };
+            let req = NotificationRequest::new(Kind::QueueActivated, user, json!({"scheduleId": schedule}));
+            // `item` is user:activation-number, unique per activation: a re-drain after a crash
+            // between the commit and the removal below yields the same id, which the outbox
+            // (and the worker) ignore.
+            let id = notification::event_id(Kind::QueueActivated, &format!("{schedule}:{item}"));
+            notification::enqueue(&mut tx, topics, id, req).await?;
+            written += 1;
+        }
+        tx.commit().await?;
+        crate::outbox::committed();
+        // Removed one by one, by value: another drainer (a lease that changed hands) may have
+        // removed some already, and a position-based trim could drop entries not yet written.
+        let mut pipe = redis::pipe();
+        for item in &items {
+            pipe.cmd("LREM").arg(&key).arg(1).arg(item).ignore();
+        }
+        let _: () = pipe.query_async(&mut conn).await?;
+        Ok(written)
+    }
+
+    /// One admission tick over every schedule with a queue. A failure for one schedule (Redis
+    /// or PostgreSQL) is logged and does not stop the others; what was admitted stays pending in
+    /// Redis until its notification is committed. Returns what each schedule's step did.
+    pub async fn tick(&self, pool: &PgPool, topics: &Topics) -> Result<Vec<(Uuid, Admitted)>> {
         let mut conn = self.redis.clone();
         let schedules: Vec<String> = redis::cmd("SMEMBERS").arg(self.keys.queue_schedules()).query_async(&mut conn).await?;
         let mut out = Vec::new();
         for s in schedules {
             let Ok(schedule) = Uuid::parse_str(&s) else { continue };
-            let admitted: Vec<String> = Script::new(ADMIT)
-                .key(admit_keys(&self.keys, schedule))
-                .arg(self.cfg.batch)
-                .arg(self.cfg.max_active)
-                .arg(self.cfg.idle.as_millis() as u64)
-                .invoke_async(&mut conn)
-                .await?;
-            let (waiting, active): (u64, u64) = redis::pipe()
+            match self.admit(schedule).await {
+                Ok(a) => {
+                    metrics::counter!("queue_admitted_total").increment(a.admitted);
+                    metrics::gauge!("queue_admission_paused", "schedule" => s.clone()).set(if a.paused { 1.0 } else { 0.0 });
+                    out.push((schedule, a));
+                }
+                Err(e) => tracing::warn!(error = %e, %schedule, "admission step failed"),
+            }
+            // A backlog left by an outage drains a batch at a time, a bounded number per tick.
+            for _ in 0..20 {
+                match self.drain_activations(pool, topics, schedule).await {
+                    Ok(n) if n as isize == DRAIN_BATCH => continue,
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, %schedule, "queue activation notifications not written yet; kept pending in Redis"),
+                }
+                break;
+            }
+            let counts: redis::RedisResult<(u64, u64)> = redis::pipe()
                 .cmd("ZCARD").arg(self.keys.queue_waiting(schedule))
                 .cmd("ZCARD").arg(self.keys.queue_active(schedule))
                 .query_async(&mut conn)
-                .await?;
-            metrics::gauge!("queue_waiting", "schedule" => s.clone()).set(waiting as f64);
-            metrics::gauge!("queue_active", "schedule" => s.clone()).set(active as f64);
-            let users: Vec<Uuid> = admitted.iter().filter_map(|u| Uuid::parse_str(u).ok()).collect();
-            metrics::counter!("queue_admitted_total").increment(users.len() as u64);
-            if !users.is_empty() {
-                out.push((schedule, users));
+                .await;
+            if let Ok((waiting, active)) = counts {
+                metrics::gauge!("queue_waiting", "schedule" => s.clone()).set(waiting as f64);
+                metrics::gauge!("queue_active", "schedule" => s.clone()).set(active as f64);
             }
         }
         Ok(out)
     }
 
+    /// The admission of `schedule` as operators see it.
+    pub async fn admission(&self, schedule: Uuid) -> Result<Admission> {
+        let mut conn = self.redis.clone();
+        let (waiting, active, paused, batch, max_active, admitted): (u64, u64, i64, i64, i64, u64) = Script::new(STATE)
+            .key(state_keys(&self.keys, schedule))
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(Admission {
+            waiting,
+            active,
+            paused: paused == 1,
+            batch: u32::try_from(batch).unwrap_or(self.cfg.batch),
+            tick: self.cfg.tick.as_millis() as u64,
+            max_active: u32::try_from(max_active).unwrap_or(self.cfg.max_active),
+            admitted_total: admitted,
+        })
+    }
+
+    /// Changes the admission of `schedule` for every replica: the settings live in Redis and the
+    /// admission script reads them on its next tick.
+    pub async fn set_admission(&self, schedule: Uuid, change: &AdmissionChange) -> Result<Admission> {
+        let mut conn = self.redis.clone();
+        let key = self.keys.queue_admission(schedule);
+        let mut pipe = redis::pipe();
+        if let Some(p) = change.paused {
+            pipe.cmd("HSET").arg(&key).arg("paused").arg(if p { 1 } else { 0 }).ignore();
+            metrics::gauge!("queue_admission_paused", "schedule" => schedule.to_string()).set(if p { 1.0 } else { 0.0 });
+        }
+        if let Some(b) = change.batch {
+            pipe.cmd("HSET").arg(&key).arg("batch").arg(b).ignore();
+        }
+        if let Some(m) = change.max_active {
+            pipe.cmd("HSET").arg(&key).arg("maxActive").arg(m).ignore();
+        }
+        pipe.cmd("SADD").arg(self.keys.queue_schedules()).arg(schedule.to_string()).ignore();
+        let _: () = pipe.query_async(&mut conn).await?;
+        self.admission(schedule).await
+    }
+
     /// Runs admission ticks while holding the lease, until `shutdown`. Admitted users get a
-    /// `QUEUE_ACTIVATED` notification through the outbox.
+    /// `QUEUE_ACTIVATED` notification through the outbox (see [`Queue::drain_activations`]).
     pub async fn run_admission(self, pool: PgPool, topics: Topics, shutdown: CancellationToken) {
         let holder = Uuid::new_v4().to_string();
         let lease = (self.cfg.tick * 3).max(Duration::from_secs(1));
@@ -307,15 +583,8 @@ impl Queue {
                     continue;
                 }
             }
-            match self.admit_tick().await {
-                Ok(batches) => {
-                    for (schedule, users) in batches {
-                        if let Err(e) = notify_activated(&pool, &topics, schedule, &users).await {
-                            tracing::warn!(error = %e, "queue activation notifications failed");
-                        }
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "admission tick failed"),
+            if let Err(e) = self.tick(&pool, &topics).await {
+                tracing::warn!(error = %e, "admission tick failed");
             }
         }
     }
@@ -327,19 +596,6 @@ pub async fn notify_position(pool: &PgPool, topics: &Topics, schedule: Uuid, use
     let req = NotificationRequest::new(Kind::QueuePosition(position), user, json!({"scheduleId": schedule, "position": position}));
     let id = notification::event_id(Kind::QueuePosition(position), &format!("{schedule}:{user}:{seq}"));
     notification::enqueue(&mut conn, topics, id, req).await?;
-    crate::outbox::committed();
-    Ok(())
-}
-
-async fn notify_activated(pool: &PgPool, topics: &Topics, schedule: Uuid, users: &[Uuid]) -> Result<()> {
-    let mut tx = pool.begin().await?;
-    let stamp = Utc::now().timestamp_millis();
-    for user in users {
-        let req = NotificationRequest::new(Kind::QueueActivated, *user, json!({"scheduleId": schedule}));
-        let id = notification::event_id(Kind::QueueActivated, &format!("{schedule}:{user}:{stamp}"));
-        notification::enqueue(&mut tx, topics, id, req).await?;
-    }
-    tx.commit().await?;
     crate::outbox::committed();
     Ok(())
 }

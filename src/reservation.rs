@@ -5,6 +5,16 @@
 //! because payment checks the clock itself on the locked row. For the same reason a hold past its
 //! `expiresAt` counts as free for the next customer: [`hold`] expires it in the same transaction.
 //!
+//! **A user holds or owns at most `--max-seats-per-user` seats of one schedule** (issue 12), also
+//! enforced by PostgreSQL in the hold's transaction: [`hold`] takes a transaction-scoped advisory
+//! lock on (user, schedule), then counts that user's live seats (HELD and unexpired, or
+//! CONFIRMED) before inserting. Concurrent holds by one user, on any api replica, queue on that
+//! lock for the few milliseconds of the insert, so they cannot overshoot; other users never wait
+//! on it. Expired, cancelled (and refunded) reservations are not counted.
+//!
+//! A hold with an `Idempotency-Key` claims the key in the same transaction (see `idempotency`):
+//! the same key returns the stored reservation and holds nothing twice.
+//!
 //! "At most one HELD or CONFIRMED reservation per seat" is enforced by PostgreSQL itself: the
 //! partial unique index `reservations_one_active_per_seat`. Of many simultaneous requests for one
 //! seat, one insert wins and the others get `SEAT_UNAVAILABLE` as soon as the winner commits;
@@ -19,6 +29,7 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
+use crate::idempotency::{self, Claim};
 use crate::kafka::{Envelope, EventType, Topics};
 use crate::notification::{self, Kind, NotificationRequest};
 use crate::outbox;
@@ -90,28 +101,79 @@ pub async fn seat_schedule(pool: &PgPool, seat: Uuid) -> Result<Uuid> {
     s.ok_or(Error::NotFound("seat"))
 }
 
-/// Holds `seat` for `user` for `ttl`, or fails with `SEAT_UNAVAILABLE`.
-pub async fn hold(pool: &PgPool, topics: &Topics, user: Uuid, seat: Uuid, ttl: Duration) -> Result<Reservation> {
+/// How a hold is asked for.
+#[derive(Debug, Clone, Copy)]
+pub struct HoldRequest<'a> {
+    pub user: Uuid,
+    pub seat: Uuid,
+    pub ttl: Duration,
+    /// Most live seats one user may have in one schedule.
+    pub max_seats: u32,
+    /// `Idempotency-Key`, if the client sent one.
+    pub key: Option<&'a str>,
+}
+
+/// What a hold answers: the reservation as stored (or as first answered, for a replayed key).
+pub struct Held {
+    pub body: serde_json::Value,
+    /// The reservation this call created; `None` for a replay (nothing was held by this call).
+    pub fresh: Option<Reservation>,
+}
+
+/// Holds `seat` for `user` for `ttl`, or fails with `SEAT_UNAVAILABLE` or `SEAT_LIMIT_REACHED`.
+pub async fn hold(pool: &PgPool, topics: &Topics, req: HoldRequest<'_>) -> Result<Held> {
+    let HoldRequest { user, seat, ttl, max_seats, key } = req;
     // Fast path: most losers of a seat fight see the winner's committed row and leave at once,
-    // without touching any lock. The unique index below stays the actual guarantee.
-    let taken: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM reservations WHERE seat_id = $1
-                         AND (status = 'CONFIRMED' OR (status = 'HELD' AND expires_at > now())))",
-    )
-    .bind(seat)
-    .fetch_one(pool)
-    .await?;
-    if taken {
-        metrics::counter!("holds_total", "outcome" => "unavailable").increment(1);
-        return Err(Error::SeatUnavailable);
+    // without touching any lock. The unique index below stays the actual guarantee. A retry with
+    // a key skips it: its own earlier hold would look like someone else's.
+    if key.is_none() {
+        let taken: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM reservations WHERE seat_id = $1
+                             AND (status = 'CONFIRMED' OR (status = 'HELD' AND expires_at > now())))",
+        )
+        .bind(seat)
+        .fetch_one(pool)
+        .await?;
+        if taken {
+            metrics::counter!("holds_total", "outcome" => "unavailable").increment(1);
+            return Err(Error::SeatUnavailable);
+        }
     }
 
     let mut tx = pool.begin().await?;
+    if let Some(key) = key {
+        let fp = idempotency::fingerprint(&[b"reservation", seat.as_bytes()]);
+        if let Claim::Replay { body, .. } = idempotency::claim(&mut tx, user, "reservation", key, &fp).await? {
+            metrics::counter!("holds_total", "outcome" => "replayed").increment(1);
+            return Ok(Held { body, fresh: None });
+        }
+    }
     let price: Option<(Uuid, i64)> = sqlx::query_as("SELECT schedule_id, price FROM seats WHERE id = $1")
         .bind(seat)
         .fetch_optional(&mut *tx)
         .await?;
     let (schedule, price) = price.ok_or(Error::NotFound("seat"))?;
+
+    // The seat limit. The lock serialises this user's holds in this schedule (and only those)
+    // until commit, so the count below cannot be raced by a concurrent hold of the same user;
+    // READ COMMITTED takes the count's snapshot after the lock is granted, so it sees every
+    // hold committed before.
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(seat_limit_lock(user, schedule))
+        .execute(&mut *tx)
+        .await?;
+    let live: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM reservations WHERE user_id = $1 AND schedule_id = $2
+         AND (status = 'CONFIRMED' OR (status = 'HELD' AND expires_at > clock_timestamp()))",
+    )
+    .bind(user)
+    .bind(schedule)
+    .fetch_one(&mut *tx)
+    .await?;
+    if live >= i64::from(max_seats) {
+        metrics::counter!("holds_total", "outcome" => "limit").increment(1);
+        return Err(Error::SeatLimitReached);
+    }
 
     // A hold past its expiry no longer blocks the seat: end it here, as the expirer would.
     let stale: Vec<Reservation> = sqlx::query_as(&format!(
@@ -146,12 +208,26 @@ pub async fn hold(pool: &PgPool, topics: &Topics, user: Uuid, seat: Uuid, ttl: D
         metrics::counter!("holds_total", "outcome" => "unavailable").increment(1);
         return Err(Error::SeatUnavailable);
     };
-    let key = r.reservation_id.to_string();
-    outbox::enqueue(&mut tx, &topics.reservation_created, &key, &Envelope::new(EventType::ReservationCreated, ReservationEvent::from(&r))).await?;
+    let msg_key = r.reservation_id.to_string();
+    outbox::enqueue(&mut tx, &topics.reservation_created, &msg_key, &Envelope::new(EventType::ReservationCreated, ReservationEvent::from(&r))).await?;
+    let body = serde_json::to_value(&r).expect("reservations serialize");
+    if let Some(key) = key {
+        idempotency::complete(&mut tx, user, "reservation", key, 201, &body).await?;
+    }
     tx.commit().await?;
     outbox::committed();
     metrics::counter!("holds_total", "outcome" => "held").increment(1);
-    Ok(r)
+    Ok(Held { body, fresh: Some(r) })
+}
+
+/// Advisory lock key of (user, schedule) for the seat limit: 64 bits of a hash of both ids.
+fn seat_limit_lock(user: Uuid, schedule: Uuid) -> i64 {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"seat-limit");
+    h.update(user.as_bytes());
+    h.update(schedule.as_bytes());
+    i64::from_be_bytes(h.finalize()[..8].try_into().expect("8 bytes"))
 }
 
 /// The effects of a hold turning EXPIRED, written in the transaction that expired it: the
@@ -175,6 +251,39 @@ pub async fn get(pool: &PgPool, user: Uuid, id: Uuid) -> Result<Reservation> {
         .fetch_optional(pool)
         .await?;
     r.ok_or(Error::NotFound("reservation"))
+}
+
+/// Statuses `GET /v1/users/me/reservations?status=` accepts.
+pub const STATUSES: &[&str] = &["HELD", "CONFIRMED", "EXPIRED", "CANCELLED"];
+
+/// A page of `user`'s reservations, newest first: at most `limit` after the reservation `after`
+/// (the previous page's last id), optionally of one `status`. Someone else's id as `after` is
+/// refused like an unknown one.
+pub async fn list_mine(pool: &PgPool, user: Uuid, status: Option<&str>, after: Option<Uuid>, limit: i64) -> Result<Vec<Reservation>> {
+    if let Some(after) = after {
+        let known: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM reservations WHERE id = $1 AND user_id = $2)")
+            .bind(after)
+            .bind(user)
+            .fetch_one(pool)
+            .await?;
+        if !known {
+            return Err(Error::invalid("after", "must be a cursor from `next`"));
+        }
+    }
+    // Keyset paging on (created_at, id): stable while new reservations arrive.
+    let rows: Vec<Reservation> = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM reservations
+         WHERE user_id = $1 AND ($2::text IS NULL OR status = $2)
+           AND ($3::uuid IS NULL OR (created_at, id) < (SELECT created_at, id FROM reservations WHERE id = $3))
+         ORDER BY created_at DESC, id DESC LIMIT $4"
+    ))
+    .bind(user)
+    .bind(status)
+    .bind(after)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows)
 }
 
 /// Cancels a live hold of `user`; the seat is free again at commit.

@@ -14,7 +14,7 @@ use bench::{end_to_end, expiry, notify_drain, queue_spike, seat_fight, sell_out,
 use booking::export::Sink;
 use booking::scheduler::SchedulerConfig;
 use booking::worker::Channel;
-use common::{QueueSettings, TestEnv, ADMIN};
+use common::{FairSettings, QueueSettings, TestEnv, ADMIN};
 use tokio_util::sync::CancellationToken;
 
 type Task = (CancellationToken, tokio::task::JoinHandle<()>);
@@ -31,6 +31,11 @@ async fn stop(t: Task) {
 /// Bench-friendly queue flags: everyone is admitted at the next tick.
 fn open_queue() -> QueueSettings {
     QueueSettings { tick: Duration::from_millis(100), batch: 100_000, max_active: 1_000_000, idle: Duration::from_secs(300) }
+}
+
+/// Bench bookers hold many seats of one schedule each: no seat limit in the way.
+fn bench_fair() -> FairSettings {
+    FairSettings { max_seats_per_user: 1_000_000, ..FairSettings::default() }
 }
 
 async fn worker(env: &TestEnv) -> Task {
@@ -85,7 +90,7 @@ fn ctx(env: &TestEnv, base: &str) -> Ctx {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_spike_seat_fight_sell_out_and_payments_at_a_small_size() {
     let env = TestEnv::new().await;
-    let api = env.api(Duration::from_secs(300), open_queue()).await;
+    let api = env.api_with(Duration::from_secs(300), open_queue(), bench_fair()).await;
     let w = worker(&env).await;
     let ctx = ctx(&env, &api.base);
 
@@ -144,7 +149,7 @@ async fn queue_spike_seat_fight_sell_out_and_payments_at_a_small_size() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn end_to_end_and_expiry_before_and_after_at_a_small_size() {
     let env = TestEnv::new().await;
-    let api = env.api(Duration::from_secs(4), open_queue()).await;
+    let api = env.api_with(Duration::from_secs(4), open_queue(), bench_fair()).await;
     let w = worker(&env).await;
     let s = scheduler(&env).await;
     let e = expirer(&env, ExpirerMode::After).await;

@@ -51,6 +51,9 @@ pub fn routes(api: Api) -> BoxedFilter<(Response,)> {
         .or(notifications(&api)).unify()
         .or(notification_stream(&api)).unify()
         .or(rankings(&api)).unify()
+        .or(my_reservations(&api)).unify()
+        .or(admin_queue(&api)).unify()
+        .or(admin_queue_patch(&api)).unify()
         .or(openapi()).unify()
         .or(super::web::routes()).unify()
         .or(ops).unify()
@@ -134,8 +137,29 @@ fn queue_me(api: &Api) -> Route {
 /// POST /v1/reservations
 fn hold(api: &Api) -> Route {
     warp::path!("v1" / "reservations").and(warp::post()).and(with_api(api)).and(auth())
-        .and(warp::header::optional::<String>("x-queue-token")).and(body::limited())
+        .and(warp::header::optional::<String>("x-queue-token"))
+        .and(warp::header::optional::<String>("idempotency-key")).and(body::limited())
         .then(h::hold).map(done).boxed()
+}
+
+/// GET /v1/users/me/reservations?status=&after=cursor
+fn my_reservations(api: &Api) -> Route {
+    warp::path!("v1" / "users" / "me" / "reservations").and(warp::get()).and(with_api(api)).and(auth())
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+        .then(h::my_reservations).map(done).boxed()
+}
+
+/// GET /v1/admin/schedules/{scheduleId}/queue
+fn admin_queue(api: &Api) -> Route {
+    warp::path!("v1" / "admin" / "schedules" / String / "queue").and(warp::get()).and(with_api(api)).and(auth())
+        .then(h::admin_queue).map(done).boxed()
+}
+
+/// PATCH /v1/admin/schedules/{scheduleId}/queue
+fn admin_queue_patch(api: &Api) -> Route {
+    warp::path!("v1" / "admin" / "schedules" / String / "queue").and(warp::patch()).and(with_api(api)).and(auth())
+        .and(body::limited())
+        .then(h::admin_queue_patch).map(done).boxed()
 }
 
 /// GET /v1/reservations/{id}

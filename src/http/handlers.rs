@@ -15,7 +15,7 @@ use warp::Reply;
 use super::body::parse;
 use super::Api;
 use crate::error::{Error, Result};
-use crate::{catalog, idempotency, notification, payment, points, queue, ranking, refund, reservation, seat_map, user};
+use crate::{admin, catalog, idempotency, notification, payment, points, queue, ranking, refund, reservation, seat_map, user};
 
 type Body = Result<Bytes, Error>;
 
@@ -116,8 +116,9 @@ pub async fn enter_queue(api: Api, auth: Option<String>, body: Body) -> Result<R
     let b: EnterBody = parse(&body?)?;
     let opens_at = catalog::schedule_opens_at(&api.pool, b.schedule_id).await?;
     let (token, place, new_entry) = api.queue.enter(b.schedule_id, opens_at, user).await?;
-    if let Some(seq) = new_entry {
-        queue::notify_position(&api.pool, &api.topics, b.schedule_id, user, seq, place.position).await?;
+    // An early arrival has no position until the draw at opening, so nothing to announce yet.
+    if let (Some(seq), Some(position)) = (new_entry, place.position) {
+        queue::notify_position(&api.pool, &api.topics, b.schedule_id, user, seq, position).await?;
         metrics::counter!("queue_entries_total").increment(1);
     }
     let mut v = serde_json::to_value(&place).expect("place serializes");
@@ -139,13 +140,62 @@ struct HoldBody {
     seat_id: Uuid,
 }
 
-pub async fn hold(api: Api, auth: Option<String>, token: Option<String>, body: Body) -> Result<Response> {
+pub async fn hold(api: Api, auth: Option<String>, token: Option<String>, key: Option<String>, body: Body) -> Result<Response> {
     let user = authed(&api, &auth).await?;
+    let key = key.map(|k| idempotency::validate_key(Some(&k))).transpose()?;
     let b: HoldBody = parse(&body?)?;
     let schedule = reservation::seat_schedule(&api.pool, b.seat_id).await?;
     api.queue.require_active(token.as_deref(), user, schedule).await?;
-    let r = reservation::hold(&api.pool, &api.topics, user, b.seat_id, api.hold_ttl).await?;
-    Ok(json_reply(StatusCode::CREATED, &r))
+    let req = reservation::HoldRequest { user, seat: b.seat_id, ttl: api.hold_ttl, max_seats: api.max_seats_per_user, key: key.as_deref() };
+    let held = reservation::hold(&api.pool, &api.topics, req).await?;
+    if held.fresh.is_some() {
+        // Only a successful hold keeps the queue place alive (issue 12). If Redis fails here the
+        // place lapses at its old deadline, which is the safe side.
+        if let Err(e) = api.queue.touch(schedule, user).await {
+            tracing::warn!(error = %e, "could not extend the queue place after a hold");
+        }
+    }
+    Ok(json_reply(StatusCode::CREATED, &held.body))
+}
+
+/// `GET /v1/users/me/reservations?status=&after=&limit=`: the caller's own, newest first.
+pub async fn my_reservations(api: Api, auth: Option<String>, query: String) -> Result<Response> {
+    let user = authed(&api, &auth).await?;
+    let status = match query_param(&query, "status") {
+        None => None,
+        Some(s) if reservation::STATUSES.contains(&s) => Some(s),
+        Some(_) => return Err(Error::invalid("status", format!("must be one of {}", reservation::STATUSES.join(", ")))),
+    };
+    let after = match query_param(&query, "after") {
+        None => None,
+        // Only the hyphenated form `next` gives (the description's pattern says so too).
+        Some(v) if v.len() == 36 => Some(Uuid::parse_str(v).map_err(|_| Error::invalid("after", "must be a cursor from `next`"))?),
+        Some(_) => return Err(Error::invalid("after", "must be a cursor from `next`")),
+    };
+    let limit = match query_param(&query, "limit") {
+        None => 50,
+        Some(v) => v.parse::<i64>().ok().filter(|n| (1..=200).contains(n)).ok_or_else(|| Error::invalid("limit", "must be 1 to 200"))?,
+    };
+    let items = reservation::list_mine(&api.pool, user, status, after, limit).await?;
+    let next = (items.len() as i64 == limit).then(|| items.last().map(|r| r.reservation_id.to_string())).flatten();
+    Ok(json_reply(StatusCode::OK, &json!({ "items": items, "next": next })))
+}
+
+/// `GET /v1/admin/schedules/{scheduleId}/queue`
+pub async fn admin_queue(id: String, api: Api, auth: Option<String>) -> Result<Response> {
+    admin::authorize(&api.admin_token, auth.as_deref())?;
+    let schedule = path_id(&id, "schedule")?;
+    let state = admin::queue_state(&api.pool, &api.queue, schedule).await?;
+    Ok(json_reply(StatusCode::OK, &state))
+}
+
+/// `PATCH /v1/admin/schedules/{scheduleId}/queue`
+pub async fn admin_queue_patch(id: String, api: Api, auth: Option<String>, body: Body) -> Result<Response> {
+    admin::authorize(&api.admin_token, auth.as_deref())?;
+    let schedule = path_id(&id, "schedule")?;
+    let patch: admin::QueuePatch = parse(&body?)?;
+    let state = admin::patch_queue(&api.pool, &api.queue, schedule, patch).await?;
+    Ok(json_reply(StatusCode::OK, &state))
 }
 
 pub async fn get_reservation(id: String, api: Api, auth: Option<String>) -> Result<Response> {

@@ -36,6 +36,8 @@ pub struct Api {
     pub hold_ttl: Duration,
     /// Refunds close this long before a schedule starts.
     pub refund_cutoff: Duration,
+    /// Most live seats (HELD or CONFIRMED) one user may have in one schedule.
+    pub max_seats_per_user: u32,
     pub admin_token: String,
     pub health: Arc<Health>,
     pub metrics: PrometheusHandle,
@@ -95,6 +97,7 @@ pub const ROUTES: &[&str] = &[
         "/v1/rankings/schedules", "/health", "/metrics", "/openapi.yaml",
         "/v1/reservations/{id}/refund",
         "/", "/app.js", "/style.css",
+        "/v1/users/me/reservations", "/v1/admin/schedules/{id}/queue",
 ];
 
 /// The methods a route answers (the `Allow` header of a 405).
@@ -103,6 +106,7 @@ pub fn allowed_methods(route: &str) -> Option<&'static str> {
         "/v1/users" | "/v1/users/me/points/charges" | "/v1/admin/concerts" | "/v1/queue/tokens"
         | "/v1/reservations" | "/v1/payments" | "/v1/reservations/{id}/refund" => "POST",
         "/v1/reservations/{id}" => "GET, DELETE",
+        "/v1/admin/schedules/{id}/queue" => "GET, PATCH",
         r if ROUTES.contains(&r) => "GET",
         _ => return None,
     })

@@ -10,7 +10,7 @@ use std::time::Duration;
 use booking::app::{ApiSettings, Resources};
 use booking::kafka::{Envelope, Topics};
 use booking::keys::Keys;
-use booking::queue::QueueConfig;
+use booking::queue::{EarlyOrder, QueueConfig};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
@@ -94,14 +94,28 @@ impl TestEnv {
 
     /// Starts the api in-process on a random port.
     pub async fn api(&self, hold_ttl: Duration, queue: QueueSettings) -> TestApi {
+        self.api_with(hold_ttl, queue, FairSettings::default()).await
+    }
+
+    /// Starts the api in-process on a random port, with the fair-sale settings of issue 12.
+    pub async fn api_with(&self, hold_ttl: Duration, queue: QueueSettings, fair: FairSettings) -> TestApi {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let settings = ApiSettings {
             hold_ttl,
             refund_cutoff: Duration::from_secs(24 * 3600),
+            max_seats_per_user: fair.max_seats_per_user,
             admin_token: ADMIN.into(),
-            queue: QueueConfig { tick: queue.tick, batch: queue.batch, max_active: queue.max_active, idle: queue.idle, secret: "test-secret".into() },
+            queue: QueueConfig {
+                tick: queue.tick,
+                batch: queue.batch,
+                max_active: queue.max_active,
+                idle: queue.idle,
+                active_limit: fair.active_limit,
+                early_order: fair.early_order,
+                secret: "test-secret".into(),
+            },
             outbox_batch: 500,
             outbox_poll: Duration::from_millis(200),
             streams: booking::sequencer::StreamSettings::default(),
@@ -173,6 +187,20 @@ pub struct QueueSettings {
 impl Default for QueueSettings {
     fn default() -> Self {
         Self { tick: Duration::from_millis(100), batch: 1000, max_active: 100_000, idle: Duration::from_secs(300) }
+    }
+}
+
+/// The api's issue-12 flags (apart from `QueueSettings` so its literals stay valid).
+#[derive(Clone, Copy)]
+pub struct FairSettings {
+    pub max_seats_per_user: u32,
+    pub active_limit: Duration,
+    pub early_order: EarlyOrder,
+}
+
+impl Default for FairSettings {
+    fn default() -> Self {
+        Self { max_seats_per_user: 4, active_limit: Duration::from_secs(900), early_order: EarlyOrder::Shuffle }
     }
 }
 
