@@ -32,8 +32,17 @@ async fn api_without_poll(env: &TestEnv) -> TestApi {
     let settings = ApiSettings {
         hold_ttl: Duration::from_secs(300),
         refund_cutoff: Duration::from_secs(24 * 3600),
+        max_seats_per_user: 4,
         admin_token: ADMIN.into(),
-        queue: QueueConfig { tick: q.tick, batch: q.batch, max_active: q.max_active, idle: q.idle, secret: "test-secret".into() },
+        queue: QueueConfig {
+            tick: q.tick,
+            batch: q.batch,
+            max_active: q.max_active,
+            idle: q.idle,
+            active_limit: Duration::from_secs(900),
+            early_order: booking::queue::EarlyOrder::Shuffle,
+            secret: "test-secret".into(),
+        },
         outbox_batch: 500,
         outbox_poll: Duration::from_secs(3600),
         streams: booking::sequencer::StreamSettings::default(),
