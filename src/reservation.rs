@@ -254,7 +254,7 @@ pub async fn get(pool: &PgPool, user: Uuid, id: Uuid) -> Result<Reservation> {
 }
 
 /// Statuses `GET /v1/users/me/reservations?status=` accepts.
-pub const STATUSES: &[&str] = &["HELD", "CONFIRMED", "EXPIRED", "CANCELLED"];
+pub const STATUSES: &[&str] = &["HELD", "CONFIRMED", "EXPIRED", "CANCELLED", "REFUNDED"];
 
 /// A page of `user`'s reservations, newest first: at most `limit` after the reservation `after`
 /// (the previous page's last id), optionally of one `status`. Someone else's id as `after` is

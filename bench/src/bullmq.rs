@@ -139,7 +139,11 @@ async fn ours(ctx: &Ctx, cfg: &Config) -> Result<Ours> {
         async move {
             let due = first + chrono::Duration::microseconds((window * 1000.0 * i as f64 / n as f64) as i64);
             let ttl = (due - Utc::now()).to_std().unwrap_or(Duration::from_millis(1));
-            booking::reservation::hold(&db, &topics, users[i % users.len()], seats[i], ttl).await.ok().map(|r| r.reservation_id)
+            {
+                // No seat limit in the way of the benchmark's bookers.
+                let req = booking::reservation::HoldRequest { user: users[i % users.len()], seat: seats[i], ttl, max_seats: u32::MAX, key: None };
+                booking::reservation::hold(&db, &topics, req).await.ok().and_then(|h| h.fresh).map(|r| r.reservation_id)
+            }
         }
     })
     .await;
