@@ -15,61 +15,20 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::daemon::{free_port, Daemon};
 use common::TestEnv;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use warp::Filter;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// `scripts/services.sh <cmd>` of this checkout, refused unless it acts on this test's services.
 fn services(cmd: &str) {
     common::services::run(cmd);
-}
-
-struct Daemon {
-    name: &'static str,
-    bin: &'static str,
-    args: Vec<String>,
-    metrics_port: u16,
-    log: PathBuf,
-    child: Option<Child>,
-}
-
-impl Daemon {
-    fn start(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let child = Command::new(self.bin).args(&self.args).stdout(Stdio::null()).stderr(log).spawn().unwrap();
-        self.child = Some(child);
-    }
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill(); // SIGKILL
-            let _ = c.wait();
-        }
-    }
-    fn sigterm(&mut self) {
-        if let Some(c) = &self.child {
-            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
-        }
-    }
-    async fn healthy(&self) {
-        let url = format!("http://127.0.0.1:{}/health", self.metrics_port);
-        common::eventually(Duration::from_secs(60), || {
-            let url = url.clone();
-            async move { reqwest::get(url).await.map(|r| r.status() == 200).unwrap_or(false) }
-        })
-        .await;
-    }
 }
 
 const WEBHOOK_SECRET: &str = "chaos-webhook-secret";
@@ -299,12 +258,12 @@ async fn under_faults_nothing_is_lost_and_nothing_is_double_sold() {
         let mut args = env.common_args();
         args.extend(["--metrics-addr".to_string(), format!("127.0.0.1:{metrics_port}")]);
         args.extend(extra);
-        Daemon { name, bin, args, metrics_port, log: dir.join(format!("{name}.log")), child: None }
+        Daemon::new(name, bin, args, metrics_port, &dir)
     };
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
     let mut daemons = vec![
         mk("api", env!("CARGO_BIN_EXE_api"), [s(&["--listen", &format!("127.0.0.1:{api_port}"), "--hold-ttl", "3s", "--admin-token", "adm", "--queue-secret", "chaos", "--queue-tick", "100ms", "--queue-batch", "10000", "--queue-max-active", "100000", "--queue-idle-timeout", "60s"])].concat()),
-        mk("delay-scheduler", env!("CARGO_BIN_EXE_delay-scheduler"), s(&["--group", &format!("{}sched", env.prefix), "--lease", "3s", "--rearm-interval", "5s"])),
+        mk("delay-scheduler", env!("CARGO_BIN_EXE_delay-scheduler"), s(&["--group", &format!("{}sched", env.prefix), "--lease", "11s", "--rearm-interval", "5s"])),
         mk("expirer", env!("CARGO_BIN_EXE_expirer"), s(&["--group", &format!("{}exp", env.prefix), "--sweep-interval", "2s", "--sweep-grace", "2s"])),
         mk("worker", env!("CARGO_BIN_EXE_worker"), s(&["--group-prefix", &format!("{}w-", env.prefix), "--export-sink", &format!("{outside_url}/export"), "--ranking-reconcile-interval", "2s", "--delivery-poll-interval", "500ms",
             "--channel", "webhook", "--webhook-url", &format!("{outside_url}/hook"), "--webhook-secret", WEBHOOK_SECRET, "--webhook-concurrency", &WEBHOOK_CONCURRENCY.to_string(), "--delivery-max-backoff", "2s"])),
@@ -312,8 +271,8 @@ async fn under_faults_nothing_is_lost_and_nothing_is_double_sold() {
     for d in daemons.iter_mut() {
         d.start();
     }
-    for d in &daemons {
-        d.healthy().await;
+    for d in daemons.iter_mut() {
+        d.healthy(Duration::from_secs(60)).await;
     }
 
     // A sale: schedules of seats, 24 customers with plenty of points. The long run has enough
@@ -351,7 +310,7 @@ async fn under_faults_nothing_is_lost_and_nothing_is_double_sold() {
         daemons[i].kill9();
         tokio::time::sleep(Duration::from_millis(500)).await;
         daemons[i].start();
-        daemons[i].healthy().await;
+        daemons[i].healthy(Duration::from_secs(60)).await;
         faults.push((format!("SIGKILL {} and restart", daemons[i].name), started.elapsed()));
         tokio::time::sleep(between).await;
     }
@@ -422,16 +381,12 @@ async fn under_faults_nothing_is_lost_and_nothing_is_double_sold() {
         d.sigterm();
     }
     for d in daemons.iter_mut() {
-        if let Some(mut c) = d.child.take() {
-            let _ = c.wait();
-        }
+        d.wait();
     }
     let failed: Vec<_> = verdicts.iter().filter(|(_, ok, _)| !ok).collect();
     if !failed.is_empty() || !dead_ok {
         for d in &daemons {
-            let log = std::fs::read_to_string(&d.log).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(20).collect();
-            println!("--- {} log (last lines) ---\n{}", d.name, tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+            println!("--- {} log (last lines) ---\n{}", d.name, d.log_tail(20));
         }
     }
     assert!(failed.is_empty(), "invariants broken: {failed:?}");

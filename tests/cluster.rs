@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use common::load::{customer, dead_letters, invariants, percentiles, Client, Ops};
+use common::daemon::{free_port, Daemon};
 use common::TestEnv;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -42,9 +43,6 @@ fn cluster_var(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run through scripts/test.sh, which brings up `scripts/services.sh up --topology cluster`"))
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 /// `scripts/services.sh --topology cluster ARGS…` of the checkout the test runs from (blocking;
 /// run it off the async threads). Refused unless that script's cluster is the one this test's
@@ -67,48 +65,6 @@ fn services(args: &[&str]) {
 
 async fn services_async(args: Vec<String>) {
     tokio::task::spawn_blocking(move || services(&args.iter().map(String::as_str).collect::<Vec<_>>())).await.unwrap();
-}
-
-struct Daemon {
-    name: String,
-    bin: &'static str,
-    args: Vec<String>,
-    metrics_port: u16,
-    log: PathBuf,
-    child: Option<Child>,
-}
-
-impl Daemon {
-    fn start(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let out = log.try_clone().unwrap();
-        self.child = Some(Command::new(self.bin).args(&self.args).stdout(out).stderr(log).spawn().unwrap());
-    }
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill(); // SIGKILL
-            let _ = c.wait();
-        }
-    }
-    async fn healthy(&self) {
-        let url = format!("http://127.0.0.1:{}/health", self.metrics_port);
-        common::eventually(Duration::from_secs(90), || {
-            let url = url.clone();
-            async move { reqwest::get(url).await.map(|r| r.status() == 200).unwrap_or(false) }
-        })
-        .await;
-    }
-    /// The partitions of `topic` in the last assignment this process logged after byte `from` of
-    /// its log (the consumer logs its whole set on every rebalance), if any.
-    fn assigned(&self, topic: &str, from: usize) -> Option<BTreeSet<i32>> {
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let line = log.get(from..)?.lines().filter(|l| l.contains("partitions assigned")).last()?;
-        let needle = format!("\"{topic}\", ");
-        Some(line.match_indices(&needle).filter_map(|(i, _)| line[i + needle.len()..].split(')').next()?.trim().parse().ok()).collect())
-    }
-    fn log_len(&self) -> usize {
-        std::fs::metadata(&self.log).map(|m| m.len() as usize).unwrap_or(0)
-    }
 }
 
 /// The broker leading most partitions of `topic`.
@@ -233,13 +189,13 @@ async fn the_cluster_topology_survives_a_broker_a_redis_master_and_one_of_each_d
         let mut args = env.common_args();
         args.extend(s(&["--replication-factor", "3", "--metrics-addr", &format!("127.0.0.1:{metrics_port}")]));
         args.extend(extra);
-        Daemon { log: dir.join(format!("{name}.log")), name, bin, args, metrics_port, child: None }
+        Daemon::new(name, bin, args, metrics_port, &dir)
     };
     let api_ports = [free_port(), free_port()];
     let mut daemons: Vec<Daemon> = Vec::new();
     for (i, side) in ["a", "b"].iter().enumerate() {
         daemons.push(mk(format!("api-{side}"), env!("CARGO_BIN_EXE_api"), s(&["--listen", &format!("127.0.0.1:{}", api_ports[i]), "--hold-ttl", "3s", "--admin-token", "adm", "--queue-secret", "cluster", "--queue-tick", "100ms", "--queue-batch", "10000", "--queue-max-active", "100000", "--queue-idle-timeout", "120s"])));
-        daemons.push(mk(format!("delay-scheduler-{side}"), env!("CARGO_BIN_EXE_delay-scheduler"), s(&["--group", &format!("{}sched", env.prefix), "--lease", "3s", "--rearm-interval", "30s"])));
+        daemons.push(mk(format!("delay-scheduler-{side}"), env!("CARGO_BIN_EXE_delay-scheduler"), s(&["--group", &format!("{}sched", env.prefix), "--lease", "11s", "--rearm-interval", "30s"])));
         daemons.push(mk(format!("expirer-{side}"), env!("CARGO_BIN_EXE_expirer"), s(&["--group", &format!("{}exp", env.prefix), "--sweep-interval", "5s", "--sweep-grace", "90s"])));
         daemons.push(mk(format!("worker-{side}"), env!("CARGO_BIN_EXE_worker"), s(&["--group-prefix", &format!("{}w-", env.prefix), "--export-sink", &format!("file:{}", export.display()), "--ranking-reconcile-interval", "2s", "--delivery-poll-interval", "500ms"])));
     }
@@ -247,8 +203,8 @@ async fn the_cluster_topology_survives_a_broker_a_redis_master_and_one_of_each_d
     for d in daemons.iter_mut() {
         d.start();
     }
-    for d in &daemons {
-        d.healthy().await;
+    for d in daemons.iter_mut() {
+        d.healthy(Duration::from_secs(90)).await;
     }
 
     // Two clients, each preferring one api and moving to the other when it cannot reach it.

@@ -2,6 +2,7 @@
 //! consumer groups, against the real services started by `scripts/services.sh`.
 #![allow(dead_code)]
 
+pub mod daemon;
 pub mod load;
 pub mod services;
 
