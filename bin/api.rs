@@ -20,7 +20,7 @@ struct Cli {
     #[arg(long = "listen", env = "LISTEN_ADDR", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
 
-    /// Address serving /metrics and /health for Prometheus (also served on --listen).
+    /// Address serving /metrics and /health for Prometheus (the public --listen serves /health only).
     #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9101")]
     metrics_addr: SocketAddr,
 

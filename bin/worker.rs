@@ -56,10 +56,38 @@ struct Cli {
     #[arg(long, env = "DELIVERY_POLL_INTERVAL", default_value = "1s", value_parser = duration)]
     delivery_poll_interval: Duration,
 
-    /// How often the worker checks that Redis still has the ranking, rebuilding it from
-    /// PostgreSQL if it was lost (flush, restart without data).
+    /// How often the worker reconciles the ranking with PostgreSQL: rebuilt if Redis lost it
+    /// (flush, restart without data), else the payments and refunds of the last
+    /// --ranking-reconcile-window applied again, each one Redis had lost counted as a correction.
     #[arg(long, env = "RANKING_RECONCILE_INTERVAL", default_value = "10s", value_parser = duration)]
     ranking_reconcile_interval: Duration,
+
+    /// How far back each reconcile looks (a partial loss drops the last seconds of increments).
+    #[arg(long, env = "RANKING_RECONCILE_WINDOW", default_value = "15m", value_parser = duration)]
+    ranking_reconcile_window: Duration,
+
+    /// How long the ranking remembers the payments and refunds it applied. Keep it longer than
+    /// the retention of payment.completed and payment.refunded (7 days): a replay of a message
+    /// whose payment was forgotten would count again.
+    #[arg(long, env = "RANKING_RETENTION", default_value = "8d", value_parser = duration)]
+    ranking_retention: Duration,
+
+    /// How long published outbox rows are kept (unpublished and set-aside rows are never pruned).
+    #[arg(long, env = "OUTBOX_RETENTION", default_value = "3d", value_parser = duration)]
+    outbox_retention: Duration,
+
+    /// How long a stored Idempotency-Key answer is kept (a retry after that is a new request).
+    #[arg(long, env = "IDEMPOTENCY_KEY_RETENTION", default_value = "2d", value_parser = duration)]
+    idempotency_key_retention: Duration,
+
+    /// How long consumers remember the events they handled. Keep it longer than the topics'
+    /// retention (7 days): a replayed event forgotten here would be handled twice.
+    #[arg(long, env = "PROCESSED_EVENT_RETENTION", default_value = "8d", value_parser = duration)]
+    processed_event_retention: Duration,
+
+    /// Time between two prunings of the tables above.
+    #[arg(long, env = "PRUNE_INTERVAL", default_value = "1m", value_parser = duration)]
+    prune_interval: Duration,
 
     /// Most pending notifications one delivery step claims; each outcome is committed as soon as
     /// it is known, so no transaction waits on the channel.
@@ -94,6 +122,14 @@ async fn main() -> anyhow::Result<()> {
         delivery_batch: cli.delivery_batch,
         delivery_max_backoff: cli.delivery_max_backoff,
         ranking_reconcile: cli.ranking_reconcile_interval,
+        ranking_retention: booking::ranking::Retention { remember: cli.ranking_retention, window: cli.ranking_reconcile_window },
+        retention: booking::retention::Settings {
+            outbox: cli.outbox_retention,
+            idempotency_keys: cli.idempotency_key_retention,
+            processed_events: cli.processed_event_retention,
+            interval: cli.prune_interval,
+            ..Default::default()
+        },
     };
     app::run_worker(res, settings, &cli.group_prefix, ops, metrics, shutdown).await?;
     Ok(())

@@ -153,7 +153,7 @@ start_worker() {
   wait_health "http://127.0.0.1:$M_WORK/health" worker "$WORKER_PID"
 }
 
-BENCH=("$BIN/bench" --api "http://127.0.0.1:$PORT" --admin-token bench-admin --database-url "$BENCH_DB_URL"
+BENCH=("$BIN/bench" --api "http://127.0.0.1:$PORT" --api-metrics "http://127.0.0.1:$M_API/metrics" --admin-token bench-admin --database-url "$BENCH_DB_URL"
        --redis-url "$REDIS_URL" --kafka-version "$KAFKA_VERSION" --concurrency "$CONCURRENCY" --cpu-marker "$PREFIX")
 QUEUE_NOTE="api --queue-tick 100ms --queue-batch 100000 --queue-max-active 1000000"
 

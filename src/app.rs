@@ -267,6 +267,10 @@ pub struct WorkerSettings {
     pub delivery_max_backoff: Duration,
     /// How often the ranking is checked (and rebuilt from PostgreSQL if Redis lost it).
     pub ranking_reconcile: Duration,
+    /// What the ranking remembers and how far back its reconcile looks.
+    pub ranking_retention: crate::ranking::Retention,
+    /// Retention of the outbox, idempotency keys and processed events.
+    pub retention: crate::retention::Settings,
 }
 
 /// Runs the worker: the notification and payment consumer groups and the delivery loop.
@@ -276,7 +280,8 @@ pub async fn run_worker(res: Resources, s: WorkerSettings, group_prefix: &str, o
     let ops_task = tokio::spawn(crate::telemetry::serve_ops(ops, metrics, health, shutdown.clone()));
     let deliverer = Deliverer { pool: res.pool.clone(), channel: s.channel.clone(), batch: s.delivery_batch, max_backoff: s.delivery_max_backoff };
     let delivery = tokio::spawn(deliverer.run(s.delivery_poll, shutdown.clone()));
-    let reconciler = tokio::spawn(crate::worker::run_ranking_reconciler(res.pool.clone(), res.redis.clone(), res.keys.clone(), s.ranking_reconcile, shutdown.clone()));
+    let reconciler = tokio::spawn(crate::worker::run_ranking_reconciler(res.pool.clone(), res.redis.clone(), res.keys.clone(), s.ranking_retention, s.ranking_reconcile, shutdown.clone()));
+    let pruner = tokio::spawn(crate::retention::run(res.pool.clone(), s.retention.clone(), shutdown.clone()));
     if res.ensure_topics(&shutdown).await {
         let notes = ConsumerRunner::new(
             &consumer_config(&res.brokers, &format!("{group_prefix}notifications")),
@@ -291,11 +296,12 @@ pub async fn run_worker(res: Resources, s: WorkerSettings, group_prefix: &str, o
             "worker-payments",
         )?;
         let nh = NotificationHandler { pool: res.pool.clone() };
-        let ph = PaymentHandler { pool: res.pool.clone(), redis: res.redis.clone(), keys: res.keys.clone(), sink: s.sink.clone() };
+        let ph = PaymentHandler { pool: res.pool.clone(), redis: res.redis.clone(), keys: res.keys.clone(), sink: s.sink.clone(), ranking: s.ranking_retention };
         tokio::join!(notes.run(&nh, shutdown.clone()), pays.run(&ph, shutdown.clone()));
     }
     let _ = delivery.await;
     let _ = reconciler.await;
+    let _ = pruner.await;
     res.flush();
     let _ = ops_task.await;
     tracing::info!("worker stopped");

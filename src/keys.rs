@@ -98,17 +98,20 @@ impl Keys {
         format!("{}{{ranking}}:schedules", self.prefix)
     }
     /// Marker that the ranking is complete in this Redis; missing after a flush or a restart
-    /// without data, which makes the worker rebuild the ranking from PostgreSQL.
+    /// without data, which makes the worker rebuild the ranking from PostgreSQL. (Renamed when
+    /// the sets below became sorted sets, so an upgraded Redis is rebuilt once.)
     pub fn ranking_built(&self) -> String {
-        format!("{}{{ranking}}:built", self.prefix)
+        format!("{}{{ranking}}:built-2", self.prefix)
     }
-    /// SET of payment ids already counted in the ranking (exactly-once increments).
+    /// ZSET payment id -> paid at (ms): payments already counted (exactly-once increments),
+    /// pruned after the ranking's retention.
     pub fn ranking_counted(&self) -> String {
-        format!("{}{{ranking}}:counted", self.prefix)
+        format!("{}{{ranking}}:counted-at", self.prefix)
     }
-    /// SET of payment ids already refunded in the ranking (exactly-once decrements).
+    /// ZSET payment id -> refunded at (ms): refunds already applied (exactly-once decrements),
+    /// pruned after the ranking's retention.
     pub fn ranking_refunded(&self) -> String {
-        format!("{}{{ranking}}:refunded", self.prefix)
+        format!("{}{{ranking}}:refunded-at", self.prefix)
     }
 }
 

@@ -38,6 +38,7 @@ pub mod ranking;
 pub mod redis_conn;
 pub mod refund;
 pub mod reservation;
+pub mod retention;
 pub mod scheduler;
 pub mod seat_map;
 pub mod sequencer;

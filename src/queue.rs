@@ -347,13 +347,14 @@ impl Queue {
     /// token, the place, and the arrival number when this call created the entry.
     pub async fn enter(&self, schedule: Uuid, opens_at: DateTime<Utc>, user: Uuid) -> Result<(String, Place, Option<u64>)> {
         let mut conn = self.redis.clone();
-        let _: () = redis::cmd("SADD").arg(self.keys.queue_schedules()).arg(schedule.to_string()).query_async(&mut conn).await?;
         let (state, pos, until, seq): (i64, u64, i64, u64) = Script::new(ENTER)
             .key(enter_keys(&self.keys, schedule))
             .arg(user.to_string())
             .arg(opens_at.timestamp_millis())
             .invoke_async(&mut conn)
             .await?;
+        // Listed after the entry exists, never before: see `forget_if_idle`.
+        let _: () = redis::cmd("SADD").arg(self.keys.queue_schedules()).arg(schedule.to_string()).query_async(&mut conn).await?;
         let place = self.place(state, pos, until);
         Ok((self.token(schedule, user), place, (seq > 0).then_some(seq)))
     }
@@ -511,17 +512,52 @@ impl Queue {
                 }
                 break;
             }
-            let counts: redis::RedisResult<(u64, u64)> = redis::pipe()
-                .cmd("ZCARD").arg(self.keys.queue_waiting(schedule))
-                .cmd("ZCARD").arg(self.keys.queue_active(schedule))
-                .query_async(&mut conn)
-                .await;
-            if let Ok((waiting, active)) = counts {
-                metrics::gauge!("queue_waiting", "schedule" => s.clone()).set(waiting as f64);
-                metrics::gauge!("queue_active", "schedule" => s.clone()).set(active as f64);
+            match self.sizes(schedule).await {
+                Ok([waiting, active, early, pending]) => {
+                    metrics::gauge!("queue_waiting", "schedule" => s.clone()).set(waiting as f64);
+                    metrics::gauge!("queue_active", "schedule" => s.clone()).set(active as f64);
+                    if waiting + active + early + pending == 0 {
+                        if let Err(e) = self.forget_if_idle(schedule).await {
+                            tracing::warn!(error = %e, %schedule, "could not drop an idle queue from the walk");
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, %schedule, "queue sizes"),
             }
         }
+        let listed: u64 = redis::cmd("SCARD").arg(self.keys.queue_schedules()).query_async(&mut conn).await?;
+        metrics::gauge!("queue_schedules").set(listed as f64);
         Ok(out)
+    }
+
+    /// Waiting, active, early and pending-activation entries of `schedule`'s queue.
+    async fn sizes(&self, schedule: Uuid) -> Result<[u64; 4]> {
+        let mut conn = self.redis.clone();
+        let (w, a, e, p): (u64, u64, u64, u64) = redis::pipe()
+            .cmd("ZCARD").arg(self.keys.queue_waiting(schedule))
+            .cmd("ZCARD").arg(self.keys.queue_active(schedule))
+            .cmd("ZCARD").arg(self.keys.queue_early(schedule))
+            .cmd("LLEN").arg(self.keys.queue_pending_activations(schedule))
+            .query_async(&mut conn)
+            .await?;
+        Ok([w, a, e, p])
+    }
+
+    /// Takes an idle queue out of the set every tick walks (issue 15, item 10: the set must not
+    /// grow with every schedule ever sold), without ever losing a queue that has entrants.
+    ///
+    /// The set is in another hash slot than the queue, so no script can do both. Instead:
+    /// remove, then look again, and list it back if anyone is there. `enter` lists a schedule
+    /// after its entry exists, so an entrant is either seen by the second look, or lists the
+    /// schedule again after the removal. Nothing else is lost: the admission settings stay in
+    /// their hash and apply when the queue is listed again.
+    async fn forget_if_idle(&self, schedule: Uuid) -> Result<()> {
+        let mut conn = self.redis.clone();
+        let _: () = redis::cmd("SREM").arg(self.keys.queue_schedules()).arg(schedule.to_string()).query_async(&mut conn).await?;
+        if self.sizes(schedule).await?.iter().any(|n| *n > 0) {
+            let _: () = redis::cmd("SADD").arg(self.keys.queue_schedules()).arg(schedule.to_string()).query_async(&mut conn).await?;
+        }
+        Ok(())
     }
 
     /// The admission of `schedule` as operators see it.

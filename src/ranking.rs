@@ -6,8 +6,15 @@
 //! a "counted" (or "refunded") set and changes the score only if it was not there. A seat counts
 //! while its payment is counted and not refunded, whichever of the two messages comes first (they
 //! travel on different topics, so their order is not guaranteed).
+//!
+//! The counted and refunded sets are sorted by time and pruned after [`Retention::remember`]
+//! (longer than the topics' retention, so no replay can outlive its member); the worker
+//! reconciles the ranking with PostgreSQL periodically (see [`reconcile`]).
+
+use std::time::Duration;
 
 use crate::redis_conn::RedisConn;
+use chrono::{DateTime, Utc};
 use redis::Script;
 use serde::Serialize;
 use sqlx::PgPool;
@@ -16,10 +23,11 @@ use uuid::Uuid;
 use crate::error::Result;
 use crate::keys::Keys;
 
-// KEYS: ranking, counted, refunded. A payment refunded before it was counted is never counted.
+// KEYS: ranking, counted, refunded (ZSETs payment id -> ms). ARGV: payment, schedule, paid at
+// (ms). A payment refunded before it was counted is never counted.
 const COUNT_ONCE: &str = r#"
-if redis.call('SADD', KEYS[2], ARGV[1]) == 1 then
-  if redis.call('SISMEMBER', KEYS[3], ARGV[1]) == 0 then
+if redis.call('ZADD', KEYS[2], 'NX', ARGV[3], ARGV[1]) == 1 then
+  if not redis.call('ZSCORE', KEYS[3], ARGV[1]) then
     redis.call('ZINCRBY', KEYS[1], 1, ARGV[2])
   end
   return 1
@@ -27,10 +35,13 @@ end
 return 0
 "#;
 
-// KEYS: ranking, counted, refunded. Only a counted payment is taken off the score.
+// KEYS: ranking, counted, refunded. ARGV: payment, schedule, refunded at (ms), paid at (ms, or -1
+// when unknown), horizon (ms). Only a counted payment is taken off the score; one paid before the
+// horizon was counted long ago and its member pruned (see `prune`), so it counts as counted.
 const UNCOUNT_ONCE: &str = r#"
-if redis.call('SADD', KEYS[3], ARGV[1]) == 1 then
-  if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then
+if redis.call('ZADD', KEYS[3], 'NX', ARGV[3], ARGV[1]) == 1 then
+  local paid = tonumber(ARGV[4])
+  if redis.call('ZSCORE', KEYS[2], ARGV[1]) or (paid >= 0 and paid < tonumber(ARGV[5])) then
     -- A schedule with no seat sold left is dropped rather than listed with zero.
     if tonumber(redis.call('ZINCRBY', KEYS[1], -1, ARGV[2])) <= 0 then
       redis.call('ZREM', KEYS[1], ARGV[2])
@@ -52,58 +63,164 @@ pub(crate) fn script_keys(keys: &Keys) -> Vec<(String, Vec<String>)> {
     vec![("ranking COUNT_ONCE".into(), count_once_keys(keys)), ("ranking UNCOUNT_ONCE".into(), count_once_keys(keys))]
 }
 
+/// How long the ranking remembers which payments and refunds it applied (issue 15, item 10), and
+/// how far back the periodic reconcile looks (item 11).
+#[derive(Clone, Copy, Debug)]
+pub struct Retention {
+    /// Members of the counted and refunded sets older than this are pruned. It must outlive the
+    /// retention of `payment.completed` and `payment.refunded` (7 days): a message replayed after
+    /// its member was pruned would count again.
+    pub remember: Duration,
+    /// The periodic reconcile re-applies every payment and refund of this last stretch of time.
+    pub window: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention { remember: Duration::from_secs(8 * 24 * 3600), window: Duration::from_secs(15 * 60) }
+    }
+}
+
+impl Retention {
+    /// Payments before this were counted long ago and may have left the counted set.
+    fn horizon(&self, now: DateTime<Utc>) -> DateTime<Utc> {
+        now - chrono::Duration::from_std(self.remember).unwrap_or(chrono::Duration::MAX)
+    }
+}
+
 /// Counts one confirmed seat for `schedule`; returns false if this payment was already counted.
-pub async fn record(redis: &RedisConn, keys: &Keys, payment: Uuid, schedule: Uuid) -> Result<bool, redis::RedisError> {
+pub async fn record(redis: &RedisConn, keys: &Keys, payment: Uuid, schedule: Uuid, paid_at: DateTime<Utc>) -> Result<bool, redis::RedisError> {
     let mut conn = redis.clone();
     let added: i64 = Script::new(COUNT_ONCE)
         .key(count_once_keys(keys))
         .arg(payment.to_string())
         .arg(schedule.to_string())
+        .arg(paid_at.timestamp_millis())
         .invoke_async(&mut conn)
         .await?;
     Ok(added == 1)
 }
 
 /// Takes the seat of a refunded `payment` off `schedule`'s count; returns false if this refund
-/// was already applied.
-pub async fn unrecord(redis: &RedisConn, keys: &Keys, payment: Uuid, schedule: Uuid) -> Result<bool, redis::RedisError> {
+/// was already applied. `paid_at` comes with the refund message (older messages lack it: then
+/// only a payment still in the counted set is taken off).
+pub async fn unrecord(
+    redis: &RedisConn,
+    keys: &Keys,
+    retention: &Retention,
+    payment: Uuid,
+    schedule: Uuid,
+    refunded_at: DateTime<Utc>,
+    paid_at: Option<DateTime<Utc>>,
+) -> Result<bool, redis::RedisError> {
     let mut conn = redis.clone();
     let removed: i64 = Script::new(UNCOUNT_ONCE)
         .key(count_once_keys(keys))
         .arg(payment.to_string())
         .arg(schedule.to_string())
+        .arg(refunded_at.timestamp_millis())
+        .arg(paid_at.map(|t| t.timestamp_millis()).unwrap_or(-1))
+        .arg(retention.horizon(Utc::now()).timestamp_millis())
         .invoke_async(&mut conn)
         .await?;
     Ok(removed == 1)
 }
 
-/// Rebuilds the ranking from PostgreSQL if Redis lost it (the `built` marker is missing): every
-/// confirmed payment is counted with the same count-once script the consumer uses, so payments
-/// counted meanwhile by the consumer are not counted twice. Returns the payments newly counted,
-/// or `None` when the ranking was intact.
-pub async fn reconcile(redis: &RedisConn, keys: &Keys, pool: &PgPool) -> Result<Option<usize>> {
+/// What one reconcile did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    /// The ranking was missing (its `built` marker gone) and was rebuilt from PostgreSQL.
+    pub rebuilt: bool,
+    /// Payments and refunds the reconcile applied that Redis had not: increments lost with a
+    /// partial loss (AOF `everysec`, a failover to a lagging replica), or a consumer running more
+    /// than [`SETTLE`] behind.
+    pub corrections: usize,
+}
+
+/// Payments younger than this are left to the consumer, which is normally that close behind.
+pub const SETTLE: Duration = Duration::from_secs(30);
+
+/// Keeps the ranking equal to PostgreSQL, whatever the `built` marker says (issue 15, item 11).
+///
+/// - Marker missing (Redis lost the ranking): rebuilt. The ranking and the counted set are
+///   deleted first (so a stale copy is never added to), then every payment of the retention is
+///   counted once with the consumer's own script and older ones are added per schedule.
+/// - Marker present: every payment and refund of the last `window` (but [`SETTLE`]) is applied
+///   again with the count-once scripts. A lost increment lost its counted member with it (the
+///   script's writes reach the AOF and the replica together), so exactly the lost ones count
+///   again; each is a correction.
+pub async fn reconcile(redis: &RedisConn, keys: &Keys, pool: &PgPool, retention: &Retention) -> Result<Reconciled> {
     let mut conn = redis.clone();
     let built: bool = redis::cmd("EXISTS").arg(keys.ranking_built()).query_async(&mut conn).await?;
-    if built {
-        return Ok(None);
+    let now = Utc::now();
+    let horizon = retention.horizon(now);
+    if !built {
+        let _: () = redis::cmd("DEL").arg(keys.ranking()).arg(keys.ranking_counted()).query_async(&mut conn).await?;
+        let mut out = Reconciled { rebuilt: true, corrections: 0 };
+        out.corrections += reapply(redis, keys, pool, retention, horizon, now).await?;
+        // Older payments: their messages are past Kafka's retention, so no replay can count them
+        // again; they are added per schedule, without members.
+        let old: Vec<(Uuid, i64)> = sqlx::query_as(
+            "SELECT r.schedule_id, count(*) FROM payments p JOIN reservations r ON r.id = p.reservation_id
+             WHERE p.paid_at <= $1 AND r.status = 'CONFIRMED' GROUP BY r.schedule_id",
+        )
+        .bind(horizon)
+        .fetch_all(pool)
+        .await?;
+        for (schedule, n) in old {
+            let _: () = redis::cmd("ZINCRBY").arg(keys.ranking()).arg(n).arg(schedule.to_string()).query_async(&mut conn).await?;
+        }
+        let _: () = redis::cmd("SET").arg(keys.ranking_built()).arg(1).query_async(&mut conn).await?;
+        return Ok(out);
     }
-    let rows: Vec<(Uuid, Uuid, bool)> = sqlx::query_as(
-        "SELECT p.id, r.schedule_id, r.status = 'REFUNDED' FROM payments p JOIN reservations r ON r.id = p.reservation_id",
+    let since = (now - chrono::Duration::from_std(retention.window).unwrap_or(chrono::Duration::MAX)).max(horizon);
+    let corrections = reapply(redis, keys, pool, retention, since, now - chrono::Duration::from_std(SETTLE).expect("small")).await?;
+    Ok(Reconciled { rebuilt: false, corrections })
+}
+
+/// Applies again every refund, then every payment, of (`from`, `to`]: returns how many changed
+/// Redis. Refunds first, so a refunded payment is never counted (the scripts allow either order).
+async fn reapply(redis: &RedisConn, keys: &Keys, pool: &PgPool, retention: &Retention, from: DateTime<Utc>, to: DateTime<Utc>) -> Result<usize> {
+    let refunds: Vec<(Uuid, Uuid, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT p.id, r.schedule_id, p.paid_at, r.refunded_at FROM reservations r JOIN payments p ON p.reservation_id = r.id
+         WHERE r.status = 'REFUNDED' AND r.refunded_at > $1 AND r.refunded_at <= $2",
     )
+    .bind(from)
+    .bind(to)
     .fetch_all(pool)
     .await?;
-    let mut added = 0;
-    for (payment, schedule, refunded) in rows {
-        // A refund first, so the payment is never counted (the scripts allow either order).
-        if refunded {
-            unrecord(redis, keys, payment, schedule).await?;
-        }
-        if record(redis, keys, payment, schedule).await? {
-            added += 1;
-        }
+    let mut changed = 0;
+    for (payment, schedule, paid_at, refunded_at) in refunds {
+        changed += unrecord(redis, keys, retention, payment, schedule, refunded_at, Some(paid_at)).await? as usize;
     }
-    let _: () = redis::cmd("SET").arg(keys.ranking_built()).arg(1).query_async(&mut conn).await?;
-    Ok(Some(added))
+    let payments: Vec<(Uuid, Uuid, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT p.id, r.schedule_id, p.paid_at FROM payments p JOIN reservations r ON r.id = p.reservation_id
+         WHERE p.paid_at > $1 AND p.paid_at <= $2",
+    )
+    .bind(from)
+    .bind(to)
+    .fetch_all(pool)
+    .await?;
+    for (payment, schedule, paid_at) in payments {
+        changed += record(redis, keys, payment, schedule, paid_at).await? as usize;
+    }
+    Ok(changed)
+}
+
+/// Forgets the payments and refunds older than the retention; returns how many members left.
+pub async fn prune(redis: &RedisConn, keys: &Keys, retention: &Retention) -> Result<u64, redis::RedisError> {
+    let mut conn = redis.clone();
+    let horizon = retention.horizon(Utc::now()).timestamp_millis();
+    let (a, b): (u64, u64) = redis::pipe()
+        .cmd("ZREMRANGEBYSCORE").arg(keys.ranking_counted()).arg("-inf").arg(format!("({horizon}"))
+        .cmd("ZREMRANGEBYSCORE").arg(keys.ranking_refunded()).arg("-inf").arg(format!("({horizon}"))
+        .query_async(&mut conn)
+        .await?;
+    let (counted, refunded): (u64, u64) =
+        redis::pipe().cmd("ZCARD").arg(keys.ranking_counted()).cmd("ZCARD").arg(keys.ranking_refunded()).query_async(&mut conn).await?;
+    metrics::gauge!("ranking_remembered_payments", "set" => "counted").set(counted as f64);
+    metrics::gauge!("ranking_remembered_payments", "set" => "refunded").set(refunded as f64);
+    Ok(a + b)
 }
 
 /// One line of the ranking.

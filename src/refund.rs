@@ -38,6 +38,11 @@ pub struct PaymentRefunded {
     pub seat_id: Uuid,
     pub amount: i64,
     pub refunded_at: DateTime<Utc>,
+    /// When the refunded payment was made: the ranking takes a payment older than its memory
+    /// off without finding it in its counted set (see `ranking::unrecord`). Absent from messages
+    /// written before it was added.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paid_at: Option<DateTime<Utc>>,
 }
 
 /// What a refund tells the caller (also the stored idempotent answer).
@@ -78,7 +83,7 @@ pub async fn refund(pool: &PgPool, topics: &Topics, user: Uuid, key: &str, reser
         return Err(Error::RefundWindowClosed);
     }
 
-    let (payment_id, amount): (Uuid, i64) = sqlx::query_as("SELECT id, amount FROM payments WHERE reservation_id = $1")
+    let (payment_id, amount, paid_at): (Uuid, i64, DateTime<Utc>) = sqlx::query_as("SELECT id, amount, paid_at FROM payments WHERE reservation_id = $1")
         .bind(reservation)
         .fetch_one(&mut *tx)
         .await?;
@@ -104,7 +109,7 @@ pub async fn refund(pool: &PgPool, topics: &Topics, user: Uuid, key: &str, reser
     }
 
     let key_str = reservation.to_string();
-    let event = PaymentRefunded { payment_id, reservation_id: reservation, user_id: user, schedule_id, seat_id, amount, refunded_at };
+    let event = PaymentRefunded { payment_id, reservation_id: reservation, user_id: user, schedule_id, seat_id, amount, refunded_at, paid_at: Some(paid_at) };
     outbox::enqueue(&mut tx, &topics.payment_refunded, &key_str, &Envelope::new(EventType::PaymentRefunded, event)).await?;
     let note = NotificationRequest::new(
         Kind::PaymentRefunded,

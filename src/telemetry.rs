@@ -99,6 +99,12 @@ pub fn describe_metrics(daemon: Daemon, topic_prefix: &str) {
     describe_gauge!("queue_active", "Users admitted and allowed to book, by schedule");
     describe_counter!("queue_entries_total", "Users entering a waiting queue (first entry per user and schedule)");
     describe_counter!("queue_admitted_total", "Users admitted from the waiting queue");
+    describe_gauge!("queue_admission_paused", "1 while an operator has paused admission of the schedule's queue, by schedule");
+    describe_gauge!("seat_map_channels", "Schedules with at least one open seat-map stream on this api");
+    describe_counter!("seat_map_streams_opened_total", "Seat-map streams opened, by start (snapshot, resume from Last-Event-ID)");
+    describe_counter!("seat_map_resets_total", "Seat-map streams told to start over from a snapshot (their position was pruned)");
+    describe_counter!("seat_map_lagged_total", "Seat-map streams that fell behind the feed and caught up from PostgreSQL");
+    describe_gauge!("queue_schedules", "Schedules whose queue the admission tick walks (an idle queue leaves the walk)");
     // Outbox (api, expirer).
     describe_gauge!("outbox_backlog", "Outbox events not yet published to Kafka");
     describe_gauge!("outbox_oldest_unpublished_age_seconds", Unit::Seconds, "Age of the oldest unpublished outbox event (0 when none)");
@@ -134,6 +140,10 @@ pub fn describe_metrics(daemon: Daemon, topic_prefix: &str) {
     describe_counter!("ranking_increments_total", "Ranking increments from payment.completed");
     describe_counter!("ranking_decrements_total", "Ranking decrements from payment.refunded");
     describe_counter!("ranking_rebuilds_total", "Rankings rebuilt from PostgreSQL because Redis had lost them");
+    describe_counter!("ranking_corrections_total", "Payments and refunds the periodic reconcile applied that the ranking had lost (or the consumer had not reached after 30 s)");
+    describe_gauge!("ranking_remembered_payments", "Members of the ranking's counted and refunded sets, by set (pruned after --ranking-retention)");
+    describe_counter!("retention_pruned_rows_total", "Rows deleted past their retention, by table (outbox, idempotency_keys, processed_events)");
+    describe_gauge!("retained_rows", "Rows of the tables under retention, by table (the planner's estimate)");
     describe_counter!("exports_total", "Payments exported to the data platform");
     // Kafka consumers.
     describe_counter!("kafka_messages_processed_total", "Messages handled successfully, by consumer and topic");
@@ -212,8 +222,11 @@ pub fn describe_metrics(daemon: Daemon, topic_prefix: &str) {
                     metrics::counter!("notifications_stored_total", "type" => *kind, "outcome" => outcome).increment(0);
                 }
             }
-            for name in ["notification_announcements_total", "notifications_delivered_total", "notifications_delivery_failures_total", "ranking_increments_total", "ranking_decrements_total", "ranking_rebuilds_total", "exports_total"] {
+            for name in ["notification_announcements_total", "notifications_delivered_total", "notifications_delivery_failures_total", "ranking_increments_total", "ranking_decrements_total", "ranking_rebuilds_total", "ranking_corrections_total", "exports_total"] {
                 zero(name);
+            }
+            for table in crate::retention::Table::ALL {
+                metrics::counter!("retention_pruned_rows_total", "table" => table.name()).increment(0);
             }
             consumer("worker-notifications", &[&topics.notification_request]);
             consumer("worker-payments", &[&topics.payment_completed, &topics.payment_refunded]);
@@ -259,7 +272,7 @@ async fn probe_health(health: Arc<Health>, shutdown: CancellationToken) {
     }
 }
 
-/// The `/metrics` and `/health` routes, also mounted by the api on its own listener.
+/// The `/metrics` and `/health` routes of the operations listener (`--metrics-addr`).
 pub fn ops_routes(
     metrics: PrometheusHandle,
     health: Arc<Health>,
@@ -269,11 +282,18 @@ pub fn ops_routes(
         warp::reply::with_header(metrics.render(), "content-type", "text/plain; version=0.0.4")
             .into_response()
     });
-    let h = warp::path!("health").and(warp::get()).then(move || {
+    m.or(health_route(health)).unify()
+}
+
+/// `/health` alone: the api also serves it on its public listener, for load balancers. Its body
+/// names each dependency's state only, never a driver's error text (that goes to the log).
+/// `/metrics` is not public (issue 15, item 12): series name schedules, queues and error rates
+/// an outsider has no business reading.
+pub fn health_route(health: Arc<Health>) -> impl Filter<Extract = (warp::reply::Response,), Error = warp::Rejection> + Clone {
+    warp::path!("health").and(warp::get()).then(move || {
         let health = health.clone();
         async move { health.reply().await }
-    });
-    m.or(h).unify()
+    })
 }
 
 /// Binds the operations listener given by a flag.

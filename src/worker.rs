@@ -438,8 +438,10 @@ impl Deliverer {
     }
 }
 
-/// Keeps the ranking whole: every `interval`, rebuilds it from PostgreSQL if Redis lost it.
-pub async fn run_ranking_reconciler(pool: PgPool, redis: crate::redis_conn::RedisConn, keys: Keys, interval: Duration, shutdown: CancellationToken) {
+/// Keeps the ranking equal to PostgreSQL: every `interval`, rebuilds it if Redis lost it, or
+/// re-applies the last stretch of payments and refunds (see [`crate::ranking::reconcile`]); also
+/// prunes what the ranking remembers past its retention.
+pub async fn run_ranking_reconciler(pool: PgPool, redis: crate::redis_conn::RedisConn, keys: Keys, retention: crate::ranking::Retention, interval: Duration, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -447,13 +449,21 @@ pub async fn run_ranking_reconciler(pool: PgPool, redis: crate::redis_conn::Redi
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {}
         }
-        match crate::ranking::reconcile(&redis, &keys, &pool).await {
-            Ok(Some(n)) => {
+        match crate::ranking::reconcile(&redis, &keys, &pool, &retention).await {
+            Ok(r) if r.rebuilt => {
                 metrics::counter!("ranking_rebuilds_total").increment(1);
-                tracing::info!(counted = n, "ranking rebuilt from PostgreSQL");
+                tracing::info!(counted = r.corrections, "ranking rebuilt from PostgreSQL");
             }
-            Ok(None) => {}
+            Ok(r) => {
+                metrics::counter!("ranking_corrections_total").increment(r.corrections as u64);
+                if r.corrections > 0 {
+                    tracing::warn!(corrections = r.corrections, "ranking had drifted from PostgreSQL; corrected");
+                }
+            }
             Err(e) => tracing::warn!(error = %e, "ranking reconcile failed"),
+        }
+        if let Err(e) = crate::ranking::prune(&redis, &keys, &retention).await {
+            tracing::warn!(error = %e, "pruning the ranking's memory failed");
         }
     }
 }
@@ -465,6 +475,7 @@ pub struct PaymentHandler {
     pub redis: crate::redis_conn::RedisConn,
     pub keys: Keys,
     pub sink: Sink,
+    pub ranking: crate::ranking::Retention,
 }
 
 impl PaymentHandler {
@@ -493,7 +504,7 @@ impl PaymentHandler {
     async fn completed(&self, msg: &Incoming) -> Result<(), HandleError> {
         let env = Envelope::<PaymentCompleted>::parse(&msg.payload, EventType::PaymentCompleted).map_err(HandleError::Poison)?;
         let p = &env.payload;
-        if crate::ranking::record(&self.redis, &self.keys, p.payment_id, p.schedule_id).await? {
+        if crate::ranking::record(&self.redis, &self.keys, p.payment_id, p.schedule_id, p.paid_at).await? {
             metrics::counter!("ranking_increments_total").increment(1);
         }
         self.export_once("export", p.payment_id, serde_json::to_value(p).expect("payments serialize")).await
@@ -505,7 +516,7 @@ impl PaymentHandler {
     async fn refunded(&self, msg: &Incoming) -> Result<(), HandleError> {
         let env = Envelope::<PaymentRefunded>::parse(&msg.payload, EventType::PaymentRefunded).map_err(HandleError::Poison)?;
         let p = &env.payload;
-        if crate::ranking::unrecord(&self.redis, &self.keys, p.payment_id, p.schedule_id).await? {
+        if crate::ranking::unrecord(&self.redis, &self.keys, &self.ranking, p.payment_id, p.schedule_id, p.refunded_at, p.paid_at).await? {
             metrics::counter!("ranking_decrements_total").increment(1);
         }
         let mut record = serde_json::to_value(p).expect("refunds serialize");

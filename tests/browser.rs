@@ -43,6 +43,8 @@ async fn daemons(env: &TestEnv) -> Vec<Task> {
         delivery_batch: 100,
         delivery_max_backoff: Duration::from_millis(500),
         ranking_reconcile: Duration::from_secs(60),
+        ranking_retention: Default::default(),
+        retention: Default::default(),
     };
     tasks.push((t, tokio::spawn(async move { app::run_worker(res, s, &g, l, booking::telemetry::install_metrics(), sd).await.unwrap() })));
     tasks

@@ -30,6 +30,8 @@ async fn worker(env: &TestEnv, sink: Sink) -> (CancellationToken, tokio::task::J
         delivery_batch: 100,
         delivery_max_backoff: Duration::from_millis(500),
         ranking_reconcile: Duration::from_secs(3600),
+        ranking_retention: Default::default(),
+        retention: Default::default(),
     };
     let (res, gp, sd) = (env.res.clone(), format!("{}worker-", env.prefix), t.clone());
     let ops = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

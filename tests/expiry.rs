@@ -390,7 +390,10 @@ async fn a_send_that_cannot_be_queued_counts_as_failed_and_goes_straight_back_to
     let shard = 0;
     let mut ids = Vec::new();
     for _ in 0..3 {
-        let ev = ReservationEvent { reservation_id: Uuid::new_v4(), user_id: Uuid::new_v4(), seat_id: Uuid::new_v4(), schedule_id: Uuid::new_v4(), expires_at: chrono::Utc::now() };
+        // Due a second ago: all three are due at the first claim, whatever the millisecond
+        // rounding of the due time against Redis's clock.
+        let expires_at = chrono::Utc::now() - chrono::Duration::seconds(1);
+        let ev = ReservationEvent { reservation_id: Uuid::new_v4(), user_id: Uuid::new_v4(), seat_id: Uuid::new_v4(), schedule_id: Uuid::new_v4(), expires_at };
         assert!(sched.schedule(shard, &ev).await.unwrap());
         ids.push(ev.reservation_id.to_string());
     }

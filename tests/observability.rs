@@ -455,7 +455,7 @@ async fn after_a_booking_flow_every_daemon_lints_clean_and_serves_every_metric_o
     // The short booking flow: a user charges points, a concert with two seats is created, the user
     // queues until active, holds both seats, tries to hold a held seat again, and pays one (the
     // other expires through the scheduler and the expirer).
-    let api = TestApi { base: format!("http://127.0.0.1:{api_port}"), http: reqwest::Client::new(), shutdown: CancellationToken::new(), handle: None };
+    let api = TestApi { base: format!("http://127.0.0.1:{api_port}"), metrics_url: None, http: reqwest::Client::new(), shutdown: CancellationToken::new(), handle: None };
     let alice: User = api.user("alice").await;
     api.charge(&alice, 10_000).await;
     let (schedule, seats) = api.concert(2, 1_000).await;

@@ -59,6 +59,8 @@ async fn the_readmes_try_it_walkthrough_ends_with_the_reservation_expired_notifi
             delivery_batch: 100,
             delivery_max_backoff: Duration::from_millis(500),
             ranking_reconcile: Duration::from_secs(10),
+            ranking_retention: Default::default(),
+            retention: Default::default(),
         };
         tasks.push(tokio::spawn(async move { app::run_worker(res, s, &group, l, booking::telemetry::install_metrics(), sd).await.unwrap() }));
     }

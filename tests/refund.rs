@@ -37,6 +37,8 @@ async fn worker(env: &TestEnv, group_prefix: &str) -> Task {
         delivery_batch: 100,
         delivery_max_backoff: Duration::from_millis(500),
         ranking_reconcile: Duration::from_secs(1),
+        ranking_retention: Default::default(),
+        retention: Default::default(),
     };
     let (res, gp, sd) = (env.res.clone(), group_prefix.to_string(), t.clone());
     let ops = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -200,19 +202,50 @@ async fn a_refund_seen_before_its_payment_leaves_the_ranking_unchanged() {
     let env = TestEnv::new().await;
     let (redis, keys) = (&env.res.redis, env.keys());
     let (schedule, kept, refunded) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
-    assert!(booking::ranking::unrecord(redis, keys, refunded, schedule).await.unwrap());
-    assert!(booking::ranking::record(redis, keys, refunded, schedule).await.unwrap());
-    assert!(booking::ranking::record(redis, keys, kept, schedule).await.unwrap());
+    let (now, memory) = (chrono::Utc::now(), booking::ranking::Retention::default());
+    assert!(booking::ranking::unrecord(redis, keys, &memory, refunded, schedule, now, Some(now)).await.unwrap());
+    assert!(booking::ranking::record(redis, keys, refunded, schedule, now).await.unwrap());
+    assert!(booking::ranking::record(redis, keys, kept, schedule, now).await.unwrap());
     // Replays of either message change nothing.
-    assert!(!booking::ranking::unrecord(redis, keys, refunded, schedule).await.unwrap());
-    assert!(!booking::ranking::record(redis, keys, refunded, schedule).await.unwrap());
+    assert!(!booking::ranking::unrecord(redis, keys, &memory, refunded, schedule, now, Some(now)).await.unwrap());
+    assert!(!booking::ranking::record(redis, keys, refunded, schedule, now).await.unwrap());
     let mut conn = redis.clone();
     let score: Option<f64> = redis::cmd("ZSCORE").arg(keys.ranking()).arg(schedule.to_string()).query_async(&mut conn).await.unwrap();
     assert_eq!(score, Some(1.0));
     // The usual order, down to zero: the schedule leaves the ranking instead of showing 0 sold.
-    assert!(booking::ranking::unrecord(redis, keys, kept, schedule).await.unwrap());
+    assert!(booking::ranking::unrecord(redis, keys, &memory, kept, schedule, now, Some(now)).await.unwrap());
     let score: Option<f64> = redis::cmd("ZSCORE").arg(keys.ranking()).arg(schedule.to_string()).query_async(&mut conn).await.unwrap();
     assert_eq!(score, None);
+}
+
+/// Issue 15, item 10: the ranking forgets payments after its retention, yet a refund of such an
+/// old payment still takes its seat off (the refund says when the payment was made), once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_of_a_payment_the_ranking_has_forgotten_still_takes_its_seat_off() {
+    let env = TestEnv::new().await;
+    let (redis, keys) = (&env.res.redis, env.keys());
+    let memory = booking::ranking::Retention { remember: Duration::from_secs(3600), window: Duration::from_secs(600) };
+    let (schedule, old, recent) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let now = chrono::Utc::now();
+    let long_ago = now - chrono::Duration::hours(2);
+    assert!(booking::ranking::record(redis, keys, old, schedule, long_ago).await.unwrap());
+    assert!(booking::ranking::record(redis, keys, recent, schedule, now).await.unwrap());
+    // The old payment leaves the counted set; the recent one stays.
+    assert_eq!(booking::ranking::prune(redis, keys, &memory).await.unwrap(), 1);
+    let mut conn = redis.clone();
+    let counted: Vec<String> = redis::cmd("ZRANGE").arg(keys.ranking_counted()).arg(0).arg(-1).query_async(&mut conn).await.unwrap();
+    assert_eq!(counted, vec![recent.to_string()]);
+    // Its refund still counts, once.
+    assert!(booking::ranking::unrecord(redis, keys, &memory, old, schedule, now, Some(long_ago)).await.unwrap());
+    assert!(!booking::ranking::unrecord(redis, keys, &memory, old, schedule, now, Some(long_ago)).await.unwrap());
+    let score: Option<f64> = redis::cmd("ZSCORE").arg(keys.ranking()).arg(schedule.to_string()).query_async(&mut conn).await.unwrap();
+    assert_eq!(score, Some(1.0));
+    // A refund message without paidAt (written before it existed) of a payment not counted
+    // changes nothing: only what the ranking knows it counted is taken off.
+    let unknown = Uuid::new_v4();
+    assert!(booking::ranking::unrecord(redis, keys, &memory, unknown, schedule, now, None).await.unwrap());
+    let score: Option<f64> = redis::cmd("ZSCORE").arg(keys.ranking()).arg(schedule.to_string()).query_async(&mut conn).await.unwrap();
+    assert_eq!(score, Some(1.0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -48,7 +48,7 @@ async fn api_without_poll(env: &TestEnv) -> TestApi {
         streams: booking::sequencer::StreamSettings::default(),
     };
     let handle = tokio::spawn(booking::app::run_api(env.res.clone(), settings, listener, None, booking::telemetry::install_metrics(), shutdown.clone()));
-    TestApi { base: format!("http://{addr}"), http: reqwest::Client::new(), shutdown, handle: Some(handle) }
+    TestApi { base: format!("http://{addr}"), metrics_url: None, http: reqwest::Client::new(), shutdown, handle: Some(handle) }
 }
 
 async fn listen(env: &TestEnv, channels: &[&str]) -> PgListener {
@@ -115,6 +115,8 @@ async fn the_worker_announces_each_stored_batch_once_naming_every_user() {
         delivery_batch: 1000,
         delivery_max_backoff: Duration::from_secs(1),
         ranking_reconcile: Duration::from_secs(3600),
+        ranking_retention: Default::default(),
+        retention: Default::default(),
     };
     let ops = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (res, group, sd) = (env.res.clone(), format!("{}worker-", env.prefix), shutdown.clone());

@@ -49,6 +49,10 @@ struct RunArgs {
     #[arg(long, env = "BENCH_API", default_value = "http://127.0.0.1:8080")]
     api: String,
 
+    /// The api's `/metrics` URL on its `--metrics-addr` (admission counters of the queue spike).
+    #[arg(long, env = "BENCH_API_METRICS")]
+    api_metrics: Option<String>,
+
     /// The api's --admin-token (concerts are created through the admin route).
     #[arg(long, env = "ADMIN_TOKEN", default_value = "", hide_env_values = true)]
     admin_token: String,
@@ -248,7 +252,7 @@ async fn run(a: RunArgs) -> Result<()> {
     let wants = |s: &str| chosen.contains(&s);
     let db = a.database_url.clone().context("--database-url (or DATABASE_URL) is required")?;
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(&db).await.context("connecting to PostgreSQL")?;
-    let api = Api::new(&a.api, &a.admin_token)?;
+    let api = Api::new(&a.api, &a.admin_token)?.with_metrics(a.api_metrics.clone());
     if chosen.iter().any(|s| SCENARIOS.contains(s)) {
         api.health().await.with_context(|| format!("is the api running at {}?", a.api))?;
     }

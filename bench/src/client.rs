@@ -10,6 +10,9 @@ use uuid::Uuid;
 #[derive(Clone)]
 pub struct Api {
     pub base: String,
+    /// The api's `/metrics` on its operations address (`--metrics-addr`): the public listener
+    /// does not serve it. Without it, scenarios go without the api's counters.
+    pub metrics_url: Option<String>,
     pub http: reqwest::Client,
     pub admin_token: String,
 }
@@ -50,7 +53,13 @@ impl Api {
             .tcp_nodelay(true)
             .timeout(Duration::from_secs(120))
             .build()?;
-        Ok(Self { base: base.trim_end_matches('/').to_string(), http, admin_token: admin_token.to_string() })
+        Ok(Self { base: base.trim_end_matches('/').to_string(), metrics_url: None, http, admin_token: admin_token.to_string() })
+    }
+
+    /// Reads the api's counters from `url` (its `--metrics-addr` + `/metrics`).
+    pub fn with_metrics(mut self, url: Option<String>) -> Self {
+        self.metrics_url = url;
+        self
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -173,9 +182,10 @@ impl Api {
         Ok(Self::expect(a, 200, "rankings")?.body)
     }
 
-    /// `GET /metrics` of the api (Prometheus text).
+    /// `GET /metrics` of the api's operations address (Prometheus text).
     pub async fn metrics(&self) -> Result<String> {
-        let resp = self.http.get(self.url("/metrics")).send().await.context("GET /metrics")?;
+        let url = self.metrics_url.as_deref().context("the api's metrics URL (--api-metrics) was not given")?;
+        let resp = self.http.get(url).send().await.context("GET /metrics")?;
         Ok(resp.text().await?)
     }
 

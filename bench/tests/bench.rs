@@ -47,6 +47,8 @@ async fn worker(env: &TestEnv) -> Task {
         delivery_batch: 200,
         delivery_max_backoff: Duration::from_millis(500),
         ranking_reconcile: Duration::from_secs(3600),
+        ranking_retention: Default::default(),
+        retention: Default::default(),
     };
     let (res, gp, sd, l) = (env.res.clone(), format!("{}worker-", env.prefix), t.clone(), ops().await);
     let h = tokio::spawn(async move {
@@ -83,8 +85,8 @@ async fn expirer(env: &TestEnv, mode: ExpirerMode) -> Task {
     (t, h)
 }
 
-fn ctx(env: &TestEnv, base: &str) -> Ctx {
-    Ctx::new(Api::new(base, ADMIN).unwrap(), env.pool.clone(), false)
+fn ctx(env: &TestEnv, api: &common::TestApi) -> Ctx {
+    Ctx::new(Api::new(&api.base, ADMIN).unwrap().with_metrics(api.metrics_url.clone()), env.pool.clone(), false)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -92,7 +94,7 @@ async fn queue_spike_seat_fight_sell_out_and_payments_at_a_small_size() {
     let env = TestEnv::new().await;
     let api = env.api_with(Duration::from_secs(300), open_queue(), bench_fair()).await;
     let w = worker(&env).await;
-    let ctx = ctx(&env, &api.base);
+    let ctx = ctx(&env, &api);
 
     let q = queue_spike::run(&ctx, &queue_spike::Config { users: 40, concurrency: 8, pollers: 2, drain_timeout_s: 60.0 }).await.unwrap();
     assert_eq!(q.user_creation.count, 40);
@@ -153,7 +155,7 @@ async fn end_to_end_and_expiry_before_and_after_at_a_small_size() {
     let w = worker(&env).await;
     let s = scheduler(&env).await;
     let e = expirer(&env, ExpirerMode::After).await;
-    let ctx = ctx(&env, &api.base);
+    let ctx = ctx(&env, &api);
 
     let ee = end_to_end::run(&ctx, &end_to_end::Config { users: 4, pay_concurrency: 2, concurrency: 4, timeout_s: 60.0 }).await.unwrap();
     assert_eq!(ee.streams, 4);
@@ -274,7 +276,7 @@ fn percentiles_and_sse_parsing() {
 async fn notify_drain_stores_and_delivers_each_request_once_at_a_small_size() {
     let env = TestEnv::new().await;
     // No api: the scenario talks to Kafka and PostgreSQL only.
-    let ctx = ctx(&env, "http://127.0.0.1:9");
+    let ctx = Ctx::new(Api::new("http://127.0.0.1:9", ADMIN).unwrap(), env.pool.clone(), false);
     let settings = WorkerSettings {
         channel: Channel::Log,
         sink: Sink::File(std::env::temp_dir().join(format!("bench-drain-export-{}.jsonl", env.prefix))),
@@ -282,6 +284,8 @@ async fn notify_drain_stores_and_delivers_each_request_once_at_a_small_size() {
         delivery_batch: 100,
         delivery_max_backoff: Duration::from_millis(500),
         ranking_reconcile: Duration::from_secs(3600),
+        ranking_retention: Default::default(),
+        retention: Default::default(),
     };
     let cfg = notify_drain::Config {
         notifications: 600,

@@ -31,7 +31,7 @@ fn done(r: Result<Response, Error>) -> Response {
 
 /// Every route, with request metrics and JSON rejections.
 pub fn routes(api: Api) -> BoxedFilter<(Response,)> {
-    let ops = crate::telemetry::ops_routes(api.metrics.clone(), api.health.clone()).boxed();
+    let health = crate::telemetry::health_route(api.health.clone()).boxed();
     let all = create_user(&api)
         .or(points(&api)).unify()
         .or(charge(&api)).unify()
@@ -56,7 +56,7 @@ pub fn routes(api: Api) -> BoxedFilter<(Response,)> {
         .or(admin_queue_patch(&api)).unify()
         .or(openapi()).unify()
         .or(super::web::routes()).unify()
-        .or(ops).unify()
+        .or(health).unify()
         .or(unmatched()).unify()
         .boxed();
     all.recover(recover)

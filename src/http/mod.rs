@@ -94,7 +94,7 @@ pub const ROUTES: &[&str] = &[
         "/v1/schedules/{id}/seats/stream",
         "/v1/queue/tokens", "/v1/queue/tokens/me", "/v1/reservations", "/v1/reservations/{id}",
         "/v1/payments", "/v1/users/me/notifications", "/v1/users/me/notifications/stream",
-        "/v1/rankings/schedules", "/health", "/metrics", "/openapi.yaml",
+        "/v1/rankings/schedules", "/health", "/openapi.yaml",
         "/v1/reservations/{id}/refund",
         "/", "/app.js", "/style.css",
         "/v1/users/me/reservations", "/v1/admin/schedules/{id}/queue",

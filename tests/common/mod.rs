@@ -122,8 +122,10 @@ impl TestEnv {
             streams: booking::sequencer::StreamSettings::default(),
         };
         let metrics = booking::telemetry::install_metrics();
-        let handle = tokio::spawn(booking::app::run_api(self.res.clone(), settings, listener, None, metrics, shutdown.clone()));
-        TestApi { base: format!("http://{addr}"), http: reqwest::Client::new(), shutdown, handle: Some(handle) }
+        let ops = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let metrics_url = format!("http://{}/metrics", ops.local_addr().unwrap());
+        let handle = tokio::spawn(booking::app::run_api(self.res.clone(), settings, listener, Some(ops), metrics, shutdown.clone()));
+        TestApi { base: format!("http://{addr}"), metrics_url: Some(metrics_url), http: reqwest::Client::new(), shutdown, handle: Some(handle) }
     }
 
     /// Reads every message of `topic` from the beginning until `want` arrived or `timeout`.
@@ -208,6 +210,8 @@ impl Default for FairSettings {
 /// A running api and a client for it.
 pub struct TestApi {
     pub base: String,
+    /// `/metrics` on the operations listener, when the test gave the api one.
+    pub metrics_url: Option<String>,
     pub http: reqwest::Client,
     pub shutdown: CancellationToken,
     pub handle: Option<tokio::task::JoinHandle<()>>,
