@@ -29,6 +29,9 @@
 #   BENCH_HOLD_TTL=60s  (must exceed the time to take the holds + 11 s for clean DB statistics)
 #   BENCH_PORT=28080    (api; the daemons' metrics on BENCH_PORT+21 … +24)   BENCH_OUT=docs/bench/latest
 #   BENCH_KEEP_DB=1     keep the bench database afterwards
+#   BENCH_PROFILE=1     profile instead: phase 1 only, with pg_stat_statements (the database time per
+#                       statement) and perf sampling the api (its hottest functions); writes
+#                       docs/bench/profile.md and leaves latest.* alone
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -164,10 +167,56 @@ start_api 5m
 start_scheduler
 start_expirer after
 start_worker
+PERF_PID=
+if [[ ${BENCH_PROFILE:-0} == 1 ]]; then
+  # pg_stat_statements is preloaded by scripts/services.sh (a PostgreSQL started before that
+  # setting existed must be restarted: scripts/services.sh stop-postgres, then up).
+  psql "$BENCH_DB_URL" -qAtc "CREATE EXTENSION IF NOT EXISTS pg_stat_statements; SELECT pg_stat_statements_reset()" >/dev/null
+  if command -v perf >/dev/null; then
+    perf record -F 199 -g -p "$API_PID" -o "$WORK/api.perf" >/dev/null 2>&1 &
+    PERF_PID=$!
+  fi
+fi
 "${BENCH[@]}" --scenario limits,queue-spike,seat-fight,sell-out,payments --label spike \
   --users "$USERS" --fighters "$FIGHTERS" --schedules "$SCHEDULES" --clients "$CLIENTS" --pay-concurrency "$PAY_CONCURRENCY" \
   --note "$QUEUE_NOTE --hold-ttl 5m" --note "delay-scheduler, expirer --mode after, worker (log channel, ranking consumer)" \
   --out "$WORK/spike" || log "phase 1 reported a failure (see above); the report keeps what it measured"
+
+if [[ ${BENCH_PROFILE:-0} == 1 ]]; then
+  [[ -n $PERF_PID ]] && { kill -INT "$PERF_PID"; wait "$PERF_PID" 2>/dev/null || true; }
+  PROFILE_OUT="$(dirname "$OUT")/profile.md"
+  {
+    echo "# Profile of the spike (phase 1 of scripts/bench.sh)"
+    echo
+    echo "Generated $(date -u '+%Y-%m-%d %H:%M UTC') by \`BENCH_PROFILE=1 scripts/bench.sh\` at commit $(git rev-parse --short HEAD): limits, queue-spike ($USERS users), seat-fight, sell-out, payments, with the whole stack on this machine."
+    echo
+    echo "## PostgreSQL: statements by total time (pg_stat_statements, the bench database only)"
+    echo
+    echo '| total ms | % | calls | mean ms | rows | statement |'
+    echo '| ---: | ---: | ---: | ---: | ---: | --- |'
+    psql "$BENCH_DB_URL" -qAt -F '|' -c "
+      SELECT round(total_exec_time)::bigint,
+             round((100 * total_exec_time / sum(total_exec_time) OVER ())::numeric, 1),
+             calls, round((total_exec_time / calls)::numeric, 3), rows,
+             left(regexp_replace(query, '\s+', ' ', 'g'), 140)
+      FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+      ORDER BY total_exec_time DESC LIMIT 25" | sed -e 's/^/| /' -e 's/$/ |/' -e 's/|\([^ ]\)/| \1/g'
+    echo
+    echo "## WAL and commits in the bench database"
+    echo
+    psql "$BENCH_DB_URL" -qAt -c "SELECT 'transactions committed: ' || xact_commit || ', rolled back: ' || xact_rollback FROM pg_stat_database WHERE datname = current_database()"
+    if [[ -f "$WORK/api.perf" ]]; then
+      echo
+      echo "## The api: hottest functions (perf, 199 Hz, self time)"
+      echo
+      echo '```'
+      perf report -i "$WORK/api.perf" --stdio --no-children --sort dso,symbol --percent-limit 0.7 2>/dev/null | grep -E '^ +[0-9]' | head -40
+      echo '```'
+    fi
+  } >"$PROFILE_OUT"
+  log "profile written to $PROFILE_OUT"
+  exit 0
+fi
 
 log "phase 2: end to end and expiry after (api --hold-ttl $HOLD_TTL, delay-scheduler + expirer --mode after)"
 stop_pid "$API_PID"

@@ -320,6 +320,9 @@ listen_addresses = '$HOST'
 port = $PG_PORT
 unix_socket_directories = '$sock_dir'
 max_connections = 1000
+# Where the database time goes, per statement (docs/bench/profile.md); its cost is a few percent.
+shared_preload_libraries = 'pg_stat_statements'
+pg_stat_statements.track = top
 # durability stays on
 fsync = on
 synchronous_commit = on

@@ -147,6 +147,9 @@ pub async fn run_api(res: Resources, s: ApiSettings, listener: TcpListener, ops:
         stream_permits: Arc::new(tokio::sync::Semaphore::new(s.streams.max_streams)),
         max_streams_per_user: s.streams.max_streams_per_user,
         shutdown: shutdown.clone(),
+        sessions: Default::default(),
+        group_commit: crate::outbox::GroupCommit::start(res.pool.clone()),
+        opening_times: Default::default(),
     };
     let relay = Relay::new(res.pool.clone(), res.producer.clone(), s.outbox_batch, s.outbox_poll).rebuild_with(res.producer_factory("api"));
     let tasks = vec![

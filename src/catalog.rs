@@ -180,6 +180,30 @@ pub async fn seats(pool: &PgPool, schedule: Uuid) -> Result<Vec<Seat>> {
 }
 
 /// Whether a schedule exists, and when its booking opens.
+/// Booking opening times already read by this process: a schedule's `booking_opens_at` is set
+/// when it is created and never changed (no route changes it), so the queue entry, the busiest
+/// route of a sale, need not read it again for every entrant. Bounded like [`crate::user::Sessions`].
+#[derive(Clone, Default)]
+pub struct OpeningTimes {
+    known: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<Uuid, DateTime<Utc>>>>,
+}
+
+impl OpeningTimes {
+    /// [`schedule_opens_at`], from memory after the first read.
+    pub async fn get(&self, pool: &PgPool, schedule: Uuid) -> Result<DateTime<Utc>> {
+        if let Some(at) = self.known.lock().expect("opening times lock").get(&schedule) {
+            return Ok(*at);
+        }
+        let at = schedule_opens_at(pool, schedule).await?;
+        let mut known = self.known.lock().expect("opening times lock");
+        if known.len() >= 100_000 {
+            known.clear();
+        }
+        known.insert(schedule, at);
+        Ok(at)
+    }
+}
+
 pub async fn schedule_opens_at(pool: &PgPool, schedule: Uuid) -> Result<DateTime<Utc>> {
     let at: Option<DateTime<Utc>> =
         sqlx::query_scalar("SELECT booking_opens_at FROM schedules WHERE id = $1")

@@ -26,7 +26,7 @@ use uuid::Uuid;
 use crate::kafka::{Envelope, EventType, HandleError, Handler, Incoming, Topics};
 use crate::keys::Keys;
 use crate::redis_conn::RedisConn;
-use crate::reservation::{expired_effects, Reservation, ReservationEvent};
+use crate::reservation::{expired_row, Reservation, ReservationEvent};
 
 const COLUMNS: &str = "id, user_id, seat_id, schedule_id, status, price, created_at, expires_at, \
                        expired_at, confirmed_at, cancelled_at";
@@ -125,9 +125,9 @@ async fn commit_expired(
     rows: &[Reservation],
     path: &'static str,
 ) -> Result<(), sqlx::Error> {
-    for r in rows {
-        expired_effects(&mut tx, topics, r).await?;
-    }
+    // One statement for the whole batch's notifications.
+    let effects: Vec<_> = rows.iter().map(|r| expired_row(topics, r)).collect();
+    crate::outbox::enqueue_many(&mut tx, &effects).await?;
     tx.commit().await?;
     if !rows.is_empty() {
         crate::outbox::committed();

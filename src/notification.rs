@@ -100,6 +100,12 @@ pub async fn enqueue(
     crate::outbox::enqueue(tx, &topics.notification_request, &key, &env).await
 }
 
+/// The outbox row of a notification request, for [`crate::outbox::enqueue_many`].
+pub fn outbox_row(topics: &Topics, event_id: Uuid, request: NotificationRequest) -> crate::outbox::Row {
+    let key = request.user_id.to_string();
+    crate::outbox::Row::new(&topics.notification_request, &key, &Envelope::with_id(event_id, EventType::NotificationRequest, request))
+}
+
 /// A stored notification as the user's list and stream show it.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 #[serde(rename_all = "camelCase")]

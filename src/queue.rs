@@ -459,8 +459,7 @@ impl Queue {
         if items.is_empty() {
             return Ok(0);
         }
-        let mut tx = pool.begin().await?;
-        let mut written = 0;
+        let mut rows = Vec::with_capacity(items.len());
         for item in &items {
             let Some(user) = item.split_once(':').and_then(|(u, _)| Uuid::parse_str(u).ok()) else {
                 tracing::warn!(item, "dropping a malformed pending activation");
@@ -471,10 +470,12 @@ impl Queue {
             // between the commit and the removal below yields the same id, which the outbox
             // (and the worker) ignore.
             let id = notification::event_id(Kind::QueueActivated, &format!("{schedule}:{item}"));
-            notification::enqueue(&mut tx, topics, id, req).await?;
-            written += 1;
+            rows.push(notification::outbox_row(topics, id, req));
         }
-        tx.commit().await?;
+        let written = rows.len();
+        // One statement, committed on its own.
+        let mut db = pool.acquire().await?;
+        crate::outbox::enqueue_many(&mut db, &rows).await?;
         crate::outbox::committed();
         // Removed one by one, by value: another drainer (a lease that changed hands) may have
         // removed some already, and a position-based trim could drop entries not yet written.
@@ -626,12 +627,11 @@ impl Queue {
     }
 }
 
-/// Writes `QUEUE_POSITION` for a new entrant.
-pub async fn notify_position(pool: &PgPool, topics: &Topics, schedule: Uuid, user: Uuid, seq: u64, position: u64) -> Result<()> {
-    let mut conn = pool.acquire().await?;
+/// Writes `QUEUE_POSITION` for a new entrant, through the api's group commit; returns once it
+/// is committed.
+pub async fn notify_position(outbox: &crate::outbox::GroupCommit, topics: &Topics, schedule: Uuid, user: Uuid, seq: u64, position: u64) -> Result<()> {
     let req = NotificationRequest::new(Kind::QueuePosition(position), user, json!({"scheduleId": schedule, "position": position}));
     let id = notification::event_id(Kind::QueuePosition(position), &format!("{schedule}:{user}:{seq}"));
-    notification::enqueue(&mut conn, topics, id, req).await?;
-    crate::outbox::committed();
+    outbox.write(notification::outbox_row(topics, id, req)).await?;
     Ok(())
 }

@@ -234,13 +234,19 @@ fn seat_limit_lock(user: Uuid, schedule: Uuid) -> i64 {
 /// `RESERVATION_EXPIRED` notification (its event id is derived from the reservation, so it can
 /// exist only once).
 pub async fn expired_effects(tx: &mut PgConnection, topics: &Topics, r: &Reservation) -> Result<(), sqlx::Error> {
+    crate::outbox::enqueue_many(tx, &[expired_row(topics, r)]).await
+}
+
+/// The outbox row of a hold's `RESERVATION_EXPIRED` notification (its id derived from the hold,
+/// so every path that expires it writes the same event).
+pub fn expired_row(topics: &Topics, r: &Reservation) -> crate::outbox::Row {
     let req = NotificationRequest::new(
         Kind::ReservationExpired,
         r.user_id,
         json!({"reservationId": r.reservation_id, "scheduleId": r.schedule_id, "seatId": r.seat_id}),
     );
     let id = notification::event_id(Kind::ReservationExpired, &r.reservation_id.to_string());
-    notification::enqueue(tx, topics, id, req).await
+    notification::outbox_row(topics, id, req)
 }
 
 /// A reservation of `user` (someone else's is "not found").

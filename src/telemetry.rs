@@ -112,6 +112,7 @@ pub fn describe_metrics(daemon: Daemon, topic_prefix: &str) {
     describe_counter!("outbox_publish_failures_total", "Outbox relay batches in which a publish failed");
     describe_gauge!("outbox_set_aside", "Outbox events set aside because Kafka refused them for good (message too large, unknown topic)");
     describe_counter!("outbox_set_aside_total", "Outbox events set aside because Kafka refused them for good");
+    describe_histogram!("outbox_group_commit_rows", "Outbox rows written by one group commit (new entrants' QUEUE_POSITION)");
     describe_counter!("outbox_producer_rebuilds_total", "Outbox producers replaced after a fatal error of the idempotent producer");
     // Delay scheduler.
     describe_gauge!("scheduler_due_size", "Holds waiting in the scheduler's Redis set for their expiry, by shard");
@@ -184,6 +185,12 @@ pub fn describe_metrics(daemon: Daemon, topic_prefix: &str) {
             zero("outbox_set_aside_total");
             zero("outbox_producer_rebuilds_total");
             metrics::counter!("expiry_transitions_total", "path" => "hold_takeover").increment(0);
+            for start in ["snapshot", "resume"] {
+                metrics::counter!("seat_map_streams_opened_total", "start" => start).increment(0);
+            }
+            zero("seat_map_resets_total");
+            zero("seat_map_lagged_total");
+            metrics::gauge!("seat_map_channels").set(0.0);
         }
         Daemon::DelayScheduler => {
             for name in [

@@ -49,6 +49,45 @@ pub async fn create(pool: &PgPool, name: &str) -> Result<NewUser> {
     Ok(NewUser { user_id, token })
 }
 
+/// Tokens this process has already resolved (issue 11: the lookup was one PostgreSQL round trip
+/// on every authenticated request, the most frequent statement of the spike). A token never
+/// changes owner and no user is ever deleted, so a resolved token stays right for the process's
+/// life; unknown tokens are never remembered. Bounded: past [`SESSIONS_CAP`] it starts over.
+#[derive(Clone, Default)]
+pub struct Sessions {
+    known: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<[u8; 32], Uuid>>>,
+}
+
+/// Most tokens one api process remembers (about 100 bytes each).
+pub const SESSIONS_CAP: usize = 500_000;
+
+impl Sessions {
+    /// [`authenticate`], answered from memory when this process has seen the token before.
+    pub async fn authenticate(&self, pool: &PgPool, authorization: Option<&str>) -> Result<Uuid> {
+        let token = bearer(authorization).ok_or(Error::Unauthorized)?;
+        let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Some(id) = self.known.lock().expect("sessions lock").get(&hash) {
+            return Ok(*id);
+        }
+        let id = authenticate(pool, authorization).await?;
+        self.remember(hash, id);
+        Ok(id)
+    }
+
+    /// Remembers the token of a user just created.
+    pub fn remember_token(&self, token: &str, user: Uuid) {
+        self.remember(Sha256::digest(token.as_bytes()).into(), user);
+    }
+
+    fn remember(&self, hash: [u8; 32], user: Uuid) {
+        let mut known = self.known.lock().expect("sessions lock");
+        if known.len() >= SESSIONS_CAP {
+            known.clear();
+        }
+        known.insert(hash, user);
+    }
+}
+
 /// Resolves `Authorization: Bearer <token>` to a user id.
 pub async fn authenticate(pool: &PgPool, authorization: Option<&str>) -> Result<Uuid> {
     let token = bearer(authorization).ok_or(Error::Unauthorized)?;

@@ -422,3 +422,47 @@ async fn outbox_stuck_lists_set_aside_rows_and_retry_puts_one_back_in_line_once(
     let again = ctl(&flags, &["--yes", "outbox", "retry", &id.to_string()]).await;
     assert!(!again.ok && again.stderr.contains("not set aside"), "{}", again.stderr);
 }
+
+/// Issue 16 with issue 12: `bookingctl queue` steers a live sale through the api's admin routes.
+/// A paused queue admits nobody; resuming admits the waiting; `set` changes the batch; every
+/// change is in the audit log with its before and after; a change without a token, or with
+/// nothing to change, is refused and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_pause_set_and_resume_steer_admission_and_are_audited() {
+    let env = TestEnv::new().await;
+    let api = env.api(Duration::from_secs(3600), QueueSettings::default()).await;
+    let (schedule, _) = api.concert(2, 10).await;
+    let mut flags = world(&env);
+    flags.extend(["--api-url".to_string(), api.base.clone()]);
+    let mut admin = flags.clone();
+    admin.extend(["--admin-token".to_string(), common::ADMIN.to_string()]);
+
+    let refused = ctl(&flags, &["queue", "pause", &schedule, "--yes"]).await;
+    assert!(!refused.ok && refused.stderr.contains("--admin-token"), "{}", refused.stderr);
+    let nothing = ctl(&admin, &["queue", "set", &schedule, "--yes"]).await;
+    assert!(!nothing.ok && nothing.stderr.contains("nothing to change"), "{}", nothing.stderr);
+
+    let paused = ctl(&admin, &["queue", "pause", &schedule, "--yes", "--json"]).await.json();
+    assert_eq!(paused["paused"], true, "{paused}");
+    let alice = api.user("alice").await;
+    let entered = api.enter_queue(&alice, &schedule).await;
+    let token = entered["queueToken"].as_str().unwrap().to_string();
+    // Several ticks (100 ms each) pass: nobody is admitted while paused.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(api.queue_status(&alice, &token).await["status"], "WAITING");
+    let shown = ctl(&admin, &["queue", "show", &schedule, "--json"]).await.json();
+    assert_eq!((shown["paused"].clone(), shown["waiting"].clone()), (Value::Bool(true), Value::from(1)), "{shown}");
+
+    let set = ctl(&admin, &["queue", "set", &schedule, "--batch", "5", "--yes", "--json"]).await.json();
+    assert_eq!(set["batch"], 5, "{set}");
+    let resumed = ctl(&admin, &["queue", "resume", &schedule, "--yes", "--json"]).await.json();
+    assert_eq!(resumed["paused"], false, "{resumed}");
+    eventually(Duration::from_secs(10), || async { api.queue_status(&alice, &token).await["status"] == "ACTIVE" }).await;
+
+    let audit: Vec<(String, Value)> = sqlx::query_as("SELECT command, detail FROM ops_audit ORDER BY id").fetch_all(&env.pool).await.unwrap();
+    assert_eq!(audit.len(), 3, "pause, set, resume: {audit:?}");
+    assert!(audit.iter().all(|(c, d)| c == "queue" && d["scheduleId"] == schedule.as_str()), "{audit:?}");
+    assert_eq!(audit[1].1["change"]["batch"], 5);
+    assert_eq!(audit[1].1["before"]["batch"], 1000, "the flag's batch before the change");
+    api.stop().await;
+}

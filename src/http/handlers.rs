@@ -28,7 +28,7 @@ fn path_id(raw: &str, what: &'static str) -> Result<Uuid> {
 }
 
 async fn authed(api: &Api, auth: &Option<String>) -> Result<Uuid> {
-    user::authenticate(&api.pool, auth.as_deref()).await
+    api.sessions.authenticate(&api.pool, auth.as_deref()).await
 }
 
 /// Query parameter `name` of a raw query string.
@@ -45,6 +45,7 @@ struct NewUserBody {
 pub async fn create_user(api: Api, body: Body) -> Result<Response> {
     let b: NewUserBody = parse(&body?)?;
     let u = user::create(&api.pool, &b.name).await?;
+    api.sessions.remember_token(&u.token, u.user_id);
     Ok(json_reply(StatusCode::CREATED, &u))
 }
 
@@ -114,11 +115,11 @@ struct EnterBody {
 pub async fn enter_queue(api: Api, auth: Option<String>, body: Body) -> Result<Response> {
     let user = authed(&api, &auth).await?;
     let b: EnterBody = parse(&body?)?;
-    let opens_at = catalog::schedule_opens_at(&api.pool, b.schedule_id).await?;
+    let opens_at = api.opening_times.get(&api.pool, b.schedule_id).await?;
     let (token, place, new_entry) = api.queue.enter(b.schedule_id, opens_at, user).await?;
     // An early arrival has no position until the draw at opening, so nothing to announce yet.
     if let (Some(seq), Some(position)) = (new_entry, place.position) {
-        queue::notify_position(&api.pool, &api.topics, b.schedule_id, user, seq, position).await?;
+        queue::notify_position(&api.group_commit, &api.topics, b.schedule_id, user, seq, position).await?;
         metrics::counter!("queue_entries_total").increment(1);
     }
     let mut v = serde_json::to_value(&place).expect("place serializes");

@@ -51,6 +51,12 @@ pub struct Api {
     pub max_streams_per_user: usize,
     /// Ends open notification streams so a graceful shutdown does not wait on them.
     pub shutdown: CancellationToken,
+    /// Group commit of the outbox rows written outside a transaction of their own.
+    pub group_commit: crate::outbox::GroupCommit,
+    /// Tokens already resolved by this process.
+    pub sessions: crate::user::Sessions,
+    /// Schedules' booking opening times already read by this process.
+    pub opening_times: crate::catalog::OpeningTimes,
 }
 
 /// Serves the API on `listener` until `shutdown`; in-flight requests finish first.
