@@ -62,8 +62,9 @@ struct Cli {
     #[arg(long, env = "RANKING_RECONCILE_INTERVAL", default_value = "10s", value_parser = duration)]
     ranking_reconcile_interval: Duration,
 
-    /// How far back each reconcile looks (a partial loss drops the last seconds of increments).
-    #[arg(long, env = "RANKING_RECONCILE_WINDOW", default_value = "15m", value_parser = duration)]
+    /// How far back each reconcile looks (a partial loss drops the last seconds of increments;
+    /// every payment of the window is applied again, in pipelines of 500, every interval).
+    #[arg(long, env = "RANKING_RECONCILE_WINDOW", default_value = "5m", value_parser = duration)]
     ranking_reconcile_window: Duration,
 
     /// How long the ranking remembers the payments and refunds it applied. Keep it longer than

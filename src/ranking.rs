@@ -77,7 +77,7 @@ pub struct Retention {
 
 impl Default for Retention {
     fn default() -> Self {
-        Retention { remember: Duration::from_secs(8 * 24 * 3600), window: Duration::from_secs(15 * 60) }
+        Retention { remember: Duration::from_secs(8 * 24 * 3600), window: Duration::from_secs(5 * 60) }
     }
 }
 
@@ -189,9 +189,19 @@ async fn reapply(redis: &RedisConn, keys: &Keys, pool: &PgPool, retention: &Rete
     .bind(to)
     .fetch_all(pool)
     .await?;
+    let horizon = retention.horizon(Utc::now()).timestamp_millis();
     let mut changed = 0;
-    for (payment, schedule, paid_at, refunded_at) in refunds {
-        changed += unrecord(redis, keys, retention, payment, schedule, refunded_at, Some(paid_at)).await? as usize;
+    // Pipelined, 500 scripts per round trip (every key is in the `{ranking}` slot, so a cluster
+    // sends each pipeline to one node). EVAL with the script's text: Redis caches it by its
+    // hash after the first call, and a pipeline cannot answer NOSCRIPT by loading it.
+    for chunk in refunds.chunks(500) {
+        let mut pipe = redis::pipe();
+        for (payment, schedule, paid_at, refunded_at) in chunk {
+            pipe.cmd("EVAL").arg(UNCOUNT_ONCE).arg(3).arg(count_once_keys(keys))
+                .arg(payment.to_string()).arg(schedule.to_string()).arg(refunded_at.timestamp_millis()).arg(paid_at.timestamp_millis()).arg(horizon);
+        }
+        let done: Vec<i64> = pipe.query_async(&mut redis.clone()).await?;
+        changed += done.iter().filter(|d| **d == 1).count();
     }
     let payments: Vec<(Uuid, Uuid, DateTime<Utc>)> = sqlx::query_as(
         "SELECT p.id, r.schedule_id, p.paid_at FROM payments p JOIN reservations r ON r.id = p.reservation_id
@@ -201,8 +211,14 @@ async fn reapply(redis: &RedisConn, keys: &Keys, pool: &PgPool, retention: &Rete
     .bind(to)
     .fetch_all(pool)
     .await?;
-    for (payment, schedule, paid_at) in payments {
-        changed += record(redis, keys, payment, schedule, paid_at).await? as usize;
+    for chunk in payments.chunks(500) {
+        let mut pipe = redis::pipe();
+        for (payment, schedule, paid_at) in chunk {
+            pipe.cmd("EVAL").arg(COUNT_ONCE).arg(3).arg(count_once_keys(keys))
+                .arg(payment.to_string()).arg(schedule.to_string()).arg(paid_at.timestamp_millis());
+        }
+        let done: Vec<i64> = pipe.query_async(&mut redis.clone()).await?;
+        changed += done.iter().filter(|d| **d == 1).count();
     }
     Ok(changed)
 }
