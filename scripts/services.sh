@@ -1305,8 +1305,24 @@ usage() {
     sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'
 }
 
+# Every port above sits in Linux's ephemeral range (32768-60999): an outgoing connection may take
+# one as its local port while a service is down (a fault test's stop/start), and the restart then
+# fails with "Address already in use" (seen: kafka-1 of the cluster topology). Reserving them keeps
+# the kernel from handing them out. Best effort: only root may, and a container may forbid it.
+reserve_ports() {
+    local f=/proc/sys/net/ipv4/ip_local_reserved_ports p ports=()
+    [[ -w $f ]] || return 0
+    ports=("$PG_PORT" "$REDIS_PORT" "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT" "${CK_PORTS[@]}" "${CK_CTRL_PORTS[@]}")
+    for p in "${CR_PORTS[@]}"; do ports+=("$p" "$((p - 10000))"); done
+    local current joined
+    current=$(<"$f")
+    joined=$(IFS=,; echo "${ports[*]}")
+    echo "${current:+$current,}$joined" >"$f" 2>/dev/null || true
+}
+
 main() {
     local cmd=${1:-}
+    [[ $cmd == up || $cmd == start-* || $cmd == restart* ]] && reserve_ports
     if [[ $TOPOLOGY == cluster ]]; then
         cluster_main "$@"
         return
