@@ -168,8 +168,8 @@ async fn end_to_end_and_expiry_before_and_after_at_a_small_size() {
     assert!(ee.expiry_lateness.min_ms >= 0.0, "{ee:?}");
     assert_eq!(ee.duplicates, 0);
 
-    // In-process daemons share one metrics recorder, which the api's /metrics serves too.
-    let metrics = Some(format!("{}/metrics", api.base));
+    // In-process daemons share one metrics recorder, which the api's operations address serves.
+    let metrics = api.metrics_url.clone();
     let cfg = |label: &str| expiry::Config {
         label: label.into(),
         holds: 24,
