@@ -180,26 +180,33 @@ pub async fn seats(pool: &PgPool, schedule: Uuid) -> Result<Vec<Seat>> {
 }
 
 /// Whether a schedule exists, and when its booking opens.
-/// Booking opening times already read by this process: a schedule's `booking_opens_at` is set
-/// when it is created and never changed (no route changes it), so the queue entry, the busiest
-/// route of a sale, need not read it again for every entrant. Bounded like [`crate::user::Sessions`].
+/// Booking opening times recently read by this process: the queue entry, the busiest route of a
+/// sale, reads a schedule's `booking_opens_at` for every entrant. No route changes it, but an
+/// operator may move an opening in the database during an incident, so a read is trusted for
+/// [`OPENING_TIME_TTL`] only: one query per schedule per second per process instead of one per
+/// entrant, and a moved opening reaches every replica within that second.
 #[derive(Clone, Default)]
 pub struct OpeningTimes {
-    known: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<Uuid, DateTime<Utc>>>>,
+    known: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<Uuid, (DateTime<Utc>, std::time::Instant)>>>,
 }
 
+/// How long a read opening time is trusted.
+pub const OPENING_TIME_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl OpeningTimes {
-    /// [`schedule_opens_at`], from memory after the first read.
+    /// [`schedule_opens_at`], from memory when read less than [`OPENING_TIME_TTL`] ago.
     pub async fn get(&self, pool: &PgPool, schedule: Uuid) -> Result<DateTime<Utc>> {
-        if let Some(at) = self.known.lock().expect("opening times lock").get(&schedule) {
-            return Ok(*at);
+        if let Some((at, read)) = self.known.lock().expect("opening times lock").get(&schedule) {
+            if read.elapsed() < OPENING_TIME_TTL {
+                return Ok(*at);
+            }
         }
         let at = schedule_opens_at(pool, schedule).await?;
         let mut known = self.known.lock().expect("opening times lock");
         if known.len() >= 100_000 {
             known.clear();
         }
-        known.insert(schedule, at);
+        known.insert(schedule, (at, std::time::Instant::now()));
         Ok(at)
     }
 }

@@ -365,6 +365,8 @@ async fn a_thousand_early_arrivals_are_shuffled_once_the_same_on_every_replica_a
     // Booking opens now (the operator moved the opening; each entry copies it to Redis).
     sqlx::query("UPDATE schedules SET booking_opens_at = now() - interval '1 second' WHERE id = $1::uuid")
         .bind(&schedule).execute(&env.pool).await.unwrap();
+    // Each api trusts an opening time it read for a second (`catalog::OpeningTimes`).
+    tokio::time::sleep(booking::catalog::OPENING_TIME_TTL).await;
     let mut late = Vec::new();
     for i in 0..20 {
         let u = api2.user(&format!("late{i}")).await;
