@@ -269,7 +269,11 @@ async fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
     let env = TestEnv::new().await;
     let api = env.api(TTL, QueueSettings::default()).await;
     let u = api.user("careful").await;
-    let h = &api.http;
+    // A fresh connection per request: the server may close a connection after refusing a
+    // request whose body it did not read, and a pooled client would then send the next request
+    // on a closed connection (hyper's IncompleteMessage), which is not what this test checks.
+    let fresh = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    let h = &fresh;
     let charge = api.url("/v1/users/me/points/charges");
     let send = |b: reqwest::RequestBuilder| async move {
         let r = b.send().await.unwrap();
