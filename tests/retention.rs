@@ -94,9 +94,11 @@ async fn an_idle_queue_leaves_the_admission_walk_and_comes_back_with_its_next_en
     assert_eq!(listed().await, vec![schedule.to_string()], "someone is active: still walked");
 
     // The active place lapses (idle, no hold): nobody is left, so the queue leaves the walk.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    q.tick(&env.pool, env.topics()).await.unwrap();
-    assert!(listed().await.is_empty(), "an idle queue is no longer walked");
+    common::eventually(Duration::from_secs(10), || async {
+        q.tick(&env.pool, env.topics()).await.unwrap();
+        listed().await.is_empty()
+    })
+    .await;
     let a = q.admission(schedule).await.unwrap();
     assert_eq!((a.waiting, a.active), (0, 0));
 
