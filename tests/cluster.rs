@@ -211,11 +211,19 @@ async fn the_cluster_topology_survives_a_broker_a_redis_master_and_one_of_each_d
     let bases: Vec<String> = api_ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
     let clients = [Arc::new(Client::new(bases.clone())), Arc::new(Client::new(bases.iter().rev().cloned().collect()))];
     let admin = &clients[0];
-    // Enough seats that the sale does not sell out before the last fault.
-    let body = json!({"title": "Cluster night", "schedules": (0..24).map(|_| json!({"startsAt": "2030-01-01T19:00:00Z", "bookingOpensAt": "2020-01-01T00:00:00Z", "seatCount": 60, "price": 1000})).collect::<Vec<_>>()});
-    let (st, created) = admin.send(|h, b| h.post(format!("{b}/v1/admin/concerts")).bearer_auth("adm").json(&body)).await.unwrap();
-    assert_eq!(st, 201, "{created}");
-    let schedules: Arc<Vec<String>> = Arc::new(created["schedules"].as_array().unwrap().iter().map(|s| s["scheduleId"].as_str().unwrap().to_string()).collect());
+    // A fresh sale for every phase: a phase lasts as long as its fault takes to heal (a broker
+    // restarted on a busy machine may take a minute), and the load must never find the next
+    // phase sold out. 16 × 100 seats outlast the longest phase seen (about 16 sold a second), and
+    // six phases of 16 schedules stay within the 100 the ranking check can read back.
+    let new_sale = |phase: &'static str| {
+        let admin = admin.clone();
+        async move {
+            let body = json!({"title": format!("Cluster night: {phase}"), "schedules": (0..16).map(|_| json!({"startsAt": "2030-01-01T19:00:00Z", "bookingOpensAt": "2020-01-01T00:00:00Z", "seatCount": 100, "price": 1000})).collect::<Vec<_>>()});
+            let (st, created) = admin.send_until_reached(|h, b| h.post(format!("{b}/v1/admin/concerts")).bearer_auth("adm").json(&body)).await;
+            assert_eq!(st, 201, "{created}");
+            Arc::new(created["schedules"].as_array().unwrap().iter().map(|s| s["scheduleId"].as_str().unwrap().to_string()).collect::<Vec<_>>())
+        }
+    };
     let new_customer = |i: usize| {
         let c = clients[i % 2].clone();
         async move {
@@ -265,7 +273,7 @@ async fn the_cluster_topology_survives_a_broker_a_redis_master_and_one_of_each_d
 
     // 0. No fault: the baseline.
     let from = Utc::now();
-    let load = Load::start(&customers, &schedules, &ops);
+    let load = Load::start(&customers, &new_sale("no fault").await, &ops);
     lap(6).await;
     load.stop().await;
     phases.push(Phase { name: "no fault".into(), from, to: Utc::now(), recovered: None, note: String::new(), killed_shards: None });
@@ -276,7 +284,7 @@ async fn the_cluster_topology_survives_a_broker_a_redis_master_and_one_of_each_d
     let b2 = brokers.clone();
     let leader = tokio::task::spawn_blocking(move || leader_of(&b2, &topic)).await.unwrap();
     let from = Utc::now();
-    let load = Load::start(&customers, &schedules, &ops);
+    let load = Load::start(&customers, &new_sale("broker").await, &ops);
     lap(3).await;
     let killed_at = Instant::now();
     services_async(vec!["kill-kafka".into(), leader.to_string()]).await;
@@ -294,7 +302,7 @@ async fn the_cluster_topology_survives_a_broker_a_redis_master_and_one_of_each_d
     let slot = booking::keys::slot(&env.keys().sched_due(0));
     let master = master_of(&redis_ports, slot).expect("a master serves the shard's slot");
     let from = Utc::now();
-    let load = Load::start(&customers, &schedules, &ops);
+    let load = Load::start(&customers, &new_sale("redis master").await, &ops);
     lap(3).await;
     let killed_at = Instant::now();
     services_async(vec!["kill-redis".into(), master.to_string()]).await;
@@ -346,6 +354,7 @@ async fn the_cluster_topology_survives_a_broker_a_redis_master_and_one_of_each_d
             None => None,
         };
         let survivor_log = daemons[b].log_len();
+        let schedules = new_sale(role).await;
         let from = Utc::now();
         let load = Load::start(&customers, &schedules, &ops);
         lap(3).await;
