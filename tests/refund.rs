@@ -6,21 +6,12 @@ mod common;
 
 use std::time::Duration;
 
-use booking::app::{self, WorkerSettings};
-use booking::export::Sink;
-use booking::worker::Channel;
+use common::inproc::{self, export_path, Task};
 use common::{QueueSettings, TestApi, TestEnv, User, ADMIN};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-
-type Task = (CancellationToken, tokio::task::JoinHandle<()>);
-
-fn export_path(env: &TestEnv) -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("export-{}.jsonl", env.prefix))
-}
 
 fn export_lines(env: &TestEnv) -> Vec<Value> {
     std::fs::read_to_string(export_path(env))
@@ -29,28 +20,11 @@ fn export_lines(env: &TestEnv) -> Vec<Value> {
 }
 
 async fn worker(env: &TestEnv, group_prefix: &str) -> Task {
-    let t = CancellationToken::new();
-    let settings = WorkerSettings {
-        channel: Channel::Log,
-        sink: Sink::File(export_path(env)),
-        delivery_poll: Duration::from_millis(200),
-        delivery_batch: 100,
-        delivery_max_backoff: Duration::from_millis(500),
-        ranking_reconcile: Duration::from_secs(1),
-        ranking_retention: Default::default(),
-        retention: Default::default(),
-    };
-    let (res, gp, sd) = (env.res.clone(), group_prefix.to_string(), t.clone());
-    let ops = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let h = tokio::spawn(async move {
-        app::run_worker(res, settings, &gp, ops, booking::telemetry::install_metrics(), sd).await.unwrap();
-    });
-    (t, h)
+    inproc::worker(env, group_prefix, inproc::worker_settings(env)).await
 }
 
-async fn stop((t, h): Task) {
-    t.cancel();
-    let _ = h.await;
+async fn stop(task: Task) {
+    inproc::stop(vec![task]).await;
 }
 
 async fn refund(api: &TestApi, u: &User, key: Option<&str>, reservation: &str) -> reqwest::Response {

@@ -7,12 +7,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use booking::app::{self, ExpirerMode, ExpirerSettings};
+use booking::app::ExpirerSettings;
+use common::inproc::{self, stop, Task};
 use common::{QueueSettings, TestApi, TestEnv, User};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
-
-type Task = (CancellationToken, tokio::task::JoinHandle<()>);
 
 /// One Server-Sent Event as received.
 #[derive(Debug, Clone)]
@@ -155,35 +154,13 @@ async fn pg_state(env: &TestEnv, schedule: &str) -> HashMap<String, String> {
     rows.into_iter().collect()
 }
 
-async fn expirer(env: &TestEnv, group: &str) -> Task {
-    let t = CancellationToken::new();
-    let (res, g, sd) = (env.res.clone(), group.to_string(), t.clone());
-    let ops = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let s = ExpirerSettings {
-        mode: ExpirerMode::After,
-        sweep_interval: Duration::from_millis(300),
-        sweep_grace: Duration::from_millis(500),
-        sweep_batch: 100,
-        legacy_interval: Duration::from_secs(10),
-        outbox_batch: 100,
-        outbox_poll: Duration::from_millis(200),
-    };
-    (t, tokio::spawn(async move { app::run_expirer(res, s, &g, ops, booking::telemetry::install_metrics(), sd).await.unwrap() }))
+async fn expirer(env: &TestEnv) -> Task {
+    let s = ExpirerSettings { sweep_interval: Duration::from_millis(300), sweep_grace: Duration::from_millis(500), ..inproc::expirer_settings() };
+    inproc::expirer(env, s).await
 }
 
 async fn scheduler(env: &TestEnv) -> Task {
-    let t = CancellationToken::new();
-    let (res, g, sd) = (env.res.clone(), format!("{}sched", env.prefix), t.clone());
-    let ops = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let cfg = booking::scheduler::SchedulerConfig { batch_size: 100, lease: Duration::from_secs(5), poll_interval: Duration::from_millis(200), rearm_interval: Duration::from_secs(3600) };
-    (t, tokio::spawn(async move { app::run_scheduler(res, cfg, &g, ops, booking::telemetry::install_metrics(), sd).await.unwrap() }))
-}
-
-async fn stop(tasks: Vec<Task>) {
-    for (t, h) in tasks {
-        t.cancel();
-        let _ = h.await;
-    }
+    inproc::scheduler(env, inproc::scheduler_config()).await
 }
 
 fn seat_events_of<'a>(events: &'a [Sse], seat: &str) -> Vec<&'a str> {
@@ -194,7 +171,7 @@ fn seat_events_of<'a>(events: &'a [Sse], seat: &str) -> Vec<&'a str> {
 async fn two_watchers_see_every_change_of_a_seat_in_order_even_across_a_reconnect() {
     let env = TestEnv::new().await;
     let api = env.api(Duration::from_secs(2), QueueSettings::default()).await;
-    let mut tasks = vec![scheduler(&env).await, expirer(&env, &format!("{}exp", env.prefix)).await];
+    let mut tasks = vec![scheduler(&env).await, expirer(&env).await];
     let (schedule, seats) = api.concert(3, 10).await;
     let seat = seats[1].clone();
     let path = format!("/v1/schedules/{schedule}/seats/stream");
@@ -463,8 +440,7 @@ async fn with_two_apis_and_two_expirers_each_watcher_ends_in_postgresqls_state_w
     let ttl = Duration::from_millis(1200);
     let api1 = Arc::new(env.api(ttl, QueueSettings::default()).await);
     let api2 = Arc::new(env.api(ttl, QueueSettings::default()).await);
-    let group = format!("{}exp", env.prefix);
-    let mut tasks = vec![scheduler(&env).await, expirer(&env, &group).await, expirer(&env, &group).await];
+    let mut tasks = vec![scheduler(&env).await, expirer(&env).await, expirer(&env).await];
     let (schedule, seats) = api1.concert(50, 1).await;
     let path = format!("/v1/schedules/{schedule}/seats/stream");
     let steady = Watcher::start(vec![api1.base.clone()], path.clone(), None, None).await;
@@ -536,4 +512,99 @@ async fn with_two_apis_and_two_expirers_each_watcher_ends_in_postgresqls_state_w
             a.stop().await;
         }
     }
+}
+
+/// Issue 17: two workers share the `notification.request` group and store one user's
+/// notifications while the group rebalances twice (the second worker joins, then the first
+/// leaves, so the user's partition changes hands), and other writers insert notifications for
+/// the same user in transactions held open on purpose. A steady stream and a stream that hops
+/// between two apis with `Last-Event-ID` each receive every notification exactly once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_workers_across_a_forced_rebalance_give_a_hopping_stream_each_notification_once() {
+    use booking::kafka::{Envelope, EventType};
+    use booking::notification::NotificationRequest;
+    use rdkafka::producer::FutureRecord;
+
+    const VIA_KAFKA: usize = 600;
+    let env = TestEnv::new().await;
+    let api1 = env.api(Duration::from_secs(60), QueueSettings::default()).await;
+    let api2 = env.api(Duration::from_secs(60), QueueSettings::default()).await;
+    let u = api1.user("fan").await;
+    let user: uuid::Uuid = u.id.parse().unwrap();
+    let path = "/v1/users/me/notifications/stream".to_string();
+    let steady = Watcher::start(vec![api2.base.clone()], path.clone(), Some(u.token.clone()), None).await;
+    let hopper = Watcher::start(vec![api1.base.clone(), api2.base.clone()], path.clone(), Some(u.token.clone()), Some(40)).await;
+
+    let group = format!("{}w-", env.prefix);
+    let first = inproc::worker(&env, &group, inproc::worker_settings(&env)).await;
+    let stop_writers = CancellationToken::new();
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            let (pool, uid, stop) = (env.pool.clone(), u.id.clone(), stop_writers.clone());
+            tokio::spawn(async move {
+                let mut n = 0usize;
+                while !stop.is_cancelled() {
+                    slow_notification(pool.clone(), uid.clone(), Duration::from_millis(250)).await;
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let topic = env.topics().notification_request.clone();
+    let stored = || async { sqlx::query_scalar::<_, i64>("SELECT count(*) FROM notifications WHERE user_id = $1").bind(user).fetch_one(&env.pool).await.unwrap() };
+    let mut second = None;
+    let mut stored_when_first_left = None;
+    let mut first = Some(first);
+    for i in 0..VIA_KAFKA {
+        let note = Envelope::new(EventType::NotificationRequest, NotificationRequest { user_id: user, kind: "QUEUE_POSITION".into(), title: "대기 순번".into(), message: format!("kafka {i}"), data: serde_json::json!({"i": i}) });
+        let body = serde_json::to_string(&note).unwrap();
+        env.res.producer.send(FutureRecord::to(&topic).key(&u.id).payload(&body), Duration::from_secs(10)).await.unwrap();
+        if i == VIA_KAFKA / 3 {
+            // Rebalance 1: a second member joins the group.
+            second = Some(inproc::worker(&env, &group, inproc::worker_settings(&env)).await);
+        }
+        if i == 2 * VIA_KAFKA / 3 {
+            // Rebalance 2: the first member leaves; every partition is now the second's.
+            inproc::stop(vec![first.take().unwrap()]).await;
+            stored_when_first_left = Some(stored().await);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop_writers.cancel();
+    let mut direct = 0;
+    for s in slow {
+        direct += s.await.unwrap();
+    }
+    assert!(direct > 0, "other writers inserted notifications");
+    let want = (VIA_KAFKA + direct) as i64;
+    common::eventually(Duration::from_secs(60), || async { stored().await == want }).await;
+    assert!(stored_when_first_left.unwrap() < want, "the second worker stored notifications after the first left");
+
+    let ids: std::collections::BTreeSet<String> = sqlx::query_scalar("SELECT id::text FROM notifications WHERE user_id = $1").bind(user).fetch_all(&env.pool).await.unwrap().into_iter().collect();
+    for (name, w) in [("steady", &steady), ("hopper", &hopper)] {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while w.count() < ids.len() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // A repeat would show up as an extra event: wait a moment for one.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let events = w.events();
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        for e in &events {
+            *seen.entry(e.data["notificationId"].as_str().unwrap_or_default().to_string()).or_default() += 1;
+        }
+        let missing: Vec<_> = ids.iter().filter(|id| !seen.contains_key(*id)).collect();
+        let repeated: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(missing.is_empty() && repeated.is_empty(), "{name}: {} of {} notifications missing {missing:?}, repeated {repeated:?} ({} events)", missing.len(), ids.len(), events.len());
+        let cursors: Vec<i64> = events.iter().map(|e| e.id.parse().unwrap()).collect();
+        assert!(cursors.windows(2).all(|p| p[0] < p[1]), "{name}: event ids strictly increasing");
+    }
+    assert!(*hopper.reconnects.lock().unwrap() >= 10, "the hopper moved between the apis");
+    eprintln!("{VIA_KAFKA} via Kafka, {direct} direct, hopper reconnected {} times", hopper.reconnects.lock().unwrap());
+    steady.task.abort();
+    hopper.task.abort();
+    inproc::stop(second.into_iter().collect()).await;
+    api1.stop().await;
+    api2.stop().await;
 }

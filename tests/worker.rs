@@ -7,62 +7,23 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use booking::app::{self, ExpirerMode, ExpirerSettings, WorkerSettings};
-use booking::export::Sink;
+use booking::app::WorkerSettings;
 use booking::worker::Channel;
+use common::inproc::{self, export_path, stop, Task};
 use common::{QueueSettings, TestApi, TestEnv, User};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
-use tokio_util::sync::CancellationToken;
 use warp::Filter;
 
-type Task = (CancellationToken, tokio::task::JoinHandle<()>);
-
-fn export_path(env: &TestEnv) -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("export-{}.jsonl", env.prefix))
-}
-
 async fn worker(env: &TestEnv, group_prefix: &str, channel: Channel) -> Task {
-    let t = CancellationToken::new();
-    let settings = WorkerSettings {
-        channel,
-        sink: Sink::File(export_path(env)),
-        delivery_poll: Duration::from_millis(200),
-        delivery_batch: 100,
-        delivery_max_backoff: Duration::from_millis(500),
-        ranking_reconcile: Duration::from_secs(1),
-        ranking_retention: Default::default(),
-        retention: Default::default(),
-    };
-    let (res, gp, sd) = (env.res.clone(), group_prefix.to_string(), t.clone());
-    let ops = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let h = tokio::spawn(async move {
-        app::run_worker(res, settings, &gp, ops, booking::telemetry::install_metrics(), sd).await.unwrap();
-    });
-    (t, h)
+    inproc::worker(env, group_prefix, WorkerSettings { channel, ..inproc::worker_settings(env) }).await
 }
 
+/// The delay scheduler and the expirer: holds expire on their own.
 async fn pipeline(env: &TestEnv) -> Vec<Task> {
-    let mut tasks = Vec::new();
-    let t = CancellationToken::new();
-    let (res, g, sd) = (env.res.clone(), format!("{}sched", env.prefix), t.clone());
-    let ops = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let cfg = booking::scheduler::SchedulerConfig { batch_size: 100, lease: Duration::from_secs(5), poll_interval: Duration::from_secs(1), rearm_interval: Duration::from_secs(3600) };
-    tasks.push((t, tokio::spawn(async move { app::run_scheduler(res, cfg, &g, ops, booking::telemetry::install_metrics(), sd).await.unwrap() })));
-    let t = CancellationToken::new();
-    let (res, g, sd) = (env.res.clone(), format!("{}exp", env.prefix), t.clone());
-    let ops = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let s = ExpirerSettings { mode: ExpirerMode::After, sweep_interval: Duration::from_secs(3600), sweep_grace: Duration::from_secs(3600), sweep_batch: 100, legacy_interval: Duration::from_secs(10), outbox_batch: 100, outbox_poll: Duration::from_millis(200) };
-    tasks.push((t, tokio::spawn(async move { app::run_expirer(res, s, &g, ops, booking::telemetry::install_metrics(), sd).await.unwrap() })));
-    tasks
-}
-
-async fn stop(tasks: Vec<Task>) {
-    for (t, h) in tasks {
-        t.cancel();
-        let _ = h.await;
-    }
+    let cfg = booking::scheduler::SchedulerConfig { poll_interval: Duration::from_secs(1), ..inproc::scheduler_config() };
+    vec![inproc::scheduler(env, cfg).await, inproc::expirer(env, inproc::expirer_settings()).await]
 }
 
 async fn list(api: &TestApi, u: &User) -> Vec<Value> {

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod inproc;
 pub mod load;
 pub mod services;
 
