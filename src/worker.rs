@@ -307,11 +307,14 @@ impl Deliverer {
         let claimed_at = std::time::Instant::now();
         let mut rows: Vec<(Claimed, chrono::DateTime<chrono::Utc>)> = sqlx::query_as::<_, (i64, Uuid, Uuid, String, String, String, Value, chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)>(
             "WITH due AS (
-                 SELECT id FROM notifications WHERE delivery = 'PENDING' AND next_attempt_at <= now()
-                 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
-             UPDATE notifications n SET next_attempt_at = now() + make_interval(secs => $2)
-             FROM due WHERE n.id = due.id
-             RETURNING n.id, n.event_id, n.user_id, n.type, n.title, n.message, n.data, n.created_at, n.next_attempt_at",
+                 SELECT notification_id FROM notification_deliveries WHERE status = 'PENDING' AND next_attempt_at <= now()
+                 ORDER BY notification_id LIMIT $1 FOR UPDATE SKIP LOCKED),
+             claimed AS (
+                 UPDATE notification_deliveries d SET next_attempt_at = now() + make_interval(secs => $2)
+                 FROM due WHERE d.notification_id = due.notification_id
+                 RETURNING d.notification_id, d.next_attempt_at)
+             SELECT n.id, n.event_id, n.user_id, n.type, n.title, n.message, n.data, n.created_at, c.next_attempt_at
+             FROM claimed c JOIN notifications n ON n.id = c.notification_id",
         )
         .bind(self.batch)
         .bind(lease.as_secs_f64())
@@ -369,17 +372,17 @@ impl Deliverer {
             // Fenced on the claim's token: if the claim lapsed and another worker took the row,
             // this writes nothing rather than overwrite that worker's state.
             sqlx::query(
-                "UPDATE notifications n SET
-                     attempts = n.attempts + 1,
+                "UPDATE notification_deliveries d SET
+                     attempts = d.attempts + 1,
                      last_attempt_at = now(),
                      last_status = o.status,
                      last_error = o.error,
-                     delivery = CASE WHEN o.error IS NULL THEN 'DELIVERED' ELSE n.delivery END,
-                     delivered_at = CASE WHEN o.error IS NULL THEN now() ELSE n.delivered_at END,
-                     next_attempt_at = CASE WHEN o.error IS NULL THEN n.next_attempt_at
-                                       ELSE now() + make_interval(secs => least(0.2 * power(2, n.attempts), $4)) END
+                     status = CASE WHEN o.error IS NULL THEN 'DELIVERED' ELSE d.status END,
+                     delivered_at = CASE WHEN o.error IS NULL THEN now() ELSE d.delivered_at END,
+                     next_attempt_at = CASE WHEN o.error IS NULL THEN d.next_attempt_at
+                                       ELSE now() + make_interval(secs => least(0.2 * power(2, d.attempts), $4)) END
                  FROM UNNEST($1::bigint[], $2::int[], $3::text[]) AS o(id, status, error)
-                 WHERE n.id = o.id AND n.delivery = 'PENDING' AND n.next_attempt_at = $5",
+                 WHERE d.notification_id = o.id AND d.status = 'PENDING' AND d.next_attempt_at = $5",
             )
             .bind(&ids)
             .bind(&statuses)
@@ -390,7 +393,7 @@ impl Deliverer {
             .await?;
         }
         if !back.is_empty() {
-            sqlx::query("UPDATE notifications SET next_attempt_at = now() WHERE id = ANY($1) AND delivery = 'PENDING' AND next_attempt_at = $2")
+            sqlx::query("UPDATE notification_deliveries SET next_attempt_at = now() WHERE notification_id = ANY($1) AND status = 'PENDING' AND next_attempt_at = $2")
                 .bind(&back)
                 .bind(token)
                 .execute(&self.pool)

@@ -221,7 +221,7 @@ async fn invariants(env: &TestEnv, client: &Client, outside: &Outside, poison: U
     let aside: Option<(bool, bool, Option<String>)> = sqlx::query_as("SELECT set_aside_at IS NOT NULL, published_at IS NULL, last_error FROM outbox WHERE event_id = $1").bind(poison).fetch_optional(&env.pool).await.ok().flatten();
     let poison_aside = matches!(aside, Some((true, true, _)));
     check("outbox fully published, but the poison row, set aside", n == Some(0) && poison_aside, format!("{n:?} unpublished; poison row: {aside:?}"));
-    let n = scalar(env, "SELECT count(*) FROM notifications WHERE delivery <> 'DELIVERED'").await;
+    let n = scalar(env, "SELECT count(*) FROM notification_deliveries WHERE status <> 'DELIVERED'").await;
     let events: Vec<String> = sqlx::query_scalar("SELECT event_id::text FROM notifications").fetch_all(&env.pool).await.unwrap_or_default();
     let hooks = outside.hooks.lock().unwrap().clone();
     let resent = hooks.values().filter(|n| **n > 1).count();

@@ -100,7 +100,7 @@ async fn store(env: &TestEnv, n: usize) -> Vec<Uuid> {
 }
 
 async fn delivered(env: &TestEnv) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM notifications WHERE delivery = 'DELIVERED'").fetch_one(&env.pool).await.unwrap()
+    sqlx::query_scalar("SELECT count(*) FROM notification_deliveries WHERE status = 'DELIVERED'").fetch_one(&env.pool).await.unwrap()
 }
 
 /// Drives steps until every notification is DELIVERED.
@@ -248,7 +248,7 @@ async fn each_notification_keeps_a_delivery_log_of_attempts_last_status_and_last
     // The operators' query (docs/webhooks.md "The delivery log").
     let log = || async {
         sqlx::query_as::<_, (String, i32, Option<i32>, Option<String>, bool)>(
-            "SELECT delivery, attempts, last_status, last_error, last_attempt_at IS NOT NULL FROM notifications WHERE event_id = $1",
+            "SELECT status, attempts, last_status, last_error, last_attempt_at IS NOT NULL FROM notifications n JOIN notification_deliveries d ON d.notification_id = n.id WHERE n.event_id = $1",
         )
         .bind(events[0])
         .fetch_one(&env.pool)
@@ -268,7 +268,7 @@ async fn each_notification_keeps_a_delivery_log_of_attempts_last_status_and_last
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let d = deliverer(&env, webhook(&format!("http://{closed}/hook"), Duration::from_secs(5), 4), 1000);
     assert_eq!(d.step().await.unwrap(), (0, 1));
-    let (status, error): (Option<i32>, Option<String>) = sqlx::query_as("SELECT last_status, last_error FROM notifications WHERE event_id = $1").bind(events[0]).fetch_one(&env.pool).await.unwrap();
+    let (status, error): (Option<i32>, Option<String>) = sqlx::query_as("SELECT last_status, last_error FROM notifications n JOIN notification_deliveries d ON d.notification_id = n.id WHERE n.event_id = $1").bind(events[0]).fetch_one(&env.pool).await.unwrap();
     assert_eq!(status, None);
     assert!(error.is_some_and(|e| !e.is_empty()));
 }

@@ -230,13 +230,13 @@ async fn a_webhook_that_is_down_for_a_while_gets_each_notification_once_after_it
     }
     // Six notifications stored, every delivery attempt refused so far.
     common::eventually(Duration::from_secs(30), || async {
-        let (n, tried): (i64, i64) = sqlx::query_as("SELECT count(*), count(*) FILTER (WHERE attempts > 0) FROM notifications").fetch_one(&env.pool).await.unwrap();
+        let (n, tried): (i64, i64) = sqlx::query_as("SELECT count(*), count(*) FILTER (WHERE attempts > 0) FROM notification_deliveries").fetch_one(&env.pool).await.unwrap();
         n == 6 && tried == 6
     }).await;
     assert!(received.lock().unwrap().is_empty());
     up.store(true, std::sync::atomic::Ordering::SeqCst);
     common::eventually(Duration::from_secs(30), || async {
-        let delivered: i64 = sqlx::query_scalar("SELECT count(*) FROM notifications WHERE delivery = 'DELIVERED'").fetch_one(&env.pool).await.unwrap();
+        let delivered: i64 = sqlx::query_scalar("SELECT count(*) FROM notification_deliveries WHERE status = 'DELIVERED'").fetch_one(&env.pool).await.unwrap();
         delivered == 6
     }).await;
     tokio::time::sleep(Duration::from_secs(1)).await;

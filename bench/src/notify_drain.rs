@@ -201,7 +201,7 @@ pub async fn run(ctx: &Ctx, cfg: &Config, worker: Worker, cpu_marker: Option<&st
     booking::db::migrate(&ctx.pool).await.context("applying migrations")?;
     let topics = Topics::new(&cfg.topic_prefix);
     booking::kafka::bootstrap_topics(&cfg.kafka_brokers, &topics, cfg.replication_factor).await.context("creating the drain topics")?;
-    let pending_before: i64 = sqlx::query_scalar("SELECT count(*) FROM notifications WHERE delivery = 'PENDING'").fetch_one(&ctx.pool).await?;
+    let pending_before: i64 = sqlx::query_scalar("SELECT count(*) FROM notification_deliveries WHERE status = 'PENDING'").fetch_one(&ctx.pool).await?;
     if pending_before > 0 {
         ctx.say(&format!("notify-drain: warning: {pending_before} notifications already PENDING in this database"));
     }
@@ -221,7 +221,7 @@ pub async fn run(ctx: &Ctx, cfg: &Config, worker: Worker, cpu_marker: Option<&st
     let mut polled = Err(anyhow::anyhow!("not polled"));
     while Instant::now() < deadline {
         let counts: Result<(i64, i64), sqlx::Error> =
-            sqlx::query_as("SELECT count(*), count(*) FILTER (WHERE delivery = 'DELIVERED') FROM notifications WHERE id > $1")
+            sqlx::query_as("SELECT count(*), count(*) FILTER (WHERE status = 'DELIVERED') FROM notifications n LEFT JOIN notification_deliveries d ON d.notification_id = n.id WHERE n.id > $1")
                 .bind(base)
                 .fetch_one(&ctx.pool)
                 .await;
@@ -247,10 +247,10 @@ pub async fn run(ctx: &Ctx, cfg: &Config, worker: Worker, cpu_marker: Option<&st
 
     let tag = ctx.run_id.clone();
     let (stored, distinct, delivered, stored_span, delivered_span): (i64, i64, i64, Option<f64>, Option<f64>) = sqlx::query_as(
-        "SELECT count(*), count(DISTINCT event_id), count(*) FILTER (WHERE delivery = 'DELIVERED'),
+        "SELECT count(*), count(DISTINCT event_id), count(*) FILTER (WHERE status = 'DELIVERED'),
                 EXTRACT(EPOCH FROM max(created_at) - min(created_at))::float8,
                 EXTRACT(EPOCH FROM max(delivered_at) - min(created_at))::float8
-         FROM notifications WHERE id > $1 AND data->>'benchRun' = $2",
+         FROM notifications n LEFT JOIN notification_deliveries d ON d.notification_id = n.id WHERE n.id > $1 AND data->>'benchRun' = $2",
     )
     .bind(base)
     .bind(&tag)
@@ -258,8 +258,8 @@ pub async fn run(ctx: &Ctx, cfg: &Config, worker: Worker, cpu_marker: Option<&st
     .await?;
     let peak = |col: &str| {
         format!(
-            "SELECT COALESCE(max(c), 0)::bigint FROM (SELECT count(*) AS c FROM notifications
-             WHERE id > $1 AND data->>'benchRun' = $2 AND {col} IS NOT NULL GROUP BY date_trunc('second', {col})) s"
+            "SELECT COALESCE(max(c), 0)::bigint FROM (SELECT count(*) AS c FROM notifications n LEFT JOIN notification_deliveries d ON d.notification_id = n.id
+             WHERE n.id > $1 AND data->>'benchRun' = $2 AND {col} IS NOT NULL GROUP BY date_trunc('second', {col})) s"
         )
     };
     let peak_stored: i64 = sqlx::query_scalar(&peak("created_at")).bind(base).bind(&tag).fetch_one(&ctx.pool).await?;

@@ -295,7 +295,7 @@ pub async fn drain_notifications(ctx: &Ctx, notes_base: i64, outbox_base: i64, e
     let (stored, span, delivered, delivered_span): (i64, Option<f64>, i64, Option<f64>) = sqlx::query_as(&format!(
         "SELECT count(*), EXTRACT(EPOCH FROM max(created_at) - min(created_at))::float8,
                 count(delivered_at), EXTRACT(EPOCH FROM max(delivered_at) - min(delivered_at))::float8
-         FROM notifications WHERE id > $1 AND {QUEUE_TYPES}"
+         FROM notifications n LEFT JOIN notification_deliveries d ON d.notification_id = n.id WHERE n.id > $1 AND {QUEUE_TYPES}"
     ))
     .bind(notes_base)
     .fetch_one(&ctx.pool)
