@@ -202,6 +202,14 @@ if [[ ${BENCH_PROFILE:-0} == 1 ]]; then
       FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
       ORDER BY total_exec_time DESC LIMIT 25" | sed -e 's/^/| /' -e 's/$/ |/' -e 's/|\([^ ]\)/| \1/g'
     echo
+    if [[ -f "$WORK/spike.md" ]]; then
+      echo "## What the profiled run measured"
+      echo
+      echo "(Profiling slows the api a little; docs/bench/latest.md has the unprofiled figures.)"
+      echo
+      sed -e '1{/^# /d}' "$WORK/spike.md"
+      echo
+    fi
     echo "## WAL and commits in the bench database"
     echo
     psql "$BENCH_DB_URL" -qAt -c "SELECT 'transactions committed: ' || xact_commit || ', rolled back: ' || xact_rollback FROM pg_stat_database WHERE datname = current_database()"
@@ -210,7 +218,9 @@ if [[ ${BENCH_PROFILE:-0} == 1 ]]; then
       echo "## The api: hottest functions (perf, 199 Hz, self time)"
       echo
       echo '```'
-      perf report -i "$WORK/api.perf" --stdio --no-children --sort dso,symbol --percent-limit 0.7 2>/dev/null | grep -E '^ +[0-9]' | head -40
+      # perf pads each line to the terminal's width and ends it with two empty columns.
+      perf report -i "$WORK/api.perf" --stdio --no-children --sort dso,symbol --percent-limit 0.7 2>/dev/null | grep -E '^ +[0-9]' | head -40 |
+        sed -E -e 's/[[:space:]]+-[[:space:]]+-[[:space:]]*$//' -e 's/[[:space:]]+$//'
       echo '```'
     fi
   } >"$PROFILE_OUT"
