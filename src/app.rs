@@ -150,6 +150,7 @@ pub async fn run_api(res: Resources, s: ApiSettings, listener: TcpListener, ops:
         sessions: Default::default(),
         group_commit: crate::outbox::GroupCommit::start(res.pool.clone()),
         opening_times: Default::default(),
+        hold_gate: Default::default(),
     };
     let relay = Relay::new(res.pool.clone(), res.producer.clone(), s.outbox_batch, s.outbox_poll).rebuild_with(res.producer_factory("api"));
     let tasks = vec![

@@ -6,7 +6,6 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::kafka::{Envelope, EventType, Topics};
@@ -86,18 +85,6 @@ pub fn event_id(kind: Kind, subject: &str) -> Uuid {
     let mut bytes = [0u8; 16];
     bytes.copy_from_slice(&digest[..16]);
     uuid::Builder::from_custom_bytes(bytes).into_uuid()
-}
-
-/// Writes a `notification.request` to the outbox inside the caller's transaction.
-pub async fn enqueue(
-    tx: &mut PgConnection,
-    topics: &Topics,
-    event_id: Uuid,
-    request: NotificationRequest,
-) -> Result<(), sqlx::Error> {
-    let key = request.user_id.to_string();
-    let env = Envelope::with_id(event_id, EventType::NotificationRequest, request);
-    crate::outbox::enqueue(tx, &topics.notification_request, &key, &env).await
 }
 
 /// The outbox row of a notification request, for [`crate::outbox::enqueue_many`].

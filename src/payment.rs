@@ -16,6 +16,7 @@ use crate::idempotency::{self, Claim};
 use crate::kafka::{Envelope, EventType, Topics};
 use crate::notification::{self, Kind, NotificationRequest};
 use crate::outbox;
+use crate::points::{self, Movement};
 use crate::reservation::check_payable;
 
 /// Payload of `payment.completed`.
@@ -62,28 +63,20 @@ pub async fn pay(pool: &PgPool, topics: &Topics, user: Uuid, key: &str, reservat
         return Err(e);
     }
 
-    let balance: Option<i64> = sqlx::query_scalar(
-        "UPDATE users SET balance = balance - $2 WHERE id = $1 AND balance >= $2 RETURNING balance",
-    )
-    .bind(user)
-    .bind(price)
-    .fetch_optional(&mut *tx)
-    .await?;
+    // Each statement below is a round trip inside the transaction, and under a spike round trips
+    // are what a payment costs (the row locks are held across them): the balance and its ledger
+    // line are one statement (`points::apply`), the payment and the reservation's confirmation
+    // another, the two outbox rows a third.
+    let balance = points::apply(&mut tx, user, Movement::Use, price).await?;
     let Some(balance) = balance else {
         metrics::counter!("payments_total", "outcome" => "INSUFFICIENT_POINTS").increment(1);
         return Err(Error::InsufficientPoints);
     };
-    if price > 0 {
-        sqlx::query("INSERT INTO point_ledger (user_id, kind, amount, balance_after) VALUES ($1, 'USE', $2, $3)")
-            .bind(user)
-            .bind(price)
-            .bind(balance)
-            .execute(&mut *tx)
-            .await?;
-    }
     let payment_id = Uuid::new_v4();
     let paid_at: DateTime<Utc> = sqlx::query_scalar(
-        "INSERT INTO payments (id, reservation_id, user_id, amount) VALUES ($1, $2, $3, $4) RETURNING paid_at",
+        "WITH p AS (INSERT INTO payments (id, reservation_id, user_id, amount) VALUES ($1, $2, $3, $4) RETURNING paid_at)
+         UPDATE reservations r SET status = 'CONFIRMED', confirmed_at = p.paid_at FROM p WHERE r.id = $2
+         RETURNING p.paid_at",
     )
     .bind(payment_id)
     .bind(reservation)
@@ -91,21 +84,22 @@ pub async fn pay(pool: &PgPool, topics: &Topics, user: Uuid, key: &str, reservat
     .bind(price)
     .fetch_one(&mut *tx)
     .await?;
-    sqlx::query("UPDATE reservations SET status = 'CONFIRMED', confirmed_at = $2 WHERE id = $1")
-        .bind(reservation)
-        .bind(paid_at)
-        .execute(&mut *tx)
-        .await?;
 
     let event = PaymentCompleted { payment_id, reservation_id: reservation, user_id: user, schedule_id, seat_id, amount: price, paid_at };
     let key_str = reservation.to_string();
-    outbox::enqueue(&mut tx, &topics.payment_completed, &key_str, &Envelope::new(EventType::PaymentCompleted, event)).await?;
     let note = NotificationRequest::new(
         Kind::PaymentConfirmed,
         user,
         json!({"reservationId": reservation, "paymentId": payment_id, "scheduleId": schedule_id, "seatId": seat_id, "amount": price}),
     );
-    notification::enqueue(&mut tx, topics, notification::event_id(Kind::PaymentConfirmed, &key_str), note).await?;
+    outbox::enqueue_many(
+        &mut tx,
+        &[
+            outbox::Row::new(&topics.payment_completed, &key_str, &Envelope::new(EventType::PaymentCompleted, event)),
+            notification::outbox_row(topics, notification::event_id(Kind::PaymentConfirmed, &key_str), note),
+        ],
+    )
+    .await?;
 
     let body = json!({
         "paymentId": payment_id,

@@ -22,6 +22,51 @@ pub async fn balance(pool: &PgPool, user: Uuid) -> Result<i64> {
     b.ok_or(Error::Unauthorized)
 }
 
+/// A change of a balance, as the ledger names it.
+#[derive(Debug, Clone, Copy)]
+pub enum Movement {
+    /// Points bought (credit).
+    Charge,
+    /// Points spent on a payment (debit; refused rather than going below zero).
+    Use,
+    /// Points given back by a refund (credit).
+    Refund,
+}
+
+impl Movement {
+    fn kind(self) -> &'static str {
+        match self {
+            Movement::Charge => "CHARGE",
+            Movement::Use => "USE",
+            Movement::Refund => "REFUND",
+        }
+    }
+}
+
+/// Moves `amount` points of `user` and writes the ledger line with the balance after it, in one
+/// statement inside the caller's transaction (one round trip: on the payment path they are what
+/// a spike costs). Returns the new balance, or `None` for a `Use` the balance cannot cover
+/// (nothing written then). A zero amount moves nothing and writes no line (the ledger's CHECK
+/// wants a positive amount: a free seat).
+pub async fn apply(tx: &mut sqlx::PgConnection, user: Uuid, movement: Movement, amount: i64) -> Result<Option<i64>, sqlx::Error> {
+    let delta = match movement {
+        Movement::Use => -amount,
+        Movement::Charge | Movement::Refund => amount,
+    };
+    sqlx::query_scalar(
+        "WITH u AS (UPDATE users SET balance = balance + $2 WHERE id = $1 AND balance + $2 >= 0 RETURNING balance),
+              l AS (INSERT INTO point_ledger (user_id, kind, amount, balance_after)
+                    SELECT $1, $3, $4, balance FROM u WHERE $4 > 0)
+         SELECT balance FROM u",
+    )
+    .bind(user)
+    .bind(delta)
+    .bind(movement.kind())
+    .bind(amount)
+    .fetch_optional(&mut *tx)
+    .await
+}
+
 /// Credits `amount` once per `key`; the same key replays the first answer.
 pub async fn charge(pool: &PgPool, user: Uuid, key: &str, amount: i64) -> Result<(u16, Value)> {
     if !(1..=MAX_CHARGE).contains(&amount) {
@@ -32,18 +77,7 @@ pub async fn charge(pool: &PgPool, user: Uuid, key: &str, amount: i64) -> Result
     if let Claim::Replay { status, body } = idempotency::claim(&mut tx, user, "charge", key, &fp).await? {
         return Ok((status, body));
     }
-    let balance: i64 =
-        sqlx::query_scalar("UPDATE users SET balance = balance + $2 WHERE id = $1 RETURNING balance")
-            .bind(user)
-            .bind(amount)
-            .fetch_one(&mut *tx)
-            .await?;
-    sqlx::query("INSERT INTO point_ledger (user_id, kind, amount, balance_after) VALUES ($1, 'CHARGE', $2, $3)")
-        .bind(user)
-        .bind(amount)
-        .bind(balance)
-        .execute(&mut *tx)
-        .await?;
+    let balance = apply(&mut tx, user, Movement::Charge, amount).await?.expect("a credit always applies");
     let body = json!({ "balance": balance });
     idempotency::complete(&mut tx, user, "charge", key, 200, &body).await?;
     tx.commit().await?;

@@ -26,6 +26,7 @@ use crate::idempotency::{self, Claim};
 use crate::kafka::{Envelope, EventType, Topics};
 use crate::notification::{self, Kind, NotificationRequest};
 use crate::outbox;
+use crate::points::{self, Movement};
 
 /// Payload of `payment.refunded`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -93,31 +94,24 @@ pub async fn refund(pool: &PgPool, topics: &Topics, user: Uuid, key: &str, reser
     .bind(reservation)
     .fetch_one(&mut *tx)
     .await?;
-    let balance: i64 = sqlx::query_scalar("UPDATE users SET balance = balance + $2 WHERE id = $1 RETURNING balance")
-        .bind(user)
-        .bind(amount)
-        .fetch_one(&mut *tx)
-        .await?;
-    // The ledger's CHECK wants a positive amount; a free seat moves no points and writes no line.
-    if amount > 0 {
-        sqlx::query("INSERT INTO point_ledger (user_id, kind, amount, balance_after) VALUES ($1, 'REFUND', $2, $3)")
-            .bind(user)
-            .bind(amount)
-            .bind(balance)
-            .execute(&mut *tx)
-            .await?;
-    }
+    let balance = points::apply(&mut tx, user, Movement::Refund, amount).await?.expect("a credit always applies");
 
     let key_str = reservation.to_string();
     let event = PaymentRefunded { payment_id, reservation_id: reservation, user_id: user, schedule_id, seat_id, amount, refunded_at, paid_at: Some(paid_at) };
-    outbox::enqueue(&mut tx, &topics.payment_refunded, &key_str, &Envelope::new(EventType::PaymentRefunded, event)).await?;
     let note = NotificationRequest::new(
         Kind::PaymentRefunded,
         user,
         json!({"reservationId": reservation, "paymentId": payment_id, "scheduleId": schedule_id, "seatId": seat_id, "amount": amount}),
     );
     // A reservation is refunded at most once, so its id names the notification for good.
-    notification::enqueue(&mut tx, topics, notification::event_id(Kind::PaymentRefunded, &key_str), note).await?;
+    outbox::enqueue_many(
+        &mut tx,
+        &[
+            outbox::Row::new(&topics.payment_refunded, &key_str, &Envelope::new(EventType::PaymentRefunded, event)),
+            notification::outbox_row(topics, notification::event_id(Kind::PaymentRefunded, &key_str), note),
+        ],
+    )
+    .await?;
 
     let body = json!({
         "reservationId": reservation,

@@ -92,13 +92,35 @@ pub fn check_payable(status: &str, expires_at: DateTime<Utc>, now: DateTime<Utc>
     }
 }
 
-/// Looks up the schedule a seat belongs to.
-pub async fn seat_schedule(pool: &PgPool, seat: Uuid) -> Result<Uuid> {
-    let s: Option<Uuid> = sqlx::query_scalar("SELECT schedule_id FROM seats WHERE id = $1")
-        .bind(seat)
-        .fetch_optional(pool)
-        .await?;
-    s.ok_or(Error::NotFound("seat"))
+/// A seat as a hold first sees it: one read, outside any transaction, before the queue check.
+#[derive(Debug, Clone, Copy)]
+pub struct SeatLook {
+    pub seat: Uuid,
+    pub schedule: Uuid,
+    pub price: i64,
+    /// Paid, or held and not expired: the hold would lose (an optimisation only: the unique index
+    /// on live reservations is what decides).
+    pub taken: bool,
+    /// Held but past its expiry and not ended yet: the hold ends it first.
+    pub stale: bool,
+}
+
+/// Looks at a seat for a hold (its schedule, price and state) in one round trip: `NOT_FOUND`
+/// when it does not exist.
+pub async fn look(pool: &PgPool, seat: Uuid) -> Result<SeatLook> {
+    let row: Option<(Uuid, i64, bool, bool)> = sqlx::query_as(
+        "SELECT s.schedule_id, s.price,
+                EXISTS (SELECT 1 FROM reservations r WHERE r.seat_id = s.id
+                        AND (r.status = 'CONFIRMED' OR (r.status = 'HELD' AND r.expires_at > now()))),
+                EXISTS (SELECT 1 FROM reservations r WHERE r.seat_id = s.id
+                        AND r.status = 'HELD' AND r.expires_at <= now())
+         FROM seats s WHERE s.id = $1",
+    )
+    .bind(seat)
+    .fetch_optional(pool)
+    .await?;
+    let (schedule, price, taken, stale) = row.ok_or(Error::NotFound("seat"))?;
+    Ok(SeatLook { seat, schedule, price, taken, stale })
 }
 
 /// How a hold is asked for.
@@ -120,24 +142,22 @@ pub struct Held {
     pub fresh: Option<Reservation>,
 }
 
-/// Holds `seat` for `user` for `ttl`, or fails with `SEAT_UNAVAILABLE` or `SEAT_LIMIT_REACHED`.
-pub async fn hold(pool: &PgPool, topics: &Topics, req: HoldRequest<'_>) -> Result<Held> {
+/// Holds the seat of `look` for `user` for `ttl`, or fails with `SEAT_UNAVAILABLE` or
+/// `SEAT_LIMIT_REACHED`.
+///
+/// Round trips are what a hold costs under a spike (the api's profile is mostly task switches),
+/// so the seat's schedule, price and state come from [`look`], read once before the queue check,
+/// and the transaction only does what must be atomic: the seat limit (lock, then count), ending a
+/// stale hold, the insert and its outbox row.
+pub async fn hold(pool: &PgPool, topics: &Topics, req: HoldRequest<'_>, look: &SeatLook) -> Result<Held> {
     let HoldRequest { user, seat, ttl, max_seats, key } = req;
+    debug_assert_eq!(seat, look.seat);
     // Fast path: most losers of a seat fight see the winner's committed row and leave at once,
     // without touching any lock. The unique index below stays the actual guarantee. A retry with
     // a key skips it: its own earlier hold would look like someone else's.
-    if key.is_none() {
-        let taken: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM reservations WHERE seat_id = $1
-                             AND (status = 'CONFIRMED' OR (status = 'HELD' AND expires_at > now())))",
-        )
-        .bind(seat)
-        .fetch_one(pool)
-        .await?;
-        if taken {
-            metrics::counter!("holds_total", "outcome" => "unavailable").increment(1);
-            return Err(Error::SeatUnavailable);
-        }
+    if key.is_none() && look.taken {
+        metrics::counter!("holds_total", "outcome" => "unavailable").increment(1);
+        return Err(Error::SeatUnavailable);
     }
 
     let mut tx = pool.begin().await?;
@@ -148,11 +168,7 @@ pub async fn hold(pool: &PgPool, topics: &Topics, req: HoldRequest<'_>) -> Resul
             return Ok(Held { body, fresh: None });
         }
     }
-    let price: Option<(Uuid, i64)> = sqlx::query_as("SELECT schedule_id, price FROM seats WHERE id = $1")
-        .bind(seat)
-        .fetch_optional(&mut *tx)
-        .await?;
-    let (schedule, price) = price.ok_or(Error::NotFound("seat"))?;
+    let (schedule, price) = (look.schedule, look.price);
 
     // The seat limit. The lock serialises this user's holds in this schedule (and only those)
     // until commit, so the count below cannot be raced by a concurrent hold of the same user;
@@ -175,15 +191,18 @@ pub async fn hold(pool: &PgPool, topics: &Topics, req: HoldRequest<'_>) -> Resul
         return Err(Error::SeatLimitReached);
     }
 
-    // A hold past its expiry no longer blocks the seat: end it here, as the expirer would.
-    let stale: Vec<Reservation> = sqlx::query_as(&format!(
+    // A hold past its expiry no longer blocks the seat: end it here, as the expirer would. Only
+    // when `look` saw one (or for a keyed retry, which skipped the look's verdict): a hold taken
+    // after the look cannot be stale yet unless this transaction outlived its whole TTL, and then
+    // the insert below finds it live and answers SEAT_UNAVAILABLE, the safe side.
+    let stale: Vec<Reservation> = if !(look.stale || key.is_some()) { Vec::new() } else { sqlx::query_as(&format!(
         "UPDATE reservations SET status = 'EXPIRED', expired_at = clock_timestamp()
          WHERE seat_id = $1 AND status = 'HELD' AND expires_at <= clock_timestamp()
          RETURNING {COLUMNS}"
     ))
     .bind(seat)
     .fetch_all(&mut *tx)
-    .await?;
+    .await? };
     for r in &stale {
         expired_effects(&mut tx, topics, r).await?;
         metrics::counter!("expiry_transitions_total", "path" => "hold_takeover").increment(1);

@@ -142,7 +142,8 @@ async fn ours(ctx: &Ctx, cfg: &Config) -> Result<Ours> {
             {
                 // No seat limit in the way of the benchmark's bookers.
                 let req = booking::reservation::HoldRequest { user: users[i % users.len()], seat: seats[i], ttl, max_seats: u32::MAX, key: None };
-                booking::reservation::hold(&db, &topics, req).await.ok().and_then(|h| h.fresh).map(|r| r.reservation_id)
+                let look = booking::reservation::look(&db, seats[i]).await.ok()?;
+                booking::reservation::hold(&db, &topics, req, &look).await.ok().and_then(|h| h.fresh).map(|r| r.reservation_id)
             }
         }
     })

@@ -145,10 +145,24 @@ pub async fn hold(api: Api, auth: Option<String>, token: Option<String>, key: Op
     let user = authed(&api, &auth).await?;
     let key = key.map(|k| idempotency::validate_key(Some(&k))).transpose()?;
     let b: HoldBody = parse(&body?)?;
-    let schedule = reservation::seat_schedule(&api.pool, b.seat_id).await?;
+    let look = reservation::look(&api.pool, b.seat_id).await?;
+    let schedule = look.schedule;
     api.queue.require_active(token.as_deref(), user, schedule).await?;
+    // A retry with a key bypasses the gate: it must get its own stored answer, not a verdict.
+    let mut turn = match key {
+        None => Some(api.hold_gate.enter(b.seat_id).await),
+        Some(_) => None,
+    };
+    if turn.as_ref().is_some_and(|t| t.taken()) {
+        metrics::counter!("holds_total", "outcome" => "unavailable").increment(1);
+        return Err(Error::SeatUnavailable);
+    }
     let req = reservation::HoldRequest { user, seat: b.seat_id, ttl: api.hold_ttl, max_seats: api.max_seats_per_user, key: key.as_deref() };
-    let held = reservation::hold(&api.pool, &api.topics, req).await?;
+    let held = reservation::hold(&api.pool, &api.topics, req, &look).await?;
+    if let (Some(t), true) = (turn.as_mut(), held.fresh.is_some()) {
+        t.held();
+    }
+    drop(turn);
     if held.fresh.is_some() {
         // Only a successful hold keeps the queue place alive (issue 12). If Redis fails here the
         // place lapses at its old deadline, which is the safe side.

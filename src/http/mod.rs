@@ -57,6 +57,8 @@ pub struct Api {
     pub sessions: crate::user::Sessions,
     /// Schedules' booking opening times already read by this process.
     pub opening_times: crate::catalog::OpeningTimes,
+    /// One hold per seat at a time in this process (the seat fight).
+    pub hold_gate: crate::hold_gate::HoldGate,
 }
 
 /// Serves the API on `listener` until `shutdown`; in-flight requests finish first.
