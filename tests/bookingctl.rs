@@ -447,8 +447,15 @@ async fn queue_pause_set_and_resume_steer_admission_and_are_audited() {
     let alice = api.user("alice").await;
     let entered = api.enter_queue(&alice, &schedule).await;
     let token = entered["queueToken"].as_str().unwrap().to_string();
-    // Several ticks (100 ms each) pass: nobody is admitted while paused.
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // An admission tick walks the queue with alice in it (its gauge says one waiting, set after
+    // the tick's admission step) and leaves her waiting: nobody is admitted while paused.
+    let waiting_line = format!("queue_waiting{{schedule=\"{schedule}\"}} 1");
+    let metrics_url = api.metrics_url.clone().unwrap();
+    eventually(Duration::from_secs(10), || async {
+        let text = api.http.get(&metrics_url).send().await.unwrap().text().await.unwrap();
+        text.lines().any(|l| l == waiting_line)
+    })
+    .await;
     assert_eq!(api.queue_status(&alice, &token).await["status"], "WAITING");
     let shown = ctl(&admin, &["queue", "show", &schedule, "--json"]).await.json();
     assert_eq!((shown["paused"].clone(), shown["waiting"].clone()), (Value::Bool(true), Value::from(1)), "{shown}");

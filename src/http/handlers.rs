@@ -145,9 +145,10 @@ pub async fn hold(api: Api, auth: Option<String>, token: Option<String>, key: Op
     let user = authed(&api, &auth).await?;
     let key = key.map(|k| idempotency::validate_key(Some(&k))).transpose()?;
     let b: HoldBody = parse(&body?)?;
-    let look = reservation::look(&api.pool, b.seat_id).await?;
-    let schedule = look.schedule;
-    api.queue.require_active(token.as_deref(), user, schedule).await?;
+    // The gate comes first, before any database round trip, so that in a seat fight the one
+    // contender in the hold does not queue for a pool connection behind the reads of all the
+    // others; those waiting behind a successful hold are answered 409 without reading anything
+    // (even one whose queue place would have been refused: nothing is held for it either way).
     // A retry with a key bypasses the gate: it must get its own stored answer, not a verdict.
     let mut turn = match key {
         None => Some(api.hold_gate.enter(b.seat_id).await),
@@ -157,6 +158,9 @@ pub async fn hold(api: Api, auth: Option<String>, token: Option<String>, key: Op
         metrics::counter!("holds_total", "outcome" => "unavailable").increment(1);
         return Err(Error::SeatUnavailable);
     }
+    let look = reservation::look(&api.pool, b.seat_id).await?;
+    let schedule = look.schedule;
+    api.queue.require_active(token.as_deref(), user, schedule).await?;
     let req = reservation::HoldRequest { user, seat: b.seat_id, ttl: api.hold_ttl, max_seats: api.max_seats_per_user, key: key.as_deref() };
     let held = reservation::hold(&api.pool, &api.topics, req, &look).await?;
     if let (Some(t), true) = (turn.as_mut(), held.fresh.is_some()) {
