@@ -12,6 +12,8 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::Reply;
 
+use crate::hold_gate::Turn;
+
 use super::body::parse;
 use super::Api;
 use crate::error::{Error, Result};
@@ -150,23 +152,26 @@ pub async fn hold(api: Api, auth: Option<String>, token: Option<String>, key: Op
     // others; those waiting behind a successful hold are answered 409 without reading anything
     // (even one whose queue place would have been refused: nothing is held for it either way).
     // A retry with a key bypasses the gate: it must get its own stored answer, not a verdict.
-    let mut turn = match key {
-        None => Some(api.hold_gate.enter(b.seat_id).await),
-        Some(_) => None,
-    };
-    if turn.as_ref().is_some_and(|t| t.taken()) {
-        metrics::counter!("holds_total", "outcome" => "unavailable").increment(1);
-        return Err(Error::SeatUnavailable);
+    let mut contender = None;
+    if key.is_none() {
+        match api.hold_gate.enter(b.seat_id).await {
+            Turn::Contender(c) => contender = Some(c),
+            Turn::Taken => {
+                metrics::counter!("holds_total", "outcome" => "unavailable").increment(1);
+                return Err(Error::SeatUnavailable);
+            }
+            Turn::Open => {}
+        }
     }
     let look = reservation::look(&api.pool, b.seat_id).await?;
     let schedule = look.schedule;
     api.queue.require_active(token.as_deref(), user, schedule).await?;
     let req = reservation::HoldRequest { user, seat: b.seat_id, ttl: api.hold_ttl, max_seats: api.max_seats_per_user, key: key.as_deref() };
     let held = reservation::hold(&api.pool, &api.topics, req, &look).await?;
-    if let (Some(t), true) = (turn.as_mut(), held.fresh.is_some()) {
-        t.held();
+    if let (Some(c), true) = (contender.as_mut(), held.fresh.is_some()) {
+        c.held();
     }
-    drop(turn);
+    drop(contender);
     if held.fresh.is_some() {
         // Only a successful hold keeps the queue place alive (issue 12). If Redis fails here the
         // place lapses at its old deadline, which is the safe side.
