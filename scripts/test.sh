@@ -48,10 +48,11 @@ export SCHEMATHESIS="$VENV/bin/schemathesis"
 # The browser test (tests/browser.rs): Debian's Chromium (and its WebDriver), driven by
 # playwright-core from npm, installed into tests/browser/node_modules (git-ignored). Playwright never
 # downloads a browser here: the test points it at /usr/bin/chromium.
-if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null || ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+# fonts-nanum: the page is in Korean; without a Hangul font the failure screenshots show boxes.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null || ! command -v node >/dev/null || ! command -v npm >/dev/null || ! dpkg -s fonts-nanum >/dev/null 2>&1; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  pkgs=(chromium chromium-driver)
+  pkgs=(chromium chromium-driver fonts-nanum)
   command -v node >/dev/null || pkgs+=(nodejs)
   command -v npm >/dev/null || pkgs+=(npm)
   apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null

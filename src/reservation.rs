@@ -54,10 +54,12 @@ pub struct Reservation {
     pub confirmed_at: Option<DateTime<Utc>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cancelled_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refunded_at: Option<DateTime<Utc>>,
 }
 
 const COLUMNS: &str = "id, user_id, seat_id, schedule_id, status, price, created_at, expires_at, \
-                       expired_at, confirmed_at, cancelled_at";
+                       expired_at, confirmed_at, cancelled_at, refunded_at";
 
 /// Payload of `reservation.created`, `reservation.expiration` and `reservation.cancelled`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

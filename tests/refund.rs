@@ -123,6 +123,8 @@ async fn a_refund_gives_the_points_back_frees_the_seat_and_changes_ranking_and_e
     assert_eq!(history["items"][0]["balanceAfter"], 1000);
     let res: Value = api.reservation(&alice, &refunded).await.json().await.unwrap();
     assert_eq!(res["status"], "REFUNDED");
+    assert_eq!(res["refundedAt"], body["refundedAt"], "the reservation says when it was refunded: {res}");
+    assert!(res["confirmedAt"].is_string(), "and still when it was paid: {res}");
 
     // The seat is on sale again: the map says so, and the next buyer gets it.
     assert_eq!(api.seat_status(&schedule, &seats[0]).await, "AVAILABLE");
