@@ -26,10 +26,7 @@ use uuid::Uuid;
 use crate::kafka::{Envelope, EventType, HandleError, Handler, Incoming, Topics};
 use crate::keys::Keys;
 use crate::redis_conn::RedisConn;
-use crate::reservation::{expired_row, Reservation, ReservationEvent};
-
-const COLUMNS: &str = "id, user_id, seat_id, schedule_id, status, price, created_at, expires_at, \
-                       expired_at, confirmed_at, cancelled_at";
+use crate::reservation::{expired_row, Reservation, ReservationEvent, COLUMNS};
 
 fn observe(path: &'static str, r: &Reservation) {
     let late = r.expired_at.map(|at| (at - r.expires_at).num_microseconds().unwrap_or(0) as f64 / 1e6).unwrap_or(0.0);

@@ -58,7 +58,8 @@ pub struct Reservation {
     pub refunded_at: Option<DateTime<Utc>>,
 }
 
-const COLUMNS: &str = "id, user_id, seat_id, schedule_id, status, price, created_at, expires_at, \
+/// The columns a [`Reservation`] is read from: every query returning one names them with this.
+pub const COLUMNS: &str = "id, user_id, seat_id, schedule_id, status, price, created_at, expires_at, \
                        expired_at, confirmed_at, cancelled_at, refunded_at";
 
 /// Payload of `reservation.created`, `reservation.expiration` and `reservation.cancelled`.
