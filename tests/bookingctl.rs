@@ -6,10 +6,10 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
-use booking::app::{self, ExpirerMode, ExpirerSettings};
 use booking::kafka::{consumer_config, partition_for, ConsumerRunner, HandleError, Handler, Incoming, PARTITIONS};
 use booking::reservation::ReservationEvent;
 use booking::scheduler::{Scheduler, SchedulerConfig};
+use common::inproc::{self, Task};
 use common::{eventually, QueueSettings, TestApi, TestEnv, User};
 use rdkafka::producer::FutureRecord;
 use serde_json::Value;
@@ -40,8 +40,8 @@ impl Run {
 fn world(env: &TestEnv) -> Vec<String> {
     let mut a = env.common_args();
     for (flag, v) in [
-        ("--scheduler-group", format!("{}scheduler", env.prefix)),
-        ("--expirer-group", format!("{}expirer", env.prefix)),
+        ("--scheduler-group", inproc::scheduler_group(env)),
+        ("--expirer-group", inproc::expirer_group(env)),
         ("--worker-group-prefix", format!("{}worker-", env.prefix)),
         ("--lease", "30s".to_string()),
     ] {
@@ -64,39 +64,17 @@ async fn ctl(flags: &[String], args: &[&str]) -> Run {
     Run { ok: out.status.success(), stdout: String::from_utf8_lossy(&out.stdout).into(), stderr: String::from_utf8_lossy(&out.stderr).into() }
 }
 
-async fn scheduler(env: &TestEnv) -> (CancellationToken, tokio::task::JoinHandle<()>) {
-    let t = CancellationToken::new();
-    let (res, group, sd) = (env.res.clone(), format!("{}scheduler", env.prefix), t.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let h = tokio::spawn(async move {
-        app::run_scheduler(res, sched_cfg(), &group, listener, booking::telemetry::install_metrics(), sd).await.unwrap();
-    });
-    (t, h)
+async fn scheduler(env: &TestEnv) -> Task {
+    inproc::scheduler(env, sched_cfg()).await
 }
 
-async fn expirer(env: &TestEnv) -> (CancellationToken, tokio::task::JoinHandle<()>) {
-    let t = CancellationToken::new();
-    let (res, group, sd) = (env.res.clone(), format!("{}expirer", env.prefix), t.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    // The sweeper is kept out of the way: only the pipeline (and replays) may expire holds here.
-    let s = ExpirerSettings {
-        mode: ExpirerMode::After,
-        sweep_interval: Duration::from_secs(3600),
-        sweep_grace: Duration::from_secs(3600),
-        sweep_batch: 1000,
-        legacy_interval: Duration::from_secs(1),
-        outbox_batch: 500,
-        outbox_poll: Duration::from_millis(200),
-    };
-    let h = tokio::spawn(async move {
-        app::run_expirer(res, s, &group, listener, booking::telemetry::install_metrics(), sd).await.unwrap();
-    });
-    (t, h)
+/// The sweeper is kept out of the way: only the pipeline (and replays) may expire holds here.
+async fn expirer(env: &TestEnv) -> Task {
+    inproc::expirer(env, inproc::expirer_settings()).await
 }
 
-async fn stop(x: (CancellationToken, tokio::task::JoinHandle<()>)) {
-    x.0.cancel();
-    let _ = x.1.await;
+async fn stop(task: Task) {
+    inproc::stop(vec![task]).await;
 }
 
 async fn hold_one(api: &TestApi, name: &str, schedule: &str, seat: &str) -> (User, String) {
@@ -201,7 +179,7 @@ async fn a_valid_message_dead_lettered_by_a_bug_is_processed_once_after_replay_a
     let (schedule, seats) = api.concert(1, 10).await;
     let s = scheduler(&env).await;
     // The expirer's group runs the buggy release: the hold's expiration is dead-lettered.
-    let group = format!("{}expirer", env.prefix);
+    let group = inproc::expirer_group(&env);
     let topic = env.topics().reservation_expiration.clone();
     let buggy = ConsumerRunner::new(&consumer_config(&env.brokers, &group), &[&topic], env.res.producer.clone(), "expirer").unwrap();
     let stop_buggy = CancellationToken::new();

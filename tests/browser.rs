@@ -10,44 +10,21 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use booking::app::{self, ExpirerMode, ExpirerSettings, WorkerSettings};
-use booking::export::Sink;
-use booking::worker::Channel;
+use booking::app::{ExpirerSettings, WorkerSettings};
+use booking::scheduler::SchedulerConfig;
+use common::inproc::{self, Task};
 use common::{QueueSettings, TestEnv, ADMIN};
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
-
-type Task = (CancellationToken, tokio::task::JoinHandle<()>);
 
 /// The delay scheduler, the expirer and the worker, in this process, on `env`.
 async fn daemons(env: &TestEnv) -> Vec<Task> {
-    let mut tasks = Vec::new();
-    let ops = || async { tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap() };
-
-    let t = CancellationToken::new();
-    let (res, g, sd, l) = (env.res.clone(), format!("{}sched", env.prefix), t.clone(), ops().await);
-    let cfg = booking::scheduler::SchedulerConfig { batch_size: 100, lease: Duration::from_secs(5), poll_interval: Duration::from_secs(1), rearm_interval: Duration::from_secs(3600) };
-    tasks.push((t, tokio::spawn(async move { app::run_scheduler(res, cfg, &g, l, booking::telemetry::install_metrics(), sd).await.unwrap() })));
-
-    let t = CancellationToken::new();
-    let (res, g, sd, l) = (env.res.clone(), format!("{}exp", env.prefix), t.clone(), ops().await);
-    let s = ExpirerSettings { mode: ExpirerMode::After, sweep_interval: Duration::from_secs(5), sweep_grace: Duration::from_secs(5), sweep_batch: 100, legacy_interval: Duration::from_secs(10), outbox_batch: 100, outbox_poll: Duration::from_millis(200) };
-    tasks.push((t, tokio::spawn(async move { app::run_expirer(res, s, &g, l, booking::telemetry::install_metrics(), sd).await.unwrap() })));
-
-    let t = CancellationToken::new();
-    let (res, g, sd, l) = (env.res.clone(), format!("{}w-", env.prefix), t.clone(), ops().await);
-    let s = WorkerSettings {
-        channel: Channel::Log,
-        sink: Sink::File(std::env::temp_dir().join(format!("export-{}.jsonl", env.prefix))),
-        delivery_poll: Duration::from_millis(200),
-        delivery_batch: 100,
-        delivery_max_backoff: Duration::from_millis(500),
-        ranking_reconcile: Duration::from_secs(60),
-        ranking_retention: Default::default(),
-        retention: Default::default(),
-    };
-    tasks.push((t, tokio::spawn(async move { app::run_worker(res, s, &g, l, booking::telemetry::install_metrics(), sd).await.unwrap() })));
-    tasks
+    let expirer = ExpirerSettings { sweep_interval: Duration::from_secs(5), sweep_grace: Duration::from_secs(5), ..inproc::expirer_settings() };
+    let worker = WorkerSettings { ranking_reconcile: Duration::from_secs(60), ..inproc::worker_settings(env) };
+    vec![
+        inproc::scheduler(env, SchedulerConfig { poll_interval: Duration::from_secs(1), ..inproc::scheduler_config() }).await,
+        inproc::expirer(env, expirer).await,
+        inproc::worker(env, &format!("{}w-", env.prefix), worker).await,
+    ]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

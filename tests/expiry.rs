@@ -5,14 +5,14 @@ mod common;
 
 use std::time::Duration;
 
-use booking::app::{self, ExpirerMode, ExpirerSettings};
+use booking::app::{ExpirerMode, ExpirerSettings};
 use booking::kafka::partition_for;
 use booking::reservation::ReservationEvent;
 use booking::scheduler::{Scheduler, SchedulerConfig};
+use common::inproc::{self, Task};
 use common::{QueueSettings, TestApi, TestEnv, User};
 use rdkafka::producer::FutureRecord;
 use serde_json::Value;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 fn sched_cfg(lease: Duration) -> SchedulerConfig {
@@ -23,34 +23,16 @@ fn expirer_cfg(mode: ExpirerMode, sweep_interval: Duration, sweep_grace: Duratio
     ExpirerSettings { mode, sweep_interval, sweep_grace, sweep_batch: 1000, legacy_interval: Duration::from_secs(1), outbox_batch: 500, outbox_poll: Duration::from_millis(200) }
 }
 
-async fn ops() -> tokio::net::TcpListener {
-    tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()
+async fn scheduler(env: &TestEnv, lease: Duration) -> Task {
+    inproc::scheduler(env, sched_cfg(lease)).await
 }
 
-/// Starts a delay-scheduler in-process; returns its shutdown token and task.
-async fn scheduler(env: &TestEnv, lease: Duration) -> (CancellationToken, tokio::task::JoinHandle<()>) {
-    let t = CancellationToken::new();
-    let (res, group, sd) = (env.res.clone(), format!("{}scheduler", env.prefix), t.clone());
-    let listener = ops().await;
-    let h = tokio::spawn(async move {
-        app::run_scheduler(res, sched_cfg(lease), &group, listener, booking::telemetry::install_metrics(), sd).await.unwrap();
-    });
-    (t, h)
+async fn expirer(env: &TestEnv, s: ExpirerSettings) -> Task {
+    inproc::expirer(env, s).await
 }
 
-async fn expirer(env: &TestEnv, s: ExpirerSettings) -> (CancellationToken, tokio::task::JoinHandle<()>) {
-    let t = CancellationToken::new();
-    let (res, group, sd) = (env.res.clone(), format!("{}expirer", env.prefix), t.clone());
-    let listener = ops().await;
-    let h = tokio::spawn(async move {
-        app::run_expirer(res, s, &group, listener, booking::telemetry::install_metrics(), sd).await.unwrap();
-    });
-    (t, h)
-}
-
-async fn stop(x: (CancellationToken, tokio::task::JoinHandle<()>)) {
-    x.0.cancel();
-    let _ = x.1.await;
+async fn stop(task: Task) {
+    inproc::stop(vec![task]).await;
 }
 
 async fn hold_one(api: &TestApi, name: &str, schedule: &str, seat: &str) -> (User, String) {
@@ -347,7 +329,7 @@ async fn an_expiration_that_arrives_early_leaves_the_hold_payable_and_it_expires
     println!("expired {} ms after expiresAt", (expired_at - expires_at).num_milliseconds());
     // The scheduler's copy is published too, and changes nothing: one expiry, one notification.
     common::eventually(Duration::from_secs(20), || async { in_scheduler(&env, &id).await == (None, false) }).await;
-    let group = format!("{}expirer", env.prefix);
+    let group = inproc::expirer_group(&env);
     common::eventually(Duration::from_secs(20), || async { group_caught_up(&env, &group, &env.topics().reservation_expiration) }).await;
     assert_eq!(expired_notifications(&env, &id).await, 1, "expired once");
     assert_eq!(status_of(&env, &paid).await, "CONFIRMED");

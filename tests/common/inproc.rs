@@ -61,17 +61,27 @@ pub async fn worker(env: &TestEnv, group_prefix: &str, settings: WorkerSettings)
     (t, tokio::spawn(async move { app::run_worker(res, settings, &gp, ops, booking::telemetry::install_metrics(), sd).await.unwrap() }))
 }
 
-/// A delay scheduler in consumer group `<prefix>sched` (two calls make two members).
+/// The consumer group of the test's delay schedulers (what `bookingctl --scheduler-group` names).
+pub fn scheduler_group(env: &TestEnv) -> String {
+    format!("{}scheduler", env.prefix)
+}
+
+/// The consumer group of the test's expirers.
+pub fn expirer_group(env: &TestEnv) -> String {
+    format!("{}expirer", env.prefix)
+}
+
+/// A delay scheduler in the test's scheduler group (two calls make two members).
 pub async fn scheduler(env: &TestEnv, cfg: SchedulerConfig) -> Task {
     let t = CancellationToken::new();
-    let (res, g, sd, ops) = (env.res.clone(), format!("{}sched", env.prefix), t.clone(), ops_listener().await);
+    let (res, g, sd, ops) = (env.res.clone(), scheduler_group(env), t.clone(), ops_listener().await);
     (t, tokio::spawn(async move { app::run_scheduler(res, cfg, &g, ops, booking::telemetry::install_metrics(), sd).await.unwrap() }))
 }
 
-/// An expirer in consumer group `<prefix>exp` (two calls make two members).
+/// An expirer in the test's expirer group (two calls make two members).
 pub async fn expirer(env: &TestEnv, settings: ExpirerSettings) -> Task {
     let t = CancellationToken::new();
-    let (res, g, sd, ops) = (env.res.clone(), format!("{}exp", env.prefix), t.clone(), ops_listener().await);
+    let (res, g, sd, ops) = (env.res.clone(), expirer_group(env), t.clone(), ops_listener().await);
     (t, tokio::spawn(async move { app::run_expirer(res, settings, &g, ops, booking::telemetry::install_metrics(), sd).await.unwrap() }))
 }
 
