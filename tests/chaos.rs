@@ -211,11 +211,17 @@ async fn invariants(env: &TestEnv, client: &Client, outside: &Outside, poison: U
     let exported = outside.exported.lock().unwrap().clone();
     let want: HashSet<&String> = payments.iter().filter(|p| Some(*p) != refused.as_ref()).collect();
     let got: HashSet<&String> = exported.keys().collect();
+    // The export's documented window (src/export.rs): a crash between the sink's acceptance and
+    // the commit of `processed_events` sends that record once more, and the platform drops the
+    // repeat by its `paymentId`. Two faults here open that window (the worker's SIGKILL and the
+    // PostgreSQL restart), each for the one record in flight: at most two repeats, each at most
+    // once. Anything more would be a replay the product failed to skip.
     let twice = exported.values().filter(|n| **n > 1).count();
+    let worst = exported.values().copied().max().unwrap_or(0);
     check(
-        "export holds each payment once, but the one the sink refused (400)",
-        refused.as_ref().is_some_and(|r| payments.contains(r)) && got == want && twice == 0,
-        format!("{} exported, {} payments, refused {refused:?}, {twice} twice", exported.len(), payments.len()),
+        "export holds each payment once (a repeat only from the two crash windows), but the one the sink refused (400)",
+        refused.as_ref().is_some_and(|r| payments.contains(r)) && got == want && twice <= 2 && worst <= 2,
+        format!("{} exported, {} payments, refused {refused:?}, {twice} sent twice", exported.len(), payments.len()),
     );
     let n = scalar(env, "SELECT count(*) FROM outbox WHERE published_at IS NULL AND set_aside_at IS NULL").await;
     let aside: Option<(bool, bool, Option<String>)> = sqlx::query_as("SELECT set_aside_at IS NOT NULL, published_at IS NULL, last_error FROM outbox WHERE event_id = $1").bind(poison).fetch_optional(&env.pool).await.ok().flatten();
