@@ -59,6 +59,13 @@ pub async fn claim(
     if inserted == 1 {
         return Ok(Claim::Fresh);
     }
+    let (status, body) = stored(tx, user, scope, key, request_hash).await?;
+    Ok(Claim::Replay { status, body })
+}
+
+/// The answer stored for a key someone else claimed: `IDEMPOTENCY_KEY_REUSED` if it was claimed
+/// for another request. For a path that claims the key inside a statement of its own.
+pub async fn stored(tx: &mut PgConnection, user: Uuid, scope: &str, key: &str, request_hash: &[u8]) -> Result<(u16, Value)> {
     let (hash, status, body): (Vec<u8>, i32, Value) = sqlx::query_as(
         "SELECT request_hash, status_code, response FROM idempotency_keys
          WHERE user_id = $1 AND scope = $2 AND key = $3",
@@ -71,7 +78,7 @@ pub async fn claim(
     if hash != request_hash {
         return Err(Error::IdempotencyKeyReused);
     }
-    Ok(Claim::Replay { status: status as u16, body })
+    Ok((status as u16, body))
 }
 
 /// Stores the answer given for a claimed key (same transaction as the work).

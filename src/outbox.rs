@@ -106,24 +106,37 @@ pub async fn enqueue_many(tx: &mut PgConnection, rows: &[Row]) -> Result<(), sql
     if rows.is_empty() {
         return Ok(());
     }
+    bind_rows(sqlx::query(&insert_sql(1, "")), rows).execute(tx).await?;
+    Ok(())
+}
+
+/// The insert of [`enqueue_many`] as SQL, for a statement that writes its own change and its
+/// events in one round trip (a payment, a hold: on those paths round trips are what a spike
+/// costs). The rows are the four array parameters starting at `$first` (bind them with
+/// [`bind_rows`]); `guard` is a `WHERE` clause that must hold for anything to be written (empty
+/// for none), e.g. "the change of this statement happened".
+pub fn insert_sql(first: usize, guard: &str) -> String {
+    let (t, k, e, v) = (first, first + 1, first + 2, first + 3);
+    // WITH ORDINALITY + ORDER BY: the bigserial ids are drawn in the rows' order.
+    format!(
+        "INSERT INTO outbox (topic, message_key, event_id, envelope)
+         SELECT t, k, e, v FROM unnest(${t}::text[], ${k}::text[], ${e}::uuid[], ${v}::jsonb[]) WITH ORDINALITY AS x(t, k, e, v, n)
+         {guard}
+         ORDER BY n
+         ON CONFLICT (event_id) DO NOTHING"
+    )
+}
+
+/// Binds `rows` as the four array parameters of [`insert_sql`] (the next four of `query`).
+pub fn bind_rows<'q>(
+    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    rows: &'q [Row],
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
     let topics: Vec<&str> = rows.iter().map(|r| r.topic.as_str()).collect();
     let keys: Vec<&str> = rows.iter().map(|r| r.key.as_str()).collect();
     let ids: Vec<Uuid> = rows.iter().map(|r| r.event_id).collect();
     let envelopes: Vec<&serde_json::Value> = rows.iter().map(|r| &r.envelope).collect();
-    // WITH ORDINALITY + ORDER BY: the bigserial ids are drawn in the rows' order.
-    sqlx::query(
-        "INSERT INTO outbox (topic, message_key, event_id, envelope)
-         SELECT t, k, e, v FROM unnest($1::text[], $2::text[], $3::uuid[], $4::jsonb[]) WITH ORDINALITY AS x(t, k, e, v, n)
-         ORDER BY n
-         ON CONFLICT (event_id) DO NOTHING",
-    )
-    .bind(&topics)
-    .bind(&keys)
-    .bind(&ids)
-    .bind(&envelopes)
-    .execute(tx)
-    .await?;
-    Ok(())
+    query.bind(topics).bind(keys).bind(ids).bind(envelopes)
 }
 
 /// Group commit of outbox rows written outside any other transaction (a new entrant's

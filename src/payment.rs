@@ -8,11 +8,11 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use sqlx::PgPool;
+use sqlx::{PgPool, Row as _};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
-use crate::idempotency::{self, Claim};
+use crate::idempotency;
 use crate::kafka::{Envelope, EventType, Topics};
 use crate::notification::{self, Kind, NotificationRequest};
 use crate::outbox;
@@ -41,50 +41,48 @@ pub struct Paid {
 }
 
 /// Pays `reservation` for `user`, once per `key`.
+///
+/// Under a spike a payment costs its round trips, and the hold's row lock is held across them,
+/// so the transaction is four: `BEGIN`; the key's claim with the hold's lock; one statement that
+/// writes everything; `COMMIT` (it was eight, one per step).
 pub async fn pay(pool: &PgPool, topics: &Topics, user: Uuid, key: &str, reservation: Uuid) -> Result<Paid> {
     let fp = idempotency::fingerprint(&[b"payment", reservation.as_bytes()]);
     let mut tx = pool.begin().await?;
-    if let Claim::Replay { status, body } = idempotency::claim(&mut tx, user, "payment", key, &fp).await? {
+
+    // Lock the hold, then claim the key (see `idempotency`), in one statement: a concurrent
+    // payment of this hold with another key waits on the lock and then sees CONFIRMED; a
+    // concurrent retry with this key waits on the lock too, then finds the key taken and replays.
+    // The claim reads the locked row (`lockfirst`), so every payment takes the two in the same
+    // order and two of them cannot deadlock. `now()` is the transaction's timestamp: `paid_at`.
+    let row: (bool, Option<String>, Option<DateTime<Utc>>, DateTime<Utc>, Option<i64>, Option<Uuid>, Option<Uuid>, DateTime<Utc>) = sqlx::query_as(
+        "WITH r AS MATERIALIZED (SELECT status, expires_at, price, schedule_id, seat_id FROM reservations
+                                 WHERE id = $4 AND user_id = $1 FOR UPDATE),
+              k AS (INSERT INTO idempotency_keys (user_id, scope, key, request_hash, status_code, response)
+                    SELECT $1, 'payment', $2, $3, 0, 'null' FROM (SELECT count(*) FROM r) AS lockfirst
+                    ON CONFLICT DO NOTHING RETURNING 1)
+         SELECT EXISTS (SELECT 1 FROM k), r.status, r.expires_at, clock_timestamp(), r.price, r.schedule_id, r.seat_id, now()
+         FROM (SELECT 1) AS one LEFT JOIN r ON true",
+    )
+    .bind(user)
+    .bind(key)
+    .bind(&fp)
+    .bind(reservation)
+    .fetch_one(&mut *tx)
+    .await?;
+    let (fresh, status, expires_at, now, price, schedule_id, seat_id, paid_at) = row;
+    if !fresh {
+        let (status, body) = idempotency::stored(&mut tx, user, "payment", key, &fp).await?;
         return Ok(Paid { status, body, schedule_id: None });
     }
-
-    // Lock the hold; a concurrent payment with another key waits here and then sees CONFIRMED.
-    let row: Option<(String, DateTime<Utc>, DateTime<Utc>, i64, Uuid, Uuid)> = sqlx::query_as(
-        "SELECT status, expires_at, clock_timestamp(), price, schedule_id, seat_id
-         FROM reservations WHERE id = $1 AND user_id = $2 FOR UPDATE",
-    )
-    .bind(reservation)
-    .bind(user)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let (status, expires_at, now, price, schedule_id, seat_id) = row.ok_or(Error::NotFound("reservation"))?;
+    let (Some(status), Some(expires_at), Some(price), Some(schedule_id), Some(seat_id)) = (status, expires_at, price, schedule_id, seat_id) else {
+        return Err(Error::NotFound("reservation"));
+    };
     if let Err(e) = check_payable(&status, expires_at, now) {
         metrics::counter!("payments_total", "outcome" => e.code()).increment(1);
         return Err(e);
     }
 
-    // Each statement below is a round trip inside the transaction, and under a spike round trips
-    // are what a payment costs (the row locks are held across them): the balance and its ledger
-    // line are one statement (`points::apply`), the payment and the reservation's confirmation
-    // another, the two outbox rows a third.
-    let balance = points::apply(&mut tx, user, Movement::Use, price).await?;
-    let Some(balance) = balance else {
-        metrics::counter!("payments_total", "outcome" => "INSUFFICIENT_POINTS").increment(1);
-        return Err(Error::InsufficientPoints);
-    };
     let payment_id = Uuid::new_v4();
-    let paid_at: DateTime<Utc> = sqlx::query_scalar(
-        "WITH p AS (INSERT INTO payments (id, reservation_id, user_id, amount) VALUES ($1, $2, $3, $4) RETURNING paid_at)
-         UPDATE reservations r SET status = 'CONFIRMED', confirmed_at = p.paid_at FROM p WHERE r.id = $2
-         RETURNING p.paid_at",
-    )
-    .bind(payment_id)
-    .bind(reservation)
-    .bind(user)
-    .bind(price)
-    .fetch_one(&mut *tx)
-    .await?;
-
     let event = PaymentCompleted { payment_id, reservation_id: reservation, user_id: user, schedule_id, seat_id, amount: price, paid_at };
     let key_str = reservation.to_string();
     let note = NotificationRequest::new(
@@ -92,24 +90,42 @@ pub async fn pay(pool: &PgPool, topics: &Topics, user: Uuid, key: &str, reservat
         user,
         json!({"reservationId": reservation, "paymentId": payment_id, "scheduleId": schedule_id, "seatId": seat_id, "amount": price}),
     );
-    outbox::enqueue_many(
-        &mut tx,
-        &[
-            outbox::Row::new(&topics.payment_completed, &key_str, &Envelope::new(EventType::PaymentCompleted, event)),
-            notification::outbox_row(topics, notification::event_id(Kind::PaymentConfirmed, &key_str), note),
-        ],
-    )
-    .await?;
-
-    let body = json!({
+    let events = [
+        outbox::Row::new(&topics.payment_completed, &key_str, &Envelope::new(EventType::PaymentCompleted, event)),
+        notification::outbox_row(topics, notification::event_id(Kind::PaymentConfirmed, &key_str), note),
+    ];
+    // The balance is only known inside the statement: the stored answer gets it there.
+    let mut body = json!({
         "paymentId": payment_id,
         "reservationId": reservation,
         "amount": price,
         "status": "CONFIRMED",
-        "balance": balance,
+        "balance": 0,
         "paidAt": paid_at,
     });
-    idempotency::complete(&mut tx, user, "payment", key, 201, &body).await?;
+
+    // Everything else in one statement, each part only if the balance covered the price (`u`
+    // has its row): the points and their ledger line (`points::apply_sql`), the payment, the
+    // hold's confirmation, the outbox rows of `payment.completed` and the notification, and the
+    // key's stored answer.
+    let sql = format!(
+        "WITH {points},
+              p AS (INSERT INTO payments (id, reservation_id, user_id, amount, paid_at) SELECT $3, $4, $1, $2, $5 FROM u),
+              c AS (UPDATE reservations SET status = 'CONFIRMED', confirmed_at = $5 WHERE id = $4 AND EXISTS (SELECT 1 FROM u)),
+              i AS (UPDATE idempotency_keys k SET status_code = 201, response = jsonb_set($6::jsonb, '{{balance}}', to_jsonb(u.balance))
+                    FROM u WHERE k.user_id = $1 AND k.scope = 'payment' AND k.key = $7),
+              o AS ({outbox})
+         SELECT balance FROM u",
+        points = points::apply_sql(Movement::Use, "$1", "$2"),
+        outbox = outbox::insert_sql(8, "WHERE EXISTS (SELECT 1 FROM u)"),
+    );
+    let query = sqlx::query(&sql).bind(user).bind(price).bind(payment_id).bind(reservation).bind(paid_at).bind(&body).bind(key);
+    let balance: Option<i64> = outbox::bind_rows(query, &events).fetch_optional(&mut *tx).await?.map(|r| r.get(0));
+    let Some(balance) = balance else {
+        metrics::counter!("payments_total", "outcome" => "INSUFFICIENT_POINTS").increment(1);
+        return Err(Error::InsufficientPoints);
+    };
+    body["balance"] = json!(balance);
     tx.commit().await?;
     outbox::committed();
     metrics::counter!("payments_total", "outcome" => "confirmed").increment(1);

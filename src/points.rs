@@ -49,22 +49,27 @@ impl Movement {
 /// (nothing written then). A zero amount moves nothing and writes no line (the ledger's CHECK
 /// wants a positive amount: a free seat).
 pub async fn apply(tx: &mut sqlx::PgConnection, user: Uuid, movement: Movement, amount: i64) -> Result<Option<i64>, sqlx::Error> {
-    let delta = match movement {
-        Movement::Use => -amount,
-        Movement::Charge | Movement::Refund => amount,
+    sqlx::query_scalar(&format!("WITH {} SELECT balance FROM u", apply_sql(movement, "$1", "$2")))
+        .bind(user)
+        .bind(amount)
+        .fetch_optional(&mut *tx)
+        .await
+}
+
+/// The statement of [`apply`] as two data-modifying CTEs, `u` (the new balance, no row when a
+/// `Use` is not covered) and `l` (the ledger line), for a statement that does more in the same
+/// round trip (a payment). `user` and `amount` are its parameters (`$n`, a uuid and a bigint).
+pub fn apply_sql(movement: Movement, user: &str, amount: &str) -> String {
+    let (sign, kind) = match movement {
+        Movement::Use => ("-", movement.kind()),
+        Movement::Charge | Movement::Refund => ("+", movement.kind()),
     };
-    sqlx::query_scalar(
-        "WITH u AS (UPDATE users SET balance = balance + $2 WHERE id = $1 AND balance + $2 >= 0 RETURNING balance),
-              l AS (INSERT INTO point_ledger (user_id, kind, amount, balance_after)
-                    SELECT $1, $3, $4, balance FROM u WHERE $4 > 0)
-         SELECT balance FROM u",
+    format!(
+        "u AS (UPDATE users SET balance = balance {sign} {amount}::bigint
+               WHERE id = {user} AND balance {sign} {amount}::bigint >= 0 RETURNING balance),
+         l AS (INSERT INTO point_ledger (user_id, kind, amount, balance_after)
+               SELECT {user}, '{kind}', {amount}::bigint, balance FROM u WHERE {amount}::bigint > 0)"
     )
-    .bind(user)
-    .bind(delta)
-    .bind(movement.kind())
-    .bind(amount)
-    .fetch_optional(&mut *tx)
-    .await
 }
 
 /// Credits `amount` once per `key`; the same key replays the first answer.

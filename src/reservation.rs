@@ -25,7 +25,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use sqlx::{PgConnection, PgPool};
+use sqlx::{PgConnection, PgPool, Row as _};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
@@ -163,7 +163,16 @@ pub async fn hold(pool: &PgPool, topics: &Topics, req: HoldRequest<'_>, look: &S
         return Err(Error::SeatUnavailable);
     }
 
-    let mut tx = pool.begin().await?;
+    let (schedule, price) = (look.schedule, look.price);
+    // The seat limit's lock, taken by the transaction's first round trip (sent with `BEGIN`, its
+    // answer dropped: a failure aborts the transaction and the next statement reports it). It
+    // serialises this user's holds in this schedule (and only those) until commit, so the count
+    // below cannot be raced by a concurrent hold of the same user; the count is a statement of
+    // its own, and READ COMMITTED takes its snapshot after the lock was granted, so it sees
+    // every hold committed before. Taken before the key's claim, by every hold, so a keyed
+    // retry and its original take the two in the same order.
+    let lock = seat_limit_lock(user, schedule);
+    let mut tx = pool.begin_with(format!("BEGIN; SELECT pg_advisory_xact_lock({lock})")).await?;
     if let Some(key) = key {
         let fp = idempotency::fingerprint(&[b"reservation", seat.as_bytes()]);
         if let Claim::Replay { body, .. } = idempotency::claim(&mut tx, user, "reservation", key, &fp).await? {
@@ -171,19 +180,12 @@ pub async fn hold(pool: &PgPool, topics: &Topics, req: HoldRequest<'_>, look: &S
             return Ok(Held { body, fresh: None });
         }
     }
-    let (schedule, price) = (look.schedule, look.price);
-
-    // The seat limit. The lock serialises this user's holds in this schedule (and only those)
-    // until commit, so the count below cannot be raced by a concurrent hold of the same user;
-    // READ COMMITTED takes the count's snapshot after the lock is granted, so it sees every
-    // hold committed before.
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(seat_limit_lock(user, schedule))
-        .execute(&mut *tx)
-        .await?;
-    let live: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM reservations WHERE user_id = $1 AND schedule_id = $2
-         AND (status = 'CONFIRMED' OR (status = 'HELD' AND expires_at > clock_timestamp()))",
+    // `now()` is the transaction's timestamp: the hold's `createdAt`, and its `expiresAt` less
+    // the TTL, as the insert below writes them.
+    let (live, now): (i64, DateTime<Utc>) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM reservations WHERE user_id = $1 AND schedule_id = $2
+                 AND (status = 'CONFIRMED' OR (status = 'HELD' AND expires_at > clock_timestamp()))),
+                now()",
     )
     .bind(user)
     .bind(schedule)
@@ -211,27 +213,49 @@ pub async fn hold(pool: &PgPool, topics: &Topics, req: HoldRequest<'_>, look: &S
         metrics::counter!("expiry_transitions_total", "path" => "hold_takeover").increment(1);
     }
 
-    let ttl_ms = ttl.as_millis() as i64;
-    let created: Option<Reservation> = sqlx::query_as(&format!(
-        "INSERT INTO reservations (id, user_id, seat_id, schedule_id, price, status, expires_at)
-         VALUES ($1, $2, $3, $4, $5, 'HELD', now() + make_interval(secs => $6::float8 / 1000))
-         ON CONFLICT (seat_id) WHERE status IN ('HELD', 'CONFIRMED') DO NOTHING
-         RETURNING {COLUMNS}"
-    ))
-    .bind(Uuid::new_v4())
-    .bind(user)
-    .bind(seat)
-    .bind(schedule)
-    .bind(price)
-    .bind(ttl_ms)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some(r) = created else {
+    // The reservation as the insert writes it (microseconds, PostgreSQL's precision), so that its
+    // `reservation.created` goes into the outbox in the same statement: one round trip.
+    let r = Reservation {
+        reservation_id: Uuid::new_v4(),
+        user_id: user,
+        seat_id: seat,
+        schedule_id: schedule,
+        status: "HELD".into(),
+        price,
+        created_at: now,
+        expires_at: now + chrono::Duration::microseconds(ttl.as_micros() as i64),
+        expired_at: None,
+        confirmed_at: None,
+        cancelled_at: None,
+        refunded_at: None,
+    };
+    let events = [outbox::Row::new(
+        &topics.reservation_created,
+        &r.reservation_id.to_string(),
+        &Envelope::new(EventType::ReservationCreated, ReservationEvent::from(&r)),
+    )];
+    let sql = format!(
+        "WITH r AS (INSERT INTO reservations (id, user_id, seat_id, schedule_id, price, status, created_at, expires_at)
+                    VALUES ($1, $2, $3, $4, $5, 'HELD', $6, $7)
+                    ON CONFLICT (seat_id) WHERE status IN ('HELD', 'CONFIRMED') DO NOTHING
+                    RETURNING id),
+              o AS ({})
+         SELECT count(*) FROM r",
+        outbox::insert_sql(8, "WHERE EXISTS (SELECT 1 FROM r)"),
+    );
+    let query = sqlx::query(&sql)
+        .bind(r.reservation_id)
+        .bind(user)
+        .bind(seat)
+        .bind(schedule)
+        .bind(price)
+        .bind(r.created_at)
+        .bind(r.expires_at);
+    let inserted: i64 = outbox::bind_rows(query, &events).fetch_one(&mut *tx).await?.get(0);
+    if inserted == 0 {
         metrics::counter!("holds_total", "outcome" => "unavailable").increment(1);
         return Err(Error::SeatUnavailable);
-    };
-    let msg_key = r.reservation_id.to_string();
-    outbox::enqueue(&mut tx, &topics.reservation_created, &msg_key, &Envelope::new(EventType::ReservationCreated, ReservationEvent::from(&r))).await?;
+    }
     let body = serde_json::to_value(&r).expect("reservations serialize");
     if let Some(key) = key {
         idempotency::complete(&mut tx, user, "reservation", key, 201, &body).await?;
