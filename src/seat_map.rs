@@ -1,6 +1,7 @@
 //! The live seat map of a schedule (issue 13): a snapshot, then one event per seat change.
 //!
-//! Changes are captured by the trigger `seat_event_capture` on `reservations` (migration 0080):
+//! Changes are captured by triggers on `reservations` (`seat_events_on_insert` and
+//! `seat_events_on_update`, statement-level since migration 0130; one row-level trigger before):
 //! every status change of a reservation, whatever code made it — hold, payment, cancellation,
 //! expiry by the expirer, the sweeper or a stale hold taken over, refund — writes a `seat_events`
 //! row in the same transaction. A trigger rather than a call in each path, so that a path added

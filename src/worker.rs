@@ -370,7 +370,10 @@ impl Deliverer {
         let failed = errors.len() - delivered;
         if !ids.is_empty() {
             // Fenced on the claim's token: if the claim lapsed and another worker took the row,
-            // this writes nothing rather than overwrite that worker's state.
+            // this writes nothing rather than overwrite that worker's state. `= ANY($1)` keeps the
+            // plan a primary-key lookup per id whatever the statistics say: joined to the UNNEST
+            // alone, a plan made when few rows were PENDING may scan every PENDING row, and under
+            // a burst thousands are.
             sqlx::query(
                 "UPDATE notification_deliveries d SET
                      attempts = d.attempts + 1,
@@ -382,7 +385,8 @@ impl Deliverer {
                      next_attempt_at = CASE WHEN o.error IS NULL THEN d.next_attempt_at
                                        ELSE now() + make_interval(secs => least(0.2 * power(2, d.attempts), $4)) END
                  FROM UNNEST($1::bigint[], $2::int[], $3::text[]) AS o(id, status, error)
-                 WHERE d.notification_id = o.id AND d.status = 'PENDING' AND d.next_attempt_at = $5",
+                 WHERE d.notification_id = o.id AND d.notification_id = ANY($1)
+                   AND d.status = 'PENDING' AND d.next_attempt_at = $5",
             )
             .bind(&ids)
             .bind(&statuses)
