@@ -29,6 +29,8 @@
 #   BENCH_HOLD_TTL=60s  (must exceed the time to take the holds + 11 s for clean DB statistics)
 #   BENCH_PORT=28080    (api; the daemons' metrics on BENCH_PORT+21 … +24)   BENCH_OUT=docs/bench/latest
 #   BENCH_KEEP_DB=1     keep the bench database afterwards
+#   BENCH_PHASES=spike,after,bullmq,before,drain   the phases to run (default all; the report merges
+#                       those that ran), e.g. BENCH_PHASES=bullmq to try a change to the expiry path
 #   BENCH_PROFILE=1     profile instead: phase 1 only, with pg_stat_statements (the database time per
 #                       statement) and perf sampling the api (its hottest functions); writes
 #                       docs/bench/profile.md and leaves latest.* alone
@@ -62,6 +64,8 @@ NOTIFICATIONS=${BENCH_NOTIFICATIONS:-100000}
 PORT=${BENCH_PORT:-28080}
 M_API=$((PORT + 21)) M_SCHED=$((PORT + 22)) M_EXP=$((PORT + 23)) M_WORK=$((PORT + 24))
 OUT=${BENCH_OUT:-docs/bench/latest}
+PHASES=",${BENCH_PHASES:-spike,after,bullmq,before,drain},"
+phase() { [[ $PHASES == *",$1,"* ]]; }
 
 log() { echo "[bench] $*" >&2; }
 
@@ -162,7 +166,6 @@ QUEUE_NOTE="api --queue-tick 100ms --queue-batch 100000 --queue-max-active 10000
 
 for p in "$PORT" "$M_API" "$M_SCHED" "$M_EXP" "$M_WORK"; do port_free "$p"; done
 
-log "phase 1: queue spike, seat fight, sell-out, payments (api --hold-ttl 5m)"
 start_api 5m
 start_scheduler
 start_expirer after
@@ -177,10 +180,13 @@ if [[ ${BENCH_PROFILE:-0} == 1 ]]; then
     PERF_PID=$!
   fi
 fi
+if phase spike; then
+log "phase 1: queue spike, seat fight, sell-out, payments (api --hold-ttl 5m)"
 "${BENCH[@]}" --scenario limits,queue-spike,seat-fight,sell-out,payments --label spike \
   --users "$USERS" --fighters "$FIGHTERS" --schedules "$SCHEDULES" --clients "$CLIENTS" --pay-concurrency "$PAY_CONCURRENCY" \
   --note "$QUEUE_NOTE --hold-ttl 5m" --note "delay-scheduler, expirer --mode after, worker (log channel, ranking consumer)" \
   --out "$WORK/spike" || log "phase 1 reported a failure (see above); the report keeps what it measured"
+fi
 
 if [[ ${BENCH_PROFILE:-0} == 1 ]]; then
   [[ -n $PERF_PID ]] && { kill -INT "$PERF_PID"; wait "$PERF_PID" 2>/dev/null || true; }
@@ -228,41 +234,47 @@ if [[ ${BENCH_PROFILE:-0} == 1 ]]; then
   exit 0
 fi
 
-log "phase 2: end to end and expiry after (api --hold-ttl $HOLD_TTL, delay-scheduler + expirer --mode after)"
 stop_pid "$API_PID"
 start_api "$HOLD_TTL"
-"${BENCH[@]}" --scenario end-to-end,expiry --label after \
+phase after && log "phase 2: end to end and expiry after (api --hold-ttl $HOLD_TTL, delay-scheduler + expirer --mode after)"
+phase after && "${BENCH[@]}" --scenario end-to-end,expiry --label after \
   --scheduler-metrics "http://127.0.0.1:$M_SCHED/metrics" --expirer-metrics "http://127.0.0.1:$M_EXP/metrics" --holds "$HOLDS" --window "$WINDOW" --e2e-users "$E2E_USERS" \
   --note "$QUEUE_NOTE --hold-ttl $HOLD_TTL" --note "delay-scheduler (--poll-interval 1s), expirer --mode after (sweeper 30s/10s), worker" \
   --out "$WORK/after"
 
+if phase bullmq; then
 log "phase 2b: versus-bullmq (N = $BULLMQ_N, window $WINDOW; then BullMQ on the same Redis)"
 "${BENCH[@]}" --scenario versus-bullmq --label bullmq --bullmq-n "$BULLMQ_N" --window "$WINDOW" \
   --stack-topic-prefix "$PREFIX" --scheduler-metrics "http://127.0.0.1:$M_SCHED/metrics" --bullmq-script "$ROOT/bench/bullmq/delayed.cjs" \
   --note "holds written by booking::reservation::hold straight into the bench database (outbox → the api's relay); delay-scheduler, expirer --mode after; BullMQ $(node -p "require('$NODE_CACHE/node_modules/bullmq/package.json').version") Worker (concurrency 100) on the same Redis" \
   --out "$WORK/bullmq" || log "versus-bullmq reported a failure (see above); the report keeps what it measured"
+fi
 
-log "phase 3: expiry before (delay-scheduler stopped, expirer --mode before: scan every 10 s)"
 stop_pid "$SCHED_PID"; SCHED_PID=
-stop_pid "$EXPIRER_PID"
+stop_pid "$EXPIRER_PID"; EXPIRER_PID=
+if phase before; then
+log "phase 3: expiry before (delay-scheduler stopped, expirer --mode before: scan every 10 s)"
 start_expirer before
 "${BENCH[@]}" --scenario expiry --label before --expirer-metrics "http://127.0.0.1:$M_EXP/metrics" --holds "$HOLDS" --window "$WINDOW" \
   --note "$QUEUE_NOTE --hold-ttl $HOLD_TTL" --note "no delay-scheduler; expirer --mode before (--legacy-interval 10s); worker" \
   --expiry-timeout 90s --out "$WORK/before"
+fi
 
 stop_pid "$API_PID"; API_PID=
 stop_pid "$EXPIRER_PID"; EXPIRER_PID=
 stop_pid "$WORKER_PID"; WORKER_PID=
 
-log "phase 4: notify-drain ($NOTIFICATIONS requests to fresh topics, then the bench's own worker; every daemon stopped)"
-"${BENCH[@]}" --scenario notify-drain --label drain --notifications "$NOTIFICATIONS" \
+phase drain && log "phase 4: notify-drain ($NOTIFICATIONS requests to fresh topics, then the bench's own worker; every daemon stopped)"
+phase drain && "${BENCH[@]}" --scenario notify-drain --label drain --notifications "$NOTIFICATIONS" \
   --kafka-brokers "$KAFKA_BROKERS" --topic-prefix "${PREFIX}drain." --worker-bin "$BIN/worker" \
   --worker-metrics-addr "127.0.0.1:$M_WORK" --worker-log "$WORK/worker-drain.log" \
   --note "every daemon stopped; worker (log channel, --db-max-connections 10, default --delivery-batch) started by the bench after the backlog was produced" \
   --out "$WORK/drain"
 
 mkdir -p "$(dirname "$OUT")"
-"$BIN/bench" report --input "$WORK/spike.json" --input "$WORK/after.json" --input "$WORK/bullmq.json" --input "$WORK/before.json" --input "$WORK/drain.json" --out "$OUT"
+INPUTS=()
+for f in spike after bullmq before drain; do [[ -f $WORK/$f.json ]] && INPUTS+=(--input "$WORK/$f.json"); done
+"$BIN/bench" report "${INPUTS[@]}" --out "$OUT"
 
 if ! python3 -c 'import matplotlib' 2>/dev/null; then
   log "installing matplotlib for the charts"
