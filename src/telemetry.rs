@@ -148,6 +148,8 @@ pub fn describe_metrics(daemon: Daemon, topic_prefix: &str) {
     describe_counter!("exports_total", "Payments exported to the data platform");
     // Kafka consumers.
     describe_counter!("kafka_messages_processed_total", "Messages handled successfully, by consumer and topic");
+    describe_histogram!("kafka_batch_messages", "Messages handed to the handler at once (what was already fetched), by consumer");
+    describe_histogram!("kafka_batch_seconds", "Time to handle one batch, by consumer: batch size over batch time is what it keeps up with");
     describe_counter!("kafka_handler_retries_total", "Transient handler failures retried, by consumer");
     describe_counter!("kafka_consume_errors_total", "Errors receiving from Kafka, by consumer");
     describe_counter!("kafka_dead_letters_total", "Messages sent to <topic>.dlq, by source topic");

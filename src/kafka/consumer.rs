@@ -265,7 +265,12 @@ impl ConsumerRunner {
                     _ => break,
                 }
             }
+            let started = std::time::Instant::now();
             let results = handler.handle_batch(&batch).await;
+            // How big the batches are and how long one takes: under a burst, what a consumer
+            // keeps up with is batch size ÷ batch time.
+            metrics::histogram!("kafka_batch_messages", "consumer" => name.to_string()).record(batch.len() as f64);
+            metrics::histogram!("kafka_batch_seconds", "consumer" => name.to_string()).record(started.elapsed().as_secs_f64());
             let mut stopped = false;
             // Offsets are stored in order, and only up to the first message that is not done: a
             // later message's offset must never be committed past an unhandled earlier one.
