@@ -17,6 +17,13 @@
 #   reset              down, then delete the data directory
 #   start-postgres | start-redis | start-kafka   start one service, wait until ready
 #   stop-postgres  | stop-redis  | stop-kafka    stop one service (for fault tests)
+#   delete-topics REGEX   delete the Kafka topics whose names match REGEX (the benchmark drops
+#                      its own when it ends)
+#   prune              drop what earlier test and benchmark runs left: databases test_* and
+#                      bench_*, and their Kafka topics (t<12 hex>.* and bench<14 digits>.*).
+#                      Not while a test or benchmark runs on these services: it would lose its
+#                      database. A broker keeps ~40 KB of heap per partition, so thousands of
+#                      leftover test topics slow it down and make its restarts long.
 #
 # Topologies: --topology single|cluster (anywhere on the command line) or BOOKING_TOPOLOGY.
 #   single (default)  the three services above, one process each.
@@ -601,6 +608,39 @@ kafka_tool_init() {
 kafka_tool_init
 kafka_tool() { "${KAFKA_TOOL[@]}" "$@"; }
 
+# A broker's JVM, heap size left to the caller: "${KAFKA_BROKER_JVM[@]}" -Xms.. -Xmx.. "${KAFKA_BROKER_ARGS[@]}".
+# (Set when called, so the cluster topology's own KAFKA_LOGS, KAFKA_LOG4J and KAFKA_PROPS apply.)
+# The heap: a broker keeps ~40 KB per partition on it (measured: 410 MB live after a full GC with
+# 9,738 partitions). At 512 MB a development broker that had seen a few test suites spent more CPU
+# in G1's concurrent marking than in serving requests (4 CPU-s of G1 Conc in a 2-minute benchmark
+# phase), which the benchmark then charged to our daemons.
+kafka_broker_cmd() {
+    KAFKA_BROKER_JVM=("$JAVA")
+    KAFKA_BROKER_ARGS=(-XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:+ExitOnOutOfMemoryError
+        -Djava.awt.headless=true -Dkafka.logs.dir="$KAFKA_LOGS" -Dlog4j2.shutdownHookEnabled=false
+        -Dlog4j2.configurationFile="$KAFKA_LOG4J"
+        -cp "$KAFKA_LIBS/*" kafka.Kafka "$KAFKA_PROPS")
+}
+
+# Deletes the topics matching the regular expression $1 on the single broker.
+delete_topics() {
+    [[ -n ${1:-} ]] || die "delete-topics needs a regular expression"
+    kafka_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$KAFKA_BROKERS" --delete --if-exists --topic "$1" >&2
+}
+
+# What earlier test and benchmark runs left behind (see usage).
+cmd_prune() {
+    local dbs n=0 db
+    pg_require_bin
+    dbs=$(pg_psql -U "$PG_SUPERUSER" -d postgres -Atc "SELECT datname FROM pg_database WHERE datname ~ '^(test_[0-9a-f]{12}|bench_[0-9]{14})$'")
+    for db in $dbs; do
+        pg_psql -U "$PG_SUPERUSER" -d postgres -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null && n=$((n + 1))
+    done
+    log "prune: dropped $n databases"
+    delete_topics '(t[0-9a-f]{12}|bench[0-9]{14})\..*'
+    log "prune: deleted the test and benchmark topics"
+}
+
 kafka_write_conf() {
     mkdir -p -- "$KAFKA_LOG_DIRS" "$KAFKA_LOGS"
     cat >"$KAFKA_PROPS" <<EOF
@@ -716,11 +756,9 @@ launch_kafka() {
     # New session (setsid) + nohup: survives the caller's terminal/process group.
     # The pid file is written by the process that then execs java.
     # shellcheck disable=SC2016  # expanded by the inner bash
+    kafka_broker_cmd
     setsid bash -c 'echo $$ >"$0"; exec nohup "$@"' "$KAFKA_PID" \
-        "$JAVA" -Xms512m -Xmx512m -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:+ExitOnOutOfMemoryError \
-        -Djava.awt.headless=true -Dkafka.logs.dir="$KAFKA_LOGS" -Dlog4j2.shutdownHookEnabled=false \
-        -Dlog4j2.configurationFile="$KAFKA_LOG4J" \
-        -cp "$KAFKA_LIBS/*" kafka.Kafka "$KAFKA_PROPS" \
+        "${KAFKA_BROKER_JVM[@]}" -Xms1536m -Xmx1536m "${KAFKA_BROKER_ARGS[@]}" \
         </dev/null >>"$KAFKA_OUT" 2>&1 9>&- &
     local i
     for ((i = 0; i < 50; i++)); do
@@ -951,11 +989,9 @@ launch_cluster_broker() {
     log "kafka-$KAFKA_NODE: starting on $HOST:$KAFKA_PORT (controller $HOST:$KAFKA_CONTROLLER_PORT)"
     printf '\n==== %s scripts/services.sh: starting kafka.Kafka ====\n' "$(date -Is)" >>"$KAFKA_OUT"
     # shellcheck disable=SC2016  # expanded by the inner bash
+    kafka_broker_cmd
     setsid bash -c 'echo $$ >"$0"; exec nohup "$@"' "$KAFKA_PID" \
-        "$JAVA" -Xms384m -Xmx384m -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:+ExitOnOutOfMemoryError \
-        -Djava.awt.headless=true -Dkafka.logs.dir="$KAFKA_LOGS" -Dlog4j2.shutdownHookEnabled=false \
-        -Dlog4j2.configurationFile="$KAFKA_LOG4J" \
-        -cp "$KAFKA_LIBS/*" kafka.Kafka "$KAFKA_PROPS" \
+        "${KAFKA_BROKER_JVM[@]}" -Xms1g -Xmx1g "${KAFKA_BROKER_ARGS[@]}" \
         </dev/null >>"$KAFKA_OUT" 2>&1 9>&- &
     local i
     for ((i = 0; i < 50; i++)); do
@@ -1343,6 +1379,8 @@ main() {
     stop-postgres) take_lock && stop_postgres >&2 ;;
     stop-redis) take_lock && stop_redis >&2 ;;
     stop-kafka) take_lock && stop_kafka >&2 ;;
+    delete-topics) delete_topics "${2:-}" ;;
+    prune) cmd_prune >&2 ;;
     -h | --help | help) usage ;;
     *)
         usage >&2
