@@ -202,9 +202,8 @@ pub fn consumer_config(brokers: &str, group: &str) -> ClientConfig {
         // in the latency of a burst: payment → PAYMENT_CONFIRMED on the stream p50 48 / p99 93 ms
         // at 10 ms, 66 / 118 ms at 100 ms, 121 / 231 ms at 500 ms (librdkafka keeps one fetch in
         // flight per broker: likely a partition that just returned data waits for the others'
-        // fetch). The price:
-        // every idle consumer sends ~100 fetches a second per broker (the four daemons cost an
-        // idle broker about a sixth of a core; 3 % at 500 ms).
+        // fetch). The price: every idle consumer sends ~100 fetches a second per broker (the four
+        // daemons cost an idle broker about a sixth of a core; 3 % at 500 ms).
         .set("fetch.min.bytes", "1")
         .set("fetch.wait.max.ms", "10")
         .set("statistics.interval.ms", "5000")
