@@ -171,23 +171,9 @@ for p in "$PORT" "$M_API" "$M_SCHED" "$M_EXP" "$M_WORK"; do port_free "$p"; done
 # Phase 0, not measured: warm the broker. A JVM just started spends seconds of CPU compiling its
 # hot paths (measured: 4.4 CPU-s of C2 compiler threads during one 2-minute phase after a
 # restart), and on two cores that lands on whatever scenario runs first. A broker in production
-# is warm; 20 s of idempotent acks=all produce and a consumer reading it back make this one so.
-warm_kafka() {
-  local libs="${BOOKING_DATA_DIR:-$ROOT/.data}/kafka/libs" topic="${PREFIX}warmup" java=${JAVA_HOME:+$JAVA_HOME/bin/}java
-  [[ -d $libs ]] || return 0
-  log "phase 0: warming Kafka (20 s of produce and consume on $topic, not measured)"
-  local jvm=("$java" -Xmx256m -Dlog4j2.configurationFile="${BOOKING_DATA_DIR:-$ROOT/.data}/kafka/log4j2-tools.properties" -cp "$libs/*")
-  "${jvm[@]}" org.apache.kafka.tools.TopicCommand --bootstrap-server "$KAFKA_BROKERS" --create --if-not-exists \
-    --topic "$topic" --partitions 3 --replication-factor 1 >/dev/null 2>&1 || { log "warm-up topic not created (skipped)"; return 0; }
-  "${jvm[@]}" org.apache.kafka.tools.ConsumerPerformance --bootstrap-server "$KAFKA_BROKERS" --topic "$topic" \
-    --messages 400000 --timeout 40000 >/dev/null 2>&1 &
-  local consumer=$!
-  "${jvm[@]}" org.apache.kafka.tools.ProducerPerformance --topic "$topic" --num-records 400000 --record-size 400 \
-    --throughput 20000 --producer-props bootstrap.servers="$KAFKA_BROKERS" acks=all enable.idempotence=true linger.ms=0 \
-    >/dev/null 2>&1 || log "warm-up producer failed (ignored)"
-  wait "$consumer" 2>/dev/null || true
-}
-warm_kafka
+# is warm.
+log "phase 0: warming Kafka (scripts/services.sh warm-kafka 20, not measured)"
+scripts/services.sh warm-kafka 20 || log "warming Kafka failed (ignored)"
 
 start_api 5m
 start_scheduler

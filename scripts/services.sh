@@ -19,6 +19,9 @@
 #   stop-postgres  | stop-redis  | stop-kafka    stop one service (for fault tests)
 #   delete-topics REGEX   delete the Kafka topics whose names match REGEX (the benchmark drops
 #                      its own when it ends)
+#   warm-kafka [SECONDS]  SECONDS (default 20) of idempotent produce and consume on a scratch
+#                      topic: a broker JVM just started spends seconds of CPU compiling its hot
+#                      paths, which would land on whatever is measured first (the benchmark calls it)
 #   prune              drop what earlier test and benchmark runs left: databases test_* and
 #                      bench_*, and their Kafka topics (t<12 hex>.* and bench<14 digits>.*).
 #                      Not while a test or benchmark runs on these services: it would lose its
@@ -626,6 +629,23 @@ kafka_broker_cmd() {
 delete_topics() {
     [[ -n ${1:-} ]] || die "delete-topics needs a regular expression"
     kafka_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$KAFKA_BROKERS" --delete --if-exists --topic "$1" >&2
+}
+
+# Warms the single broker's JVM (see usage): $1 seconds of idempotent acks=all produce at
+# 20,000/s on a scratch topic, read back by a consumer; the topic is deleted afterwards.
+warm_kafka() {
+    local seconds=${1:-20} topic="_warmup_$$" consumer rc=0
+    kafka_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$KAFKA_BROKERS" --create --if-not-exists \
+        --topic "$topic" --partitions 3 --replication-factor 1 >/dev/null || return 1
+    "${KAFKA_TOOL[@]}" org.apache.kafka.tools.ConsumerPerformance --bootstrap-server "$KAFKA_BROKERS" --topic "$topic" \
+        --messages $((seconds * 20000)) --timeout $(((seconds + 20) * 1000)) >/dev/null 2>&1 &
+    consumer=$!
+    kafka_tool org.apache.kafka.tools.ProducerPerformance --topic "$topic" --num-records $((seconds * 20000)) --record-size 400 \
+        --throughput 20000 --producer-props bootstrap.servers="$KAFKA_BROKERS" acks=all enable.idempotence=true linger.ms=0 \
+        >/dev/null || rc=1
+    wait "$consumer" || true
+    delete_topics "$topic" 2>/dev/null || true
+    return "$rc"
 }
 
 # What earlier test and benchmark runs left behind (see usage).
@@ -1381,6 +1401,7 @@ main() {
     stop-kafka) take_lock && stop_kafka >&2 ;;
     delete-topics) delete_topics "${2:-}" ;;
     prune) cmd_prune >&2 ;;
+    warm-kafka) warm_kafka "${2:-20}" >&2 ;;
     -h | --help | help) usage ;;
     *)
         usage >&2

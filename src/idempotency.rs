@@ -45,17 +45,14 @@ pub async fn claim(
     key: &str,
     request_hash: &[u8],
 ) -> Result<Claim> {
-    let inserted = sqlx::query(
-        "INSERT INTO idempotency_keys (user_id, scope, key, request_hash, status_code, response)
-         VALUES ($1, $2, $3, $4, 0, 'null') ON CONFLICT DO NOTHING",
-    )
-    .bind(user)
-    .bind(scope)
-    .bind(key)
-    .bind(request_hash)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
+    let inserted = sqlx::query(&claim_sql("$1", "$2", "$3", "$4", "(VALUES (1)) AS one"))
+        .bind(user)
+        .bind(scope)
+        .bind(key)
+        .bind(request_hash)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
     if inserted == 1 {
         return Ok(Claim::Fresh);
     }
@@ -90,10 +87,7 @@ pub async fn complete(
     status: u16,
     body: &Value,
 ) -> Result<()> {
-    sqlx::query(
-        "UPDATE idempotency_keys SET status_code = $4, response = $5
-         WHERE user_id = $1 AND scope = $2 AND key = $3",
-    )
+    sqlx::query(&complete_sql("$1", "$2", "$3", "$4", "$5", "(VALUES (1)) AS one"))
     .bind(user)
     .bind(scope)
     .bind(key)
@@ -102,4 +96,25 @@ pub async fn complete(
     .execute(&mut *tx)
     .await?;
     Ok(())
+}
+
+/// The claim of [`claim`] as SQL (an `INSERT … RETURNING 1` that returns a row only for a fresh
+/// key), for a statement that claims inside a larger one (a payment: the claim rides on the
+/// hold's lock). The arguments are SQL expressions (`$n` or literals); one row of `from` is
+/// inserted, so `from` can make the claim wait for something else in the statement.
+pub fn claim_sql(user: &str, scope: &str, key: &str, request_hash: &str, from: &str) -> String {
+    format!(
+        "INSERT INTO idempotency_keys (user_id, scope, key, request_hash, status_code, response)
+         SELECT {user}, {scope}, {key}, {request_hash}, 0, 'null' FROM {from}
+         ON CONFLICT DO NOTHING RETURNING 1"
+    )
+}
+
+/// The update of [`complete`] as SQL; `response` may use the columns of `from` (a payment stores
+/// the balance its own statement computed), and nothing is stored when `from` has no row.
+pub fn complete_sql(user: &str, scope: &str, key: &str, status: &str, response: &str, from: &str) -> String {
+    format!(
+        "UPDATE idempotency_keys k SET status_code = {status}, response = {response} FROM {from}
+         WHERE k.user_id = {user} AND k.scope = {scope} AND k.key = {key}"
+    )
 }

@@ -71,18 +71,7 @@ pub async fn enqueue<T: Serialize>(
     key: &str,
     envelope: &Envelope<T>,
 ) -> Result<(), sqlx::Error> {
-    let json = serde_json::to_value(envelope).expect("envelopes serialize");
-    sqlx::query(
-        "INSERT INTO outbox (topic, message_key, event_id, envelope) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (event_id) DO NOTHING",
-    )
-    .bind(topic)
-    .bind(key)
-    .bind(envelope.event_id)
-    .bind(json)
-    .execute(tx)
-    .await?;
-    Ok(())
+    enqueue_many(tx, &[Row::new(topic, key, envelope)]).await
 }
 
 /// One outbox row to write: topic, message key, event id, envelope as JSON.

@@ -54,15 +54,14 @@ pub async fn pay(pool: &PgPool, topics: &Topics, user: Uuid, key: &str, reservat
     // concurrent retry with this key waits on the lock too, then finds the key taken and replays.
     // The claim reads the locked row (`lockfirst`), so every payment takes the two in the same
     // order and two of them cannot deadlock. `now()` is the transaction's timestamp: `paid_at`.
-    let row: (bool, Option<String>, Option<DateTime<Utc>>, DateTime<Utc>, Option<i64>, Option<Uuid>, Option<Uuid>, DateTime<Utc>) = sqlx::query_as(
+    let row: (bool, Option<String>, Option<DateTime<Utc>>, DateTime<Utc>, Option<i64>, Option<Uuid>, Option<Uuid>, DateTime<Utc>) = sqlx::query_as(&format!(
         "WITH r AS MATERIALIZED (SELECT status, expires_at, price, schedule_id, seat_id FROM reservations
                                  WHERE id = $4 AND user_id = $1 FOR UPDATE),
-              k AS (INSERT INTO idempotency_keys (user_id, scope, key, request_hash, status_code, response)
-                    SELECT $1, 'payment', $2, $3, 0, 'null' FROM (SELECT count(*) FROM r) AS lockfirst
-                    ON CONFLICT DO NOTHING RETURNING 1)
+              k AS ({claim})
          SELECT EXISTS (SELECT 1 FROM k), r.status, r.expires_at, clock_timestamp(), r.price, r.schedule_id, r.seat_id, now()
          FROM (SELECT 1) AS one LEFT JOIN r ON true",
-    )
+        claim = idempotency::claim_sql("$1", "'payment'", "$2", "$3", "(SELECT count(*) FROM r) AS lockfirst"),
+    ))
     .bind(user)
     .bind(key)
     .bind(&fp)
@@ -112,11 +111,11 @@ pub async fn pay(pool: &PgPool, topics: &Topics, user: Uuid, key: &str, reservat
         "WITH {points},
               p AS (INSERT INTO payments (id, reservation_id, user_id, amount, paid_at) SELECT $3, $4, $1, $2, $5 FROM u),
               c AS (UPDATE reservations SET status = 'CONFIRMED', confirmed_at = $5 WHERE id = $4 AND EXISTS (SELECT 1 FROM u)),
-              i AS (UPDATE idempotency_keys k SET status_code = 201, response = jsonb_set($6::jsonb, '{{balance}}', to_jsonb(u.balance))
-                    FROM u WHERE k.user_id = $1 AND k.scope = 'payment' AND k.key = $7),
+              i AS ({stored}),
               o AS ({outbox})
          SELECT balance FROM u",
         points = points::apply_sql(Movement::Use, "$1", "$2"),
+        stored = idempotency::complete_sql("$1", "'payment'", "$7", "201", "jsonb_set($6::jsonb, '{balance}', to_jsonb(u.balance))", "u"),
         outbox = outbox::insert_sql(8, "WHERE EXISTS (SELECT 1 FROM u)"),
     );
     let query = sqlx::query(&sql).bind(user).bind(price).bind(payment_id).bind(reservation).bind(paid_at).bind(&body).bind(key);

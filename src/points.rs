@@ -60,10 +60,11 @@ pub async fn apply(tx: &mut sqlx::PgConnection, user: Uuid, movement: Movement, 
 /// `Use` is not covered) and `l` (the ledger line), for a statement that does more in the same
 /// round trip (a payment). `user` and `amount` are its parameters (`$n`, a uuid and a bigint).
 pub fn apply_sql(movement: Movement, user: &str, amount: &str) -> String {
-    let (sign, kind) = match movement {
-        Movement::Use => ("-", movement.kind()),
-        Movement::Charge | Movement::Refund => ("+", movement.kind()),
+    let sign = match movement {
+        Movement::Use => "-",
+        Movement::Charge | Movement::Refund => "+",
     };
+    let kind = movement.kind();
     format!(
         "u AS (UPDATE users SET balance = balance {sign} {amount}::bigint
                WHERE id = {user} AND balance {sign} {amount}::bigint >= 0 RETURNING balance),
