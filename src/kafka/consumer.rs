@@ -199,10 +199,10 @@ pub fn consumer_config(brokers: &str, group: &str) -> ClientConfig {
         .set("heartbeat.interval.ms", "1000")
         // Short on purpose, though it has a price. A fetch is a long poll and the broker should
         // answer it as soon as data arrives, but measured here (issue 11) a longer wait shows up
-        // in the latency of a burst: payment → PAYMENT_CONFIRMED on the stream p50 48 / p99 93 ms
-        // at 10 ms, 66 / 118 ms at 100 ms, 121 / 231 ms at 500 ms (librdkafka keeps one fetch in
-        // flight per broker: likely a partition that just returned data waits for the others'
-        // fetch). The price: every idle consumer sends ~100 fetches a second per broker (the four
+        // in the latency of a burst: payment → PAYMENT_CONFIRMED on the stream p99 93–187 ms in
+        // three runs at 10 ms, 118 ms at 100 ms, 231 and 281 ms in two runs at 500 ms (librdkafka
+        // keeps one fetch in flight per broker: likely a partition that just returned data waits
+        // for the others' fetch). The price: every idle consumer sends ~100 fetches a second per broker (the four
         // daemons cost an idle broker about a sixth of a core; 3 % at 500 ms).
         .set("fetch.min.bytes", "1")
         .set("fetch.wait.max.ms", "10")
