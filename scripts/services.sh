@@ -49,6 +49,7 @@
 #   BOOKING_KAFKA_PORT            Kafka broker port        (default 59092)
 #   BOOKING_KAFKA_CONTROLLER_PORT Kafka KRaft controller   (default 59093)
 #   BOOKING_SERVICES_TIMEOUT      seconds to wait for a service (default 90)
+#   BOOKING_KAFKA_ROUNDTRIP_ATTEMPT  seconds one Kafka round-trip attempt may take (default 30)
 #   BOOKING_TOPOLOGY              single (default) or cluster
 #   BOOKING_CLUSTER_KAFKA_PORTS   cluster: broker ports     (default "59192 59193 59194")
 #   BOOKING_CLUSTER_CONTROLLER_PORTS  cluster: controllers  (default "59195 59196 59197")
@@ -74,6 +75,7 @@ REDIS_PORT=${BOOKING_REDIS_PORT:-56379}
 KAFKA_PORT=${BOOKING_KAFKA_PORT:-59092}
 KAFKA_CONTROLLER_PORT=${BOOKING_KAFKA_CONTROLLER_PORT:-59093}
 TIMEOUT=${BOOKING_SERVICES_TIMEOUT:-90}
+KAFKA_ROUNDTRIP_ATTEMPT=${BOOKING_KAFKA_ROUNDTRIP_ATTEMPT:-30}
 
 DATA_MARKER=$DATA_DIR/.booking-services-data
 
@@ -797,7 +799,6 @@ KAFKA_HEALTH_TOPIC_OK=0
 kafka_roundtrip() {
     local wait_ms=${1:-30000}
     local bs="$HOST:$KAFKA_PORT" out="$KAFKA_LOGS/healthcheck.$$.out" errf="$KAFKA_LOGS/healthcheck.err"
-    : >"$errf"
     if ((!KAFKA_HEALTH_TOPIC_OK)) && [[ ! -d $KAFKA_LOG_DIRS/$KAFKA_HEALTH_TOPIC-0 ]]; then
         kafka_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$bs" --create --if-not-exists \
             --topic "$KAFKA_HEALTH_TOPIC" --partitions 1 --replication-factor 1 >>"$errf" 2>&1 || return 1
@@ -806,12 +807,18 @@ kafka_roundtrip() {
     local token
     token="healthcheck-$(date +%s%N)-$$-$RANDOM"
     : >"$out"
-    "${KAFKA_TOOL[@]}" org.apache.kafka.tools.consumer.ConsoleConsumer --bootstrap-server "$bs" \
+    # Both clients are bounded twice: by their own settings (--timeout-ms is only an idle timeout,
+    # and a producer's close waits for its sends up to delivery.timeout.ms, 120 s by default) and
+    # by timeout(1), so an attempt never outlives its share whatever state a client is stuck in.
+    local hard=$((wait_ms / 1000 + 10))
+    timeout -k 5 "$hard" "${KAFKA_TOOL[@]}" org.apache.kafka.tools.consumer.ConsoleConsumer --bootstrap-server "$bs" \
         --topic "$KAFKA_HEALTH_TOPIC" --group _healthcheck --from-beginning --timeout-ms "$wait_ms" \
         >"$out" 2>>"$errf" </dev/null 9>&- &
     local cpid=$!
-    if ! printf '%s\n' "$token" | kafka_tool org.apache.kafka.tools.ConsoleProducer --bootstrap-server "$bs" \
-        --topic "$KAFKA_HEALTH_TOPIC" --producer-property max.block.ms="$wait_ms" >>"$errf" 2>&1 9>&-; then
+    if ! printf '%s\n' "$token" | timeout -k 5 "$hard" "${KAFKA_TOOL[@]}" org.apache.kafka.tools.ConsoleProducer \
+        --bootstrap-server "$bs" --topic "$KAFKA_HEALTH_TOPIC" --producer-property max.block.ms="$wait_ms" \
+        --producer-property request.timeout.ms=3000 --producer-property delivery.timeout.ms="$wait_ms" \
+        >>"$errf" 2>&1 9>&-; then
         kill -TERM "$cpid" 2>/dev/null || true
         wait "$cpid" 2>/dev/null || true
         rm -f -- "$out"
@@ -834,15 +841,25 @@ wait_kafka() {
     local deep=$1
     wait_ready "kafka" "$KAFKA_SERVER_LOG $KAFKA_OUT" kafka_running kafka_port_ready
     ((deep)) || return 0
-    local start=$SECONDS attempt=1 left
+    local start=$SECONDS attempt=1 left per errf="$KAFKA_LOGS/healthcheck.err"
     log "kafka: produce/consume round trip on topic $KAFKA_HEALTH_TOPIC"
-    until left=$((TIMEOUT - (SECONDS - start))) && kafka_roundtrip "$(((left > 5 ? left : 5) * 1000))"; do
+    : >"$errf"
+    # Each attempt gets at most KAFKA_ROUNDTRIP_ATTEMPT seconds. One attempt may not eat the whole
+    # budget: a client stuck in a state it never leaves (a group join or a metadata wait against a
+    # broker still loading its logs) must be replaced by fresh ones while time is left. CI once
+    # lost a whole 90 s to a single such attempt right after a restart under load.
+    while :; do
+        left=$((TIMEOUT - (SECONDS - start)))
+        per=$((left < KAFKA_ROUNDTRIP_ATTEMPT ? left : KAFKA_ROUNDTRIP_ATTEMPT))
+        per=$((per > 5 ? per : 5))
+        printf '[services] ---- round trip attempt %d (%ds of %ds left) ----\n' "$attempt" "$per" "$left" >>"$errf"
+        kafka_roundtrip "$((per * 1000))" && break
         if ! kafka_running; then
             die_log "kafka exited during start-up" "$KAFKA_SERVER_LOG" "$KAFKA_OUT"
         fi
         if ((SECONDS - start >= TIMEOUT)); then
-            cat "$KAFKA_LOGS/healthcheck.err" >&2 || true
-            die_log "kafka: no successful produce/consume round trip within ${TIMEOUT}s" "$KAFKA_SERVER_LOG"
+            # the clients' own errors last, so a truncated CI log still shows why
+            die_log "kafka: no successful produce/consume round trip within ${TIMEOUT}s" "$KAFKA_SERVER_LOG" "$errf"
         fi
         log "kafka: round trip attempt $attempt failed, retrying"
         KAFKA_HEALTH_TOPIC_OK=0
@@ -1030,12 +1047,15 @@ cluster_roundtrip() {
         --topic "$KAFKA_HEALTH_TOPIC" --partitions 1 --replication-factor 3 >>"$errf" 2>&1 || return 1
     local token
     token="healthcheck-$(date +%s%N)-$$-$RANDOM"
-    "${KAFKA_TOOL[@]}" org.apache.kafka.tools.consumer.ConsoleConsumer --bootstrap-server "$all" \
+    # bounded like kafka_roundtrip's clients: see there
+    timeout -k 5 70 "${KAFKA_TOOL[@]}" org.apache.kafka.tools.consumer.ConsoleConsumer --bootstrap-server "$all" \
         --topic "$KAFKA_HEALTH_TOPIC" --group _healthcheck --from-beginning --timeout-ms 60000 \
         >"$out" 2>>"$errf" </dev/null 9>&- &
     local cpid=$!
-    if ! printf '%s\n' "$token" | kafka_tool org.apache.kafka.tools.ConsoleProducer --bootstrap-server "$all" \
-        --topic "$KAFKA_HEALTH_TOPIC" --producer-property acks=all --producer-property max.block.ms=60000 >>"$errf" 2>&1 9>&-; then
+    if ! printf '%s\n' "$token" | timeout -k 5 70 "${KAFKA_TOOL[@]}" org.apache.kafka.tools.ConsoleProducer \
+        --bootstrap-server "$all" --topic "$KAFKA_HEALTH_TOPIC" --producer-property acks=all \
+        --producer-property max.block.ms=60000 --producer-property request.timeout.ms=3000 \
+        --producer-property delivery.timeout.ms=60000 >>"$errf" 2>&1 9>&-; then
         kill -TERM "$cpid" 2>/dev/null || true
         wait "$cpid" 2>/dev/null || true
         rm -f -- "$out"

@@ -69,6 +69,16 @@ pub fn run(cmd: &str) {
     if let Err(e) = check_with(&script, &[], cmd.starts_with("stop-")) {
         panic!("refusing to run services.sh {cmd}: {e}");
     }
-    let ok = Command::new("bash").arg(&script).arg(cmd).stdout(Stdio::null()).status().expect("services.sh runs").success();
+    // A restart in the middle of a fault test competes with the load and the daemons for two
+    // cores; the script's 90 s default is for a developer's idle machine. CI once ran out of it.
+    let timeout = std::env::var("BOOKING_SERVICES_TIMEOUT").unwrap_or_else(|_| "240".into());
+    let ok = Command::new("bash")
+        .arg(&script)
+        .arg(cmd)
+        .env("BOOKING_SERVICES_TIMEOUT", timeout)
+        .stdout(Stdio::null())
+        .status()
+        .expect("services.sh runs")
+        .success();
     assert!(ok, "services.sh {cmd}");
 }
