@@ -82,7 +82,8 @@ struct Cli {
 
     /// How often the live streams' feed stamps new seat events and notifications with their
     /// commit-ordered position and hands them to open streams (one small query per poll, whatever
-    /// the number of streams; an event reaches watchers within about one poll of its commit).
+    /// the number of streams; a seat event reaches watchers within about one poll of its commit).
+    /// Notifications do not wait for it: the worker's announcement wakes the feed at once.
     #[arg(long, env = "STREAM_POLL_INTERVAL", default_value = "20ms", value_parser = duration)]
     stream_poll_interval: Duration,
 

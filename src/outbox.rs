@@ -426,7 +426,12 @@ impl Relay {
             }
             // Seen before the step: a commit during the step wakes the wait below at once.
             woken.mark_unchanged();
-            let wait = match self.step().await {
+            let started = Instant::now();
+            let step = self.step().await;
+            if matches!(step, Ok(RelayTick::Published(_) | RelayTick::Failed { .. })) {
+                metrics::histogram!("outbox_relay_step_seconds").record(started.elapsed().as_secs_f64());
+            }
+            let wait = match step {
                 Ok(RelayTick::Published(n)) if n as i64 >= self.batch => {
                     backoff = Duration::from_millis(200);
                     continue;

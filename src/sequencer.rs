@@ -18,8 +18,9 @@
 //! committed before it started; so readers see a prefix. Writers never touch `stream_heads`:
 //! bookings do not serialize on the sequencer, only the (cheap, batched) stamping does.
 //!
-//! Cost: an event is served one stamping round after its commit (the [`Feed`] polls every
-//! `--stream-poll`, 20 ms by default), and each stamped row is written a second time.
+//! Cost: an event is served one stamping round after its commit (the [`Feed`] steps when the
+//! worker announces stored notifications, and polls every `--stream-poll-interval`, 20 ms by default, for
+//! seat events and as the fallback), and each stamped row is written a second time.
 //!
 //! Within one stamping batch rows are ordered by insertion id. For one seat that is commit order:
 //! two changes of a seat are serialized by PostgreSQL (the row lock of the reservation, or the
@@ -51,21 +52,20 @@ impl Stream {
 }
 
 /// Gives the next positions to at most `limit` committed, unstamped rows of `stream`, in one
-/// transaction holding the stream's head row. Returns how many rows it stamped.
-pub async fn stamp(pool: &PgPool, stream: Stream, limit: i64) -> Result<i64, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    // The sequencer lock: a second stamper (another replica) waits here until the first commits.
-    let head: i64 = sqlx::query_scalar("SELECT pos FROM stream_heads WHERE stream = $1 FOR UPDATE")
-        .bind(stream.name())
-        .fetch_one(&mut *tx)
-        .await?;
-    // A separate statement on purpose: its snapshot is taken after the lock was granted.
-    let sql = match stream {
+/// transaction holding the stream's head row. Returns how many rows it stamped and the stream's
+/// head after the commit (everything at or below it is visible to every new snapshot).
+///
+/// Three round trips: `BEGIN` with the lock, one statement, `COMMIT`.
+pub async fn stamp(pool: &PgPool, stream: Stream, limit: i64) -> Result<(i64, i64), sqlx::Error> {
+    // The sequencer lock rides on BEGIN: a second stamper (another replica) waits here until the
+    // first commits. (The stream's name is one of two constants, never input.)
+    let mut tx = pool.begin_with(format!("BEGIN; SELECT 1 FROM stream_heads WHERE stream = '{}' FOR UPDATE", stream.name())).await?;
+    // A separate statement on purpose: its snapshot is taken after the lock was granted, so it
+    // sees the head and the rows the previous stamper committed. It reads the head, stamps the
+    // pending rows after it and moves the head, all in that one snapshot.
+    let stamp = match stream {
         Stream::Seat => {
-            "WITH pending AS (
-                 SELECT id, $1 + row_number() OVER (ORDER BY id) AS pos
-                 FROM (SELECT id FROM seat_events WHERE pos IS NULL ORDER BY id LIMIT $2) p
-             ), stamped AS (
+            "stamped AS (
                  UPDATE seat_events e SET pos = pending.pos FROM pending WHERE e.id = pending.id
                  RETURNING e.pos, e.seat_id, e.schedule_id, e.status
              ), state AS (
@@ -73,33 +73,37 @@ pub async fn stamp(pool: &PgPool, stream: Stream, limit: i64) -> Result<i64, sql
                  SELECT DISTINCT ON (seat_id) seat_id, schedule_id, status, pos FROM stamped
                  ORDER BY seat_id, pos DESC
                  ON CONFLICT (seat_id) DO UPDATE SET status = excluded.status, pos = excluded.pos
-             )
-             SELECT count(*) FROM stamped"
+             )"
         }
         Stream::Notification => {
-            "WITH pending AS (
-                 SELECT id, $1 + row_number() OVER (ORDER BY id) AS pos
-                 FROM (SELECT id FROM notifications WHERE pos IS NULL ORDER BY id LIMIT $2) p
-             ), stamped AS (
+            "stamped AS (
                  UPDATE notifications n SET pos = pending.pos FROM pending WHERE n.id = pending.id
                  RETURNING n.pos
-             )
-             SELECT count(*) FROM stamped"
+             )"
         }
     };
-    let n: i64 = sqlx::query_scalar(sql).bind(head).bind(limit).fetch_one(&mut *tx).await?;
-    if n > 0 {
-        sqlx::query("UPDATE stream_heads SET pos = $2 WHERE stream = $1")
-            .bind(stream.name())
-            .bind(head + n)
-            .execute(&mut *tx)
-            .await?;
-    }
+    let table = match stream {
+        Stream::Seat => "seat_events",
+        Stream::Notification => "notifications",
+    };
+    let sql = format!(
+        "WITH head AS (SELECT pos FROM stream_heads WHERE stream = $1),
+              pending AS (
+                  SELECT id, (SELECT pos FROM head) + row_number() OVER (ORDER BY id) AS pos
+                  FROM (SELECT id FROM {table} WHERE pos IS NULL ORDER BY id LIMIT $2) p
+              ), {stamp}, moved AS (
+                  UPDATE stream_heads SET pos = (SELECT pos FROM head) + (SELECT count(*) FROM stamped)
+                  WHERE stream = $1 AND EXISTS (SELECT 1 FROM stamped)
+                  RETURNING pos
+              )
+         SELECT (SELECT count(*) FROM stamped), COALESCE((SELECT pos FROM moved), (SELECT pos FROM head))"
+    );
+    let (n, head): (i64, i64) = sqlx::query_as(&sql).bind(stream.name()).bind(limit).fetch_one(&mut *tx).await?;
     tx.commit().await?;
     if n > 0 {
         metrics::counter!("stream_positions_stamped_total", "stream" => stream.name()).increment(n as u64);
     }
-    Ok(n)
+    Ok((n, head))
 }
 
 /// One look at both streams: their heads and whether anything waits to be stamped.
@@ -209,14 +213,16 @@ impl Feed {
     pub async fn step(&mut self) -> Result<FeedStep, sqlx::Error> {
         let mut out = FeedStep::default();
         let mut p = probe(&self.pool).await?;
-        if p.seat_pending || p.notification_pending {
-            if p.seat_pending {
-                out.stamped += stamp(&self.pool, Stream::Seat, self.settings.stamp_batch).await?;
-            }
-            if p.notification_pending {
-                out.stamped += stamp(&self.pool, Stream::Notification, self.settings.stamp_batch).await?;
-            }
-            p = probe(&self.pool).await?;
+        // A stamp returns the head after its commit: no second probe needed.
+        if p.seat_pending {
+            let (n, head) = stamp(&self.pool, Stream::Seat, self.settings.stamp_batch).await?;
+            out.stamped += n;
+            p.seat_head = p.seat_head.max(head);
+        }
+        if p.notification_pending {
+            let (n, head) = stamp(&self.pool, Stream::Notification, self.settings.stamp_batch).await?;
+            out.stamped += n;
+            p.notification_head = p.notification_head.max(head);
         }
         // Seat events: read only when someone on this api watches; otherwise just move on.
         let seat_last = *self.seat_last.get_or_insert(p.seat_head);
@@ -241,22 +247,64 @@ impl Feed {
         Ok(out)
     }
 
-    /// Runs [`Feed::step`] every `poll` (sooner while stamping batches are full) until `shutdown`;
-    /// prunes old seat events once a minute.
+    async fn timed_step(&mut self, tick: &mut tokio::time::Interval) {
+        let started = std::time::Instant::now();
+        let step = self.step().await;
+        if matches!(step, Ok(s) if s.stamped > 0 || s.seat_events > 0 || s.notified_users > 0) {
+            metrics::histogram!("stream_feed_step_seconds").record(started.elapsed().as_secs_f64());
+        }
+        match step {
+            Ok(s) if s.stamped >= self.settings.stamp_batch => tick.reset_immediately(),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "stream feed step failed"),
+        }
+    }
+
+    /// Runs [`Feed::step`] when the worker announces stored notifications, and every `poll`
+    /// (sooner while stamping batches are full) until `shutdown`; prunes old seat events once a
+    /// minute.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(self.settings.poll);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut prune = tokio::time::interval(Duration::from_secs(60));
         prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The worker announces each stored batch on this channel after its commit (one NOTIFY
+        // per batch, see `notification::announce_stored`): a new notification is stamped and
+        // handed to its streams at once instead of on the next poll. The poll stays as the
+        // fallback (a lost announcement, PostgreSQL restarting) and for seat events.
+        let mut listener = match sqlx::postgres::PgListener::connect_with(&self.pool).await {
+            Ok(mut l) => match l.listen(crate::notification::STORED_CHANNEL).await {
+                Ok(()) => Some(l),
+                Err(e) => {
+                    tracing::warn!(error = %e, "stream feed: LISTEN failed; polling only");
+                    None
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "stream feed: no listener connection; polling only");
+                None
+            }
+        };
         loop {
+            let announced = async {
+                match listener.as_mut() {
+                    Some(l) => match l.recv().await {
+                        // One step covers every announcement already received.
+                        Ok(_) => while l.next_buffered().is_some() {},
+                        // The connection is gone (sqlx reconnects on the next recv): the poll
+                        // carries on meanwhile.
+                        Err(_) => tokio::time::sleep(self.settings.poll).await,
+                    },
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tick.tick() => {
-                    match self.step().await {
-                        Ok(s) if s.stamped >= self.settings.stamp_batch => tick.reset_immediately(),
-                        Ok(_) => {}
-                        Err(e) => tracing::warn!(error = %e, "stream feed step failed"),
-                    }
+                _ = tick.tick() => self.timed_step(&mut tick).await,
+                _ = announced => {
+                    self.timed_step(&mut tick).await;
+                    // The next poll a whole interval after this step.
+                    tick.reset();
                 }
                 _ = prune.tick() => {
                     if let Err(e) = prune_seat_events(&self.pool, self.settings.seat_event_retention, 10_000).await {

@@ -113,6 +113,7 @@ pub fn describe_metrics(daemon: Daemon, topic_prefix: &str) {
     describe_gauge!("outbox_set_aside", "Outbox events set aside because Kafka refused them for good (message too large, unknown topic)");
     describe_counter!("outbox_set_aside_total", "Outbox events set aside because Kafka refused them for good");
     describe_histogram!("outbox_group_commit_rows", "Outbox rows written by one group commit (new entrants' QUEUE_POSITION)");
+    describe_histogram!("outbox_relay_step_seconds", Unit::Seconds, "Time of one relay step that published (read, send, Kafka's acks, mark, commit)");
     describe_counter!("outbox_producer_rebuilds_total", "Outbox producers replaced after a fatal error of the idempotent producer");
     // Delay scheduler.
     describe_gauge!("scheduler_due_size", "Holds waiting in the scheduler's Redis set for their expiry, by shard");
@@ -153,6 +154,7 @@ pub fn describe_metrics(daemon: Daemon, topic_prefix: &str) {
     describe_counter!("kafka_handler_retries_total", "Transient handler failures retried, by consumer");
     describe_counter!("kafka_consume_errors_total", "Errors receiving from Kafka, by consumer");
     describe_counter!("kafka_dead_letters_total", "Messages sent to <topic>.dlq, by source topic");
+    describe_histogram!("stream_feed_step_seconds", Unit::Seconds, "Time of one step of the api's stream feed that found something (probe, stamp, fan-out)");
     describe_counter!("stream_positions_stamped_total", "Stream events given their commit-ordered position by the sequencer, by stream (`seat`, `notification`)");
     describe_gauge!("kafka_consumer_lag", "Messages behind the partition end, by group, topic and partition (rdkafka statistics)");
     // Every daemon.

@@ -2,7 +2,9 @@
 //! entries commit without sending a NOTIFY (PostgreSQL serializes the commits of notifying
 //! transactions), yet their events still leave through the outbox at once, with the relay's
 //! poll interval set to an hour; the worker announces a stored batch with one NOTIFY per up to
-//! 200 users, not one per row, and names every user whose stream has something new.
+//! 200 users, not one per row, and names every user whose stream has something new; and the
+//! api's stream feed acts on that announcement, so a payment's PAYMENT_CONFIRMED reaches an open
+//! stream with every poll on the path (relay, feed) set to an hour.
 
 mod common;
 
@@ -23,8 +25,8 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 /// The api with the outbox relay's fallback poll at one hour: an event that leaves quickly was
-/// woken by its commit, not found by a poll.
-async fn api_without_poll(env: &TestEnv) -> TestApi {
+/// woken by its commit, not found by a poll. `streams` sets the live streams' feed.
+async fn api_without_poll(env: &TestEnv, streams: booking::sequencer::StreamSettings) -> TestApi {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
@@ -45,10 +47,33 @@ async fn api_without_poll(env: &TestEnv) -> TestApi {
         },
         outbox_batch: 500,
         outbox_poll: Duration::from_secs(3600),
-        streams: booking::sequencer::StreamSettings::default(),
+        streams,
     };
     let handle = tokio::spawn(booking::app::run_api(env.res.clone(), settings, listener, None, booking::telemetry::install_metrics(), shutdown.clone()));
     TestApi { base: format!("http://{addr}"), metrics_url: None, http: reqwest::Client::new(), shutdown, handle: Some(handle) }
+}
+
+fn worker_settings(env: &TestEnv) -> WorkerSettings {
+    WorkerSettings {
+        channel: Channel::Log,
+        sink: Sink::File(std::env::temp_dir().join(format!("wakeup-export-{}.jsonl", env.prefix))),
+        delivery_poll: Duration::from_secs(1),
+        delivery_batch: 1000,
+        delivery_max_backoff: Duration::from_secs(1),
+        ranking_reconcile: Duration::from_secs(3600),
+        ranking_retention: Default::default(),
+        retention: Default::default(),
+    }
+}
+
+/// Runs the real worker (consumers, store, announcement) until `shutdown`.
+fn start_worker(env: &TestEnv, shutdown: &CancellationToken) -> tokio::task::JoinHandle<()> {
+    let settings = worker_settings(env);
+    let (res, group, sd) = (env.res.clone(), format!("{}worker-", env.prefix), shutdown.clone());
+    tokio::spawn(async move {
+        let ops = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        booking::app::run_worker(res, settings, &group, ops, booking::telemetry::install_metrics(), sd).await.unwrap();
+    })
 }
 
 async fn listen(env: &TestEnv, channels: &[&str]) -> PgListener {
@@ -61,7 +86,7 @@ async fn listen(env: &TestEnv, channels: &[&str]) -> PgListener {
 async fn holds_payments_and_queue_entries_commit_without_notify_and_their_events_leave_at_once() {
     let env = TestEnv::new().await;
     let mut listener = listen(&env, &["outbox_new", notification::STORED_CHANNEL]).await;
-    let api = api_without_poll(&env).await;
+    let api = api_without_poll(&env, Default::default()).await;
     let u = api.user("fan").await;
     api.charge(&u, 100_000).await;
     let (schedule, seats) = api.concert(2, 1000).await;
@@ -108,21 +133,7 @@ async fn the_worker_announces_each_stored_batch_once_naming_every_user() {
     let mut listener = listen(&env, &[notification::STORED_CHANNEL]).await;
 
     let shutdown = CancellationToken::new();
-    let settings = WorkerSettings {
-        channel: Channel::Log,
-        sink: Sink::File(std::env::temp_dir().join(format!("wakeup-export-{}.jsonl", env.prefix))),
-        delivery_poll: Duration::from_secs(1),
-        delivery_batch: 1000,
-        delivery_max_backoff: Duration::from_secs(1),
-        ranking_reconcile: Duration::from_secs(3600),
-        ranking_retention: Default::default(),
-        retention: Default::default(),
-    };
-    let ops = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let (res, group, sd) = (env.res.clone(), format!("{}worker-", env.prefix), shutdown.clone());
-    let worker = tokio::spawn(async move {
-        booking::app::run_worker(res, settings, &group, ops, booking::telemetry::install_metrics(), sd).await.unwrap();
-    });
+    let worker = start_worker(&env, &shutdown);
 
     // Listen until every user was named (or the deadline), counting the announcements.
     let mut named: HashSet<Uuid> = HashSet::new();
@@ -145,4 +156,51 @@ async fn the_worker_announces_each_stored_batch_once_naming_every_user() {
     .await;
     shutdown.cancel();
     let _ = worker.await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payments_notification_reaches_an_open_stream_when_every_poll_on_the_path_is_an_hour() {
+    let env = TestEnv::new().await;
+    // The feed's first step runs at start; after it, only the worker's announcement can wake it.
+    let streams = booking::sequencer::StreamSettings { poll: Duration::from_secs(3600), ..Default::default() };
+    let api = api_without_poll(&env, streams).await;
+    let shutdown = CancellationToken::new();
+    let worker = start_worker(&env, &shutdown);
+
+    let u = api.user("fan").await;
+    api.charge(&u, 100_000).await;
+    let (schedule, seats) = api.concert(1, 1000).await;
+    let token = api.active_token(&u, &schedule).await;
+    let r = api.hold(&u, &token, &seats[0]).await;
+    assert_eq!(r.status(), 201);
+    let reservation = r.json::<serde_json::Value>().await.unwrap()["reservationId"].as_str().unwrap().to_string();
+
+    let resp = api.http.get(api.url("/v1/users/me/notifications/stream")).bearer_auth(&u.token).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            let mut resp = resp;
+            while let Ok(Some(chunk)) = resp.chunk().await {
+                seen.lock().unwrap().push_str(&String::from_utf8_lossy(&chunk));
+            }
+        })
+    };
+
+    let r = api.pay(&u, "pay-1", &reservation).await;
+    assert_eq!(r.status(), 201);
+    // Far inside the feed's one-hour poll: the announcement woke it.
+    eventually(Duration::from_secs(20), || {
+        let seen = seen.clone();
+        async move { seen.lock().unwrap().contains("PAYMENT_CONFIRMED") }
+    })
+    .await;
+    let got = seen.lock().unwrap().clone();
+    assert_eq!(got.matches("\"PAYMENT_CONFIRMED\"").count(), 1, "exactly once on the stream: {got}");
+
+    reader.abort();
+    shutdown.cancel();
+    let _ = worker.await;
+    api.stop().await;
 }
