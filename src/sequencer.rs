@@ -6,21 +6,26 @@
 //! with `Last-Event-ID: p` (to this api or another replica) therefore gets every later event
 //! exactly once, in order.
 //!
-//! Where it comes from: rows are written with no position (`seat_events` by a trigger on
-//! `reservations`, `notifications` by the worker). [`stamp`] is the single sequencer: it locks the
-//! stream's row in `stream_heads` (`FOR UPDATE`, so one stamping transaction at a time whatever the
-//! number of api replicas running it), then, in a *new* statement — whose snapshot sees
+//! Where it comes from, seat events: rows are written with no position (by a trigger on
+//! `reservations`, inside the booking transactions). [`stamp`] is the single sequencer: it locks
+//! the stream's row in `stream_heads` (`FOR UPDATE`, so one stamping transaction at a time whatever
+//! the number of api replicas running it), then, in a *new* statement — whose snapshot sees
 //! everything committed before the lock was granted, including the previous stamper's commit —
 //! gives the committed, unstamped rows the positions `head + 1 …`, and commits. A writer's
 //! transaction that is still open is invisible to the stamper and simply gets a later position
 //! once it commits. Stamping transactions commit one after another in position order, and a
 //! PostgreSQL snapshot that sees a transaction as committed also sees every transaction that
-//! committed before it started; so readers see a prefix. Writers never touch `stream_heads`:
-//! bookings do not serialize on the sequencer, only the (cheap, batched) stamping does.
+//! committed before it started; so readers see a prefix. Bookings never touch `stream_heads`:
+//! they do not serialize on the sequencer, only the (cheap, batched) stamping does.
 //!
-//! Cost: an event is served one stamping round after its commit (the [`Feed`] steps when the
-//! worker announces stored notifications, and polls every `--stream-poll-interval`, 20 ms by default, for
-//! seat events and as the fallback), and each stamped row is written a second time.
+//! Notifications have one writer, the worker, which stores whole batches: it takes the same lock
+//! in its inserting transaction and writes each row with its position at once
+//! ([`crate::notification::store`]), the same argument in one transaction instead of two, and
+//! each row written once. The stamper still stamps a notification written without a position.
+//!
+//! Cost: a seat event is served one stamping round after its commit (the [`Feed`] polls every
+//! `--stream-poll-interval`, 20 ms by default), and each stamped row is written a second time. A
+//! notification is served when the worker's announcement wakes the feed.
 //!
 //! Within one stamping batch rows are ordered by insertion id. For one seat that is commit order:
 //! two changes of a seat are serialized by PostgreSQL (the row lock of the reservation, or the

@@ -34,69 +34,41 @@ impl Handler for NotificationHandler {
         if !KNOWN_TYPES.contains(&n.kind.as_str()) {
             return Err(HandleError::Poison(format!("unknown notification type {:?}", n.kind)));
         }
-        let inserted = sqlx::query(
-            "INSERT INTO notifications (event_id, user_id, type, title, message, data)
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (event_id) DO NOTHING",
-        )
-        .bind(env.event_id)
-        .bind(n.user_id)
-        .bind(&n.kind)
-        .bind(&n.title)
-        .bind(&n.message)
-        .bind(&n.data)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
+        let user = n.user_id;
+        let kind = n.kind.clone();
+        let inserted = crate::notification::store(&self.pool, &[(env.event_id, n)]).await?.len();
         if inserted == 1 {
-            announce(&self.pool, &[n.user_id]).await;
+            announce(&self.pool, &[user]).await;
         }
         let outcome = if inserted == 1 { "stored" } else { "duplicate" };
-        metrics::counter!("notifications_stored_total", "type" => n.kind.clone(), "outcome" => outcome).increment(1);
+        metrics::counter!("notifications_stored_total", "type" => kind, "outcome" => outcome).increment(1);
         Ok(())
     }
 
     /// Stores a whole batch with one statement (`UNNEST`), duplicates skipped by `eventId`.
     async fn handle_batch(&self, msgs: &[Incoming]) -> Vec<Result<(), HandleError>> {
         let mut out: Vec<Result<(), HandleError>> = Vec::with_capacity(msgs.len());
-        let (mut ids, mut users, mut kinds, mut titles, mut messages, mut data) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+        let mut requests = Vec::with_capacity(msgs.len());
         for msg in msgs {
             match Envelope::<NotificationRequest>::parse(&msg.payload, EventType::NotificationRequest) {
                 Ok(env) if KNOWN_TYPES.contains(&env.payload.kind.as_str()) => {
-                    let n = env.payload;
-                    ids.push(env.event_id);
-                    users.push(n.user_id);
-                    kinds.push(n.kind);
-                    titles.push(n.title);
-                    messages.push(n.message);
-                    data.push(n.data);
+                    requests.push((env.event_id, env.payload));
                     out.push(Ok(()));
                 }
                 Ok(env) => out.push(Err(HandleError::Poison(format!("unknown notification type {:?}", env.payload.kind)))),
                 Err(reason) => out.push(Err(HandleError::Poison(reason))),
             }
         }
-        if ids.is_empty() {
+        if requests.is_empty() {
             return out;
         }
-        let stored: Result<Vec<(String, Uuid)>, sqlx::Error> = sqlx::query_as(
-            "INSERT INTO notifications (event_id, user_id, type, title, message, data)
-             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::jsonb[])
-             ON CONFLICT (event_id) DO NOTHING RETURNING type, user_id",
-        )
-        .bind(&ids)
-        .bind(&users)
-        .bind(&kinds)
-        .bind(&titles)
-        .bind(&messages)
-        .bind(&data)
-        .fetch_all(&self.pool)
-        .await;
+        let stored = crate::notification::store(&self.pool, &requests).await;
         match stored {
             Ok(stored) => {
                 let stored_users: Vec<Uuid> = stored.iter().map(|(_, u)| *u).collect();
                 announce(&self.pool, &stored_users).await;
                 for kind in KNOWN_TYPES {
-                    let total = kinds.iter().filter(|k| k.as_str() == *kind).count();
+                    let total = requests.iter().filter(|(_, n)| n.kind.as_str() == *kind).count();
                     let new = stored.iter().filter(|(k, _)| k.as_str() == *kind).count();
                     metrics::counter!("notifications_stored_total", "type" => *kind, "outcome" => "stored").increment(new as u64);
                     metrics::counter!("notifications_stored_total", "type" => *kind, "outcome" => "duplicate").increment((total - new) as u64);

@@ -366,6 +366,72 @@ async fn a_notification_list_cursor_never_skips_a_row_that_commits_late() {
     api.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_stored_by_concurrent_writers_become_visible_in_position_order_once_each() {
+    use booking::notification::{store, Kind, NotificationRequest};
+    let env = TestEnv::new().await;
+    let user = uuid::Uuid::new_v4();
+    let stop = CancellationToken::new();
+    // Four writers (four worker replicas), each storing batches of 1..=20 as fast as it can; every
+    // third batch repeats an event already stored (a redelivery).
+    let mut writers = Vec::new();
+    for w in 0..4u64 {
+        let (pool, stop) = (env.pool.clone(), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let (mut stored, mut last): (usize, Option<uuid::Uuid>) = (0, None);
+            let mut i = 0u64;
+            while !stop.is_cancelled() {
+                i += 1;
+                let mut batch: Vec<(uuid::Uuid, NotificationRequest)> =
+                    (0..(i % 20 + 1)).map(|_| (uuid::Uuid::new_v4(), NotificationRequest::new(Kind::QueuePosition(w), user, serde_json::json!({})))).collect();
+                if let (Some(again), true) = (last, i % 3 == 0) {
+                    batch.insert(0, (again, NotificationRequest::new(Kind::QueuePosition(w), user, serde_json::json!({}))));
+                }
+                last = batch.last().map(|b| b.0);
+                let new = store(&pool, &batch).await.unwrap();
+                stored += new.len();
+            }
+            stored
+        }));
+    }
+    // A reader that remembers the highest position it has seen: no row at or below it may
+    // appear later (what a stream resuming from that position would skip).
+    let (pool, rstop) = (env.pool.clone(), stop.clone());
+    let reader = tokio::spawn(async move {
+        let mut seen: std::collections::HashSet<i64> = Default::default();
+        let mut high = 0i64;
+        let mut reads = 0;
+        while !rstop.is_cancelled() {
+            let rows: Vec<i64> = sqlx::query_scalar("SELECT pos FROM notifications WHERE user_id = $1 AND pos IS NOT NULL ORDER BY pos").bind(user).fetch_all(&pool).await.unwrap();
+            for p in &rows {
+                if seen.insert(*p) {
+                    assert!(*p > high, "position {p} became visible after {high} had been seen");
+                }
+            }
+            high = high.max(rows.last().copied().unwrap_or(0));
+            reads += 1;
+        }
+        (reads, seen.len())
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.cancel();
+    let mut stored = 0;
+    for w in writers {
+        stored += w.await.unwrap();
+    }
+    let (reads, _) = reader.await.unwrap();
+    assert!(reads > 10 && stored > 100, "the scenario ran: {reads} reads, {stored} rows");
+    let (rows, distinct, nulls, max): (i64, i64, i64, Option<i64>) =
+        sqlx::query_as("SELECT count(*), count(DISTINCT event_id), count(*) FILTER (WHERE pos IS NULL), max(pos) FROM notifications WHERE user_id = $1")
+            .bind(user)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!((rows, distinct, nulls), (stored as i64, stored as i64, 0), "each event stored once, every row with its position");
+    let head: i64 = sqlx::query_scalar("SELECT pos FROM stream_heads WHERE stream = 'notification'").fetch_one(&env.pool).await.unwrap();
+    assert_eq!(Some(head), max, "the head is the highest position");
+}
+
 /// Keeps `api`'s users holding, paying, cancelling and letting holds lapse on `seats` until
 /// `stop`; returns the number of successful holds per seat.
 async fn shopper(api: Arc<TestApi>, schedule: String, seats: Vec<String>, n: usize, sales: Arc<std::sync::atomic::AtomicIsize>, stop: CancellationToken) -> HashMap<String, usize> {
