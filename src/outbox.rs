@@ -223,6 +223,8 @@ pub type ProducerFactory = Arc<dyn Fn() -> Result<FutureProducer, KafkaError> + 
 /// How often the `outbox_set_aside` gauge is refreshed at most (a count over the small partial
 /// index `outbox_set_aside`), besides right after a row was set aside.
 const SET_ASIDE_OBSERVE_EVERY: Duration = Duration::from_secs(5);
+/// The `outbox_set_aside` gauge counts up to this many rows (more means "at least").
+const SET_ASIDE_GAUGE_CAP: i64 = 10_000;
 
 /// Publishes outbox rows to Kafka.
 #[derive(Clone)]
@@ -410,7 +412,16 @@ impl Relay {
             }
             *last = Some(Instant::now());
         }
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE set_aside_at IS NOT NULL").fetch_one(tx).await?;
+        // Counted through the partial index `outbox_set_aside`, in id order and capped: a plain
+        // count(*) is planned as a (parallel) sequential scan of the whole outbox until the
+        // table has statistics (no ANALYZE yet: PostgreSQL then guesses that 99.5 % of rows have
+        // a value), which the spike profile showed at 37 ms a call on a young table.
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM (SELECT 1 FROM outbox WHERE set_aside_at IS NOT NULL ORDER BY id LIMIT $1) s",
+        )
+        .bind(SET_ASIDE_GAUGE_CAP)
+        .fetch_one(tx)
+        .await?;
         metrics::gauge!("outbox_set_aside").set(n as f64);
         Ok(())
     }

@@ -110,7 +110,7 @@ pub fn describe_metrics(daemon: Daemon, topic_prefix: &str) {
     describe_gauge!("outbox_oldest_unpublished_age_seconds", Unit::Seconds, "Age of the oldest unpublished outbox event (0 when none)");
     describe_counter!("outbox_published_total", "Outbox events published to Kafka");
     describe_counter!("outbox_publish_failures_total", "Outbox relay batches in which a publish failed");
-    describe_gauge!("outbox_set_aside", "Outbox events set aside because Kafka refused them for good (message too large, unknown topic)");
+    describe_gauge!("outbox_set_aside", "Outbox events set aside because Kafka refused them for good (message too large, unknown topic); counted up to 10,000");
     describe_counter!("outbox_set_aside_total", "Outbox events set aside because Kafka refused them for good");
     describe_histogram!("outbox_group_commit_rows", "Outbox rows written by one group commit (new entrants' QUEUE_POSITION)");
     describe_histogram!("outbox_relay_step_seconds", Unit::Seconds, "Time of one relay step that published (read, send, Kafka's acks, mark, commit)");
