@@ -76,6 +76,18 @@ fn start_worker(env: &TestEnv, shutdown: &CancellationToken) -> tokio::task::Joi
     })
 }
 
+/// A user with points, queued and admitted, holding one seat of a new concert: (user, reservation).
+async fn holding_fan(api: &TestApi) -> (common::User, String) {
+    let u = api.user("fan").await;
+    api.charge(&u, 100_000).await;
+    let (schedule, seats) = api.concert(1, 1000).await;
+    let token = api.active_token(&u, &schedule).await;
+    let r = api.hold(&u, &token, &seats[0]).await;
+    assert_eq!(r.status(), 201);
+    let reservation = r.json::<serde_json::Value>().await.unwrap()["reservationId"].as_str().unwrap().to_string();
+    (u, reservation)
+}
+
 async fn listen(env: &TestEnv, channels: &[&str]) -> PgListener {
     let mut l = PgListener::connect(&env.db_url).await.unwrap();
     l.listen_all(channels.iter().copied()).await.unwrap();
@@ -87,13 +99,7 @@ async fn holds_payments_and_queue_entries_commit_without_notify_and_their_events
     let env = TestEnv::new().await;
     let mut listener = listen(&env, &["outbox_new", notification::STORED_CHANNEL]).await;
     let api = api_without_poll(&env, Default::default()).await;
-    let u = api.user("fan").await;
-    api.charge(&u, 100_000).await;
-    let (schedule, seats) = api.concert(2, 1000).await;
-    let token = api.active_token(&u, &schedule).await;
-    let r = api.hold(&u, &token, &seats[0]).await;
-    assert_eq!(r.status(), 201);
-    let reservation = r.json::<serde_json::Value>().await.unwrap()["reservationId"].as_str().unwrap().to_string();
+    let (u, reservation) = holding_fan(&api).await;
     let t = env.topics();
     // Well under the relay's one-hour poll.
     let created = env.read_topic(&t.reservation_created, 1, Duration::from_secs(20)).await;
@@ -167,13 +173,7 @@ async fn a_payments_notification_reaches_an_open_stream_when_every_poll_on_the_p
     let shutdown = CancellationToken::new();
     let worker = start_worker(&env, &shutdown);
 
-    let u = api.user("fan").await;
-    api.charge(&u, 100_000).await;
-    let (schedule, seats) = api.concert(1, 1000).await;
-    let token = api.active_token(&u, &schedule).await;
-    let r = api.hold(&u, &token, &seats[0]).await;
-    assert_eq!(r.status(), 201);
-    let reservation = r.json::<serde_json::Value>().await.unwrap()["reservationId"].as_str().unwrap().to_string();
+    let (u, reservation) = holding_fan(&api).await;
 
     let resp = api.http.get(api.url("/v1/users/me/notifications/stream")).bearer_auth(&u.token).send().await.unwrap();
     assert_eq!(resp.status(), 200);
