@@ -804,7 +804,14 @@ kafka_roundtrip() {
             --topic "$KAFKA_HEALTH_TOPIC" --partitions 1 --replication-factor 1 >>"$errf" 2>&1 || return 1
     fi
     KAFKA_HEALTH_TOPIC_OK=1
-    local token
+    kafka_token_roundtrip "$bs" "$wait_ms" "$errf" "$out"
+}
+
+# Produces a fresh token to $KAFKA_HEALTH_TOPIC through bootstrap $1 and waits until a consumer
+# of group _healthcheck reads it; $2: how long each client may wait, in ms; $3: error log
+# (appended); $4: scratch file for the consumer's output. Fails when the token never arrived.
+kafka_token_roundtrip() {
+    local bs=$1 wait_ms=$2 errf=$3 out=$4 token
     token="healthcheck-$(date +%s%N)-$$-$RANDOM"
     : >"$out"
     # Both clients are bounded twice: by their own settings (--timeout-ms is only an idle timeout,
@@ -816,9 +823,9 @@ kafka_roundtrip() {
         >"$out" 2>>"$errf" </dev/null 9>&- &
     local cpid=$!
     if ! printf '%s\n' "$token" | timeout -k 5 "$hard" "${KAFKA_TOOL[@]}" org.apache.kafka.tools.ConsoleProducer \
-        --bootstrap-server "$bs" --topic "$KAFKA_HEALTH_TOPIC" --producer-property max.block.ms="$wait_ms" \
-        --producer-property request.timeout.ms=3000 --producer-property delivery.timeout.ms="$wait_ms" \
-        >>"$errf" 2>&1 9>&-; then
+        --bootstrap-server "$bs" --topic "$KAFKA_HEALTH_TOPIC" --producer-property acks=all \
+        --producer-property max.block.ms="$wait_ms" --producer-property request.timeout.ms=3000 \
+        --producer-property delivery.timeout.ms="$wait_ms" >>"$errf" 2>&1 9>&-; then
         kill -TERM "$cpid" 2>/dev/null || true
         wait "$cpid" 2>/dev/null || true
         rm -f -- "$out"
@@ -1045,29 +1052,7 @@ cluster_roundtrip() {
     : >"$errf"
     kafka_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$all" --create --if-not-exists \
         --topic "$KAFKA_HEALTH_TOPIC" --partitions 1 --replication-factor 3 >>"$errf" 2>&1 || return 1
-    local token
-    token="healthcheck-$(date +%s%N)-$$-$RANDOM"
-    # bounded like kafka_roundtrip's clients: see there
-    timeout -k 5 70 "${KAFKA_TOOL[@]}" org.apache.kafka.tools.consumer.ConsoleConsumer --bootstrap-server "$all" \
-        --topic "$KAFKA_HEALTH_TOPIC" --group _healthcheck --from-beginning --timeout-ms 60000 \
-        >"$out" 2>>"$errf" </dev/null 9>&- &
-    local cpid=$!
-    if ! printf '%s\n' "$token" | timeout -k 5 70 "${KAFKA_TOOL[@]}" org.apache.kafka.tools.ConsoleProducer \
-        --bootstrap-server "$all" --topic "$KAFKA_HEALTH_TOPIC" --producer-property acks=all \
-        --producer-property max.block.ms=60000 --producer-property request.timeout.ms=3000 \
-        --producer-property delivery.timeout.ms=60000 >>"$errf" 2>&1 9>&-; then
-        kill -TERM "$cpid" 2>/dev/null || true
-        wait "$cpid" 2>/dev/null || true
-        rm -f -- "$out"
-        return 1
-    fi
-    while kill -0 "$cpid" 2>/dev/null && ! grep -qxF -- "$token" "$out"; do sleep 0.1; done
-    kill -TERM "$cpid" 2>/dev/null || true
-    wait "$cpid" 2>/dev/null || true
-    local rc=0
-    grep -qxF -- "$token" "$out" || rc=1
-    rm -f -- "$out"
-    return "$rc"
+    kafka_token_roundtrip "$all" 60000 "$errf" "$out"
 }
 
 cluster_kafka_all_running() {

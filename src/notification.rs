@@ -221,6 +221,39 @@ pub async fn announce_stored(pool: &sqlx::PgPool, users: &[Uuid]) -> Result<(), 
     Ok(())
 }
 
+/// A listener on [`STORED_CHANNEL`] (the worker's delivery loop, the api's stream feed), or
+/// `None` when PostgreSQL cannot give one now: the caller then polls only.
+pub async fn stored_listener(pool: &sqlx::PgPool, who: &str) -> Option<sqlx::postgres::PgListener> {
+    let mut l = match sqlx::postgres::PgListener::connect_with(pool).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, who, "no listener connection for stored notifications; polling only");
+            return None;
+        }
+    };
+    match l.listen(STORED_CHANNEL).await {
+        Ok(()) => Some(l),
+        Err(e) => {
+            tracing::warn!(error = %e, who, "LISTEN for stored notifications failed; polling only");
+            None
+        }
+    }
+}
+
+/// Waits for the next announcement on `listener` and takes every one already received with it
+/// (one step of the caller covers them all). Without a listener it never returns; while the
+/// connection is gone (sqlx reconnects on the next call) it waits `poll` instead, so a caller
+/// that also polls is not spun by failing receives.
+pub async fn next_announcement(listener: &mut Option<sqlx::postgres::PgListener>, poll: std::time::Duration) {
+    match listener.as_mut() {
+        Some(l) => match l.recv().await {
+            Ok(_) => while l.next_buffered().is_some() {},
+            Err(_) => tokio::time::sleep(poll).await,
+        },
+        None => std::future::pending().await,
+    }
+}
+
 /// The users named by an announcement of [`announce_stored`].
 pub fn announced_users(payload: &str) -> impl Iterator<Item = Uuid> + '_ {
     // An item may carry `:<id>` after the user (the form of the old per-row trigger).

@@ -68,7 +68,7 @@ pub async fn stamp(pool: &PgPool, stream: Stream, limit: i64) -> Result<(i64, i6
     // A separate statement on purpose: its snapshot is taken after the lock was granted, so it
     // sees the head and the rows the previous stamper committed. It reads the head, stamps the
     // pending rows after it and moves the head, all in that one snapshot.
-    let stamp = match stream {
+    let stamped_cte = match stream {
         Stream::Seat => {
             "stamped AS (
                  UPDATE seat_events e SET pos = pending.pos FROM pending WHERE e.id = pending.id
@@ -96,7 +96,7 @@ pub async fn stamp(pool: &PgPool, stream: Stream, limit: i64) -> Result<(i64, i6
               pending AS (
                   SELECT id, (SELECT pos FROM head) + row_number() OVER (ORDER BY id) AS pos
                   FROM (SELECT id FROM {table} WHERE pos IS NULL ORDER BY id LIMIT $2) p
-              ), {stamp}, moved AS (
+              ), {stamped_cte}, moved AS (
                   UPDATE stream_heads SET pos = (SELECT pos FROM head) + (SELECT count(*) FROM stamped)
                   WHERE stream = $1 AND EXISTS (SELECT 1 FROM stamped)
                   RETURNING pos
@@ -273,36 +273,13 @@ impl Feed {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut prune = tokio::time::interval(Duration::from_secs(60));
         prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // The worker announces each stored batch on this channel after its commit (one NOTIFY
-        // per batch, see `notification::announce_stored`): a new notification is stamped and
-        // handed to its streams at once instead of on the next poll. The poll stays as the
-        // fallback (a lost announcement, PostgreSQL restarting) and for seat events.
-        let mut listener = match sqlx::postgres::PgListener::connect_with(&self.pool).await {
-            Ok(mut l) => match l.listen(crate::notification::STORED_CHANNEL).await {
-                Ok(()) => Some(l),
-                Err(e) => {
-                    tracing::warn!(error = %e, "stream feed: LISTEN failed; polling only");
-                    None
-                }
-            },
-            Err(e) => {
-                tracing::warn!(error = %e, "stream feed: no listener connection; polling only");
-                None
-            }
-        };
+        // The worker announces each stored batch after its commit (one NOTIFY per batch, see
+        // `notification::announce_stored`): its notifications already carry their positions, so
+        // they are handed to their streams at once instead of on the next poll. The poll stays
+        // as the fallback (a lost announcement, PostgreSQL restarting) and for seat events.
+        let mut listener = crate::notification::stored_listener(&self.pool, "stream feed").await;
         loop {
-            let announced = async {
-                match listener.as_mut() {
-                    Some(l) => match l.recv().await {
-                        // One step covers every announcement already received.
-                        Ok(_) => while l.next_buffered().is_some() {},
-                        // The connection is gone (sqlx reconnects on the next recv): the poll
-                        // carries on meanwhile.
-                        Err(_) => tokio::time::sleep(self.settings.poll).await,
-                    },
-                    None => std::future::pending().await,
-                }
-            };
+            let announced = crate::notification::next_announcement(&mut listener, self.settings.poll);
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => self.timed_step(&mut tick).await,

@@ -382,10 +382,7 @@ impl Deliverer {
 
     /// Runs until `shutdown`, woken by new notifications and polling every `poll`.
     pub async fn run(self, poll: Duration, shutdown: CancellationToken) {
-        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await.ok();
-        if let Some(l) = listener.as_mut() {
-            let _ = l.listen(crate::notification::STORED_CHANNEL).await;
-        }
+        let mut listener = crate::notification::stored_listener(&self.pool, "delivery").await;
         loop {
             let busy = match self.step().await {
                 Ok((ok, failed)) => ok + failed > 0 && failed == 0,
@@ -397,17 +394,7 @@ impl Deliverer {
             if busy {
                 continue;
             }
-            let notified = async {
-                match listener.as_mut() {
-                    Some(l) => {
-                        // While PostgreSQL is down recv fails at once: wait a poll instead.
-                        if l.recv().await.is_err() {
-                            tokio::time::sleep(poll).await;
-                        }
-                    }
-                    None => std::future::pending().await,
-                }
-            };
+            let notified = crate::notification::next_announcement(&mut listener, poll);
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = notified => {}
