@@ -78,6 +78,28 @@ pub async fn stored(tx: &mut PgConnection, user: Uuid, scope: &str, key: &str, r
     Ok((status as u16, body))
 }
 
+/// The answer already stored for `key`, read outside any transaction: `None` when the key is
+/// unknown or its first request has not committed yet, `IDEMPOTENCY_KEY_REUSED` when it was used
+/// for another request. For a retry that must get its answer even when the preconditions of the
+/// first request no longer hold (a hold retried after its queue place lapsed: nothing is held
+/// again, so the queue has nothing to say).
+pub async fn answered(pool: &sqlx::PgPool, user: Uuid, scope: &str, key: &str, request_hash: &[u8]) -> Result<Option<(u16, Value)>> {
+    let row: Option<(Vec<u8>, i32, Value)> = sqlx::query_as(
+        "SELECT request_hash, status_code, response FROM idempotency_keys
+         WHERE user_id = $1 AND scope = $2 AND key = $3 AND status_code <> 0",
+    )
+    .bind(user)
+    .bind(scope)
+    .bind(key)
+    .fetch_optional(pool)
+    .await?;
+    match row {
+        None => Ok(None),
+        Some((hash, _, _)) if hash != request_hash => Err(Error::IdempotencyKeyReused),
+        Some((_, status, body)) => Ok(Some((status as u16, body))),
+    }
+}
+
 /// Stores the answer given for a claimed key (same transaction as the work).
 pub async fn complete(
     tx: &mut PgConnection,

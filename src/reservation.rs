@@ -266,6 +266,19 @@ pub async fn hold(pool: &PgPool, topics: &Topics, req: HoldRequest<'_>, look: &S
     Ok(Held { body, fresh: Some(r) })
 }
 
+/// The answer a hold with `key` already got, if one committed: a retry whose first answer was
+/// lost gets it back even when its queue place has lapsed since, or was freed by the payment
+/// (issue 12: a lost answer does not lose the seat). Read before the queue check for that reason;
+/// a key first seen here goes on to [`hold`], which claims it in its transaction.
+pub async fn replayed(pool: &PgPool, user: Uuid, seat: Uuid, key: &str) -> Result<Option<serde_json::Value>> {
+    let fp = idempotency::fingerprint(&[b"reservation", seat.as_bytes()]);
+    let answer = idempotency::answered(pool, user, "reservation", key, &fp).await?;
+    if answer.is_some() {
+        metrics::counter!("holds_total", "outcome" => "replayed").increment(1);
+    }
+    Ok(answer.map(|(_, body)| body))
+}
+
 /// Advisory lock key of (user, schedule) for the seat limit: 64 bits of a hash of both ids.
 fn seat_limit_lock(user: Uuid, schedule: Uuid) -> i64 {
     use sha2::{Digest, Sha256};

@@ -88,7 +88,7 @@ pub fn describe_metrics(daemon: Daemon, topic_prefix: &str) {
     describe_counter!("http_requests_total", "HTTP requests served, by route, method and status");
     describe_histogram!("http_request_duration_seconds", Unit::Seconds, "HTTP request latency, by route, method and status");
     // Booking (api).
-    describe_counter!("holds_total", "Seat hold attempts, by outcome (held, unavailable)");
+    describe_counter!("holds_total", "Seat hold attempts, by outcome (held, unavailable, limit: the seats-per-user limit, replayed: an Idempotency-Key retry answered from its stored reply)");
     describe_counter!("payments_total", "Payments confirmed, or refused by error code (outcome)");
     describe_counter!("cancellations_total", "Holds cancelled by their user");
     describe_counter!("refunds_total", "Refunds made, or refused by error code (outcome)");
@@ -172,7 +172,7 @@ pub fn describe_metrics(daemon: Daemon, topic_prefix: &str) {
     };
     match daemon {
         Daemon::Api => {
-            for outcome in ["held", "unavailable"] {
+            for outcome in ["held", "unavailable", "limit", "replayed"] {
                 metrics::counter!("holds_total", "outcome" => outcome).increment(0);
             }
             for outcome in PAYMENT_OUTCOMES {

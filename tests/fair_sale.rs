@@ -438,6 +438,19 @@ async fn a_hold_retried_with_its_key_gives_one_reservation_and_the_same_body() {
     let r = api.http.post(api.url("/v1/reservations")).bearer_auth(&u.token).header("X-Queue-Token", &t).header("Idempotency-Key", "")
         .json(&json!({"seatId": seats[1]})).send().await.unwrap();
     assert_eq!(r.status(), 400, "an empty key is malformed");
+
+    // The answer was lost, the client paid anyway (it learnt the id elsewhere), and the payment
+    // ended its queue place: a late retry of the hold still gets the stored answer, not a 403.
+    api.charge(&u, first["price"].as_i64().unwrap()).await;
+    let paid = api.pay(&u, "pay-1", first["reservationId"].as_str().unwrap()).await;
+    assert_eq!(paid.status(), 201);
+    let gone = api.http.post(api.url("/v1/reservations")).bearer_auth(&u.token).header("X-Queue-Token", &t)
+        .json(&json!({"seatId": seats[1]})).send().await.unwrap();
+    assert_eq!(gone.status(), 403, "the queue place ended with the payment");
+    let (status, late) = send(seats[0].clone(), "hold-1").await;
+    assert_eq!((status, &late), (201, &first), "the key's stored answer, after the queue place ended");
+    let (status, body) = send(seats[1].clone(), "hold-1").await;
+    assert_eq!((status, body["error"]["code"].as_str()), (422, Some("IDEMPOTENCY_KEY_REUSED")), "reused for another seat, after the place ended");
     api.stop().await;
 }
 

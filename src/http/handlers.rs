@@ -163,6 +163,11 @@ pub async fn hold(api: Api, auth: Option<String>, token: Option<String>, key: Op
             Turn::Open => {}
         }
     }
+    if let Some(key) = key.as_deref() {
+        if let Some(body) = reservation::replayed(&api.pool, user, b.seat_id, key).await? {
+            return Ok(json_reply(StatusCode::CREATED, &body));
+        }
+    }
     let look = reservation::look(&api.pool, b.seat_id).await?;
     let schedule = look.schedule;
     api.queue.require_active(token.as_deref(), user, schedule).await?;
