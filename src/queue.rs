@@ -595,8 +595,10 @@ impl Queue {
         if let Some(m) = change.max_active {
             pipe.cmd("HSET").arg(&key).arg("maxActive").arg(m).ignore();
         }
-        pipe.cmd("SADD").arg(self.keys.queue_schedules()).arg(schedule.to_string()).ignore();
         let _: () = pipe.query_async(&mut conn).await?;
+        // A command of its own: `queue:schedules` is in another slot than the schedule's keys,
+        // and Redis Cluster refuses a pipeline that crosses slots.
+        let _: () = redis::cmd("SADD").arg(self.keys.queue_schedules()).arg(schedule.to_string()).query_async(&mut conn).await?;
         self.admission(schedule).await
     }
 

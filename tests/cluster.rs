@@ -459,3 +459,54 @@ fn print_logs(daemons: &[Daemon]) {
         println!("--- {} log (last lines) ---\n{}", d.name, tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
     }
 }
+
+/// Every Redis call of the queue, the operators' admission settings included, on the real Redis
+/// Cluster: one slot per script is proven by `keys.rs`'s unit test, but a pipeline that mixes
+/// slots is refused too (CROSSSLOT) and only a cluster shows it. `PATCH /v1/admin/schedules/{id}/queue`
+/// once sent the schedule's settings and the walked set in one pipeline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_and_its_admission_settings_run_on_redis_cluster() {
+    use booking::keys::Keys;
+    use booking::queue::{AdmissionChange, EarlyOrder, Queue, QueueConfig};
+    use booking::redis_conn::RedisConn;
+    use uuid::Uuid;
+
+    let redis = RedisConn::connect(&cluster_var("CLUSTER_REDIS_URL")).await.unwrap();
+    assert!(redis.is_cluster(), "CLUSTER_REDIS_URL names a Redis Cluster");
+    let keys = Keys::new(format!("t{}:", Uuid::new_v4().simple()));
+    let cfg = QueueConfig {
+        tick: Duration::from_secs(3600),
+        batch: 100,
+        max_active: 100,
+        idle: Duration::from_secs(300),
+        active_limit: Duration::from_secs(900),
+        early_order: EarlyOrder::Shuffle,
+        secret: "cluster".into(),
+    };
+    let queue = Queue::new(redis, keys, cfg);
+    let schedule = Uuid::new_v4();
+    let opened = Utc::now() - chrono::Duration::hours(1);
+
+    let paused = queue.set_admission(schedule, &AdmissionChange { paused: Some(true), batch: Some(2), max_active: None }).await.unwrap();
+    assert!(paused.paused);
+    assert_eq!(paused.batch, 2);
+    let users: Vec<Uuid> = (0..5).map(|_| Uuid::new_v4()).collect();
+    for u in &users {
+        let (_, place, _) = queue.enter(schedule, opened, *u).await.unwrap();
+        assert_eq!(place.status, "WAITING", "nobody is admitted while paused");
+    }
+    let step = queue.admit(schedule).await.unwrap();
+    assert!(step.paused);
+    assert_eq!(step.admitted, 0);
+
+    let resumed = queue.set_admission(schedule, &AdmissionChange { paused: Some(false), batch: None, max_active: Some(50) }).await.unwrap();
+    assert!(!resumed.paused);
+    assert_eq!((resumed.batch, resumed.max_active, resumed.waiting), (2, 50, 5));
+    assert_eq!(queue.admit(schedule).await.unwrap().admitted, 2, "the batch set by the operator");
+    assert_eq!(queue.place_of(schedule, users[0]).await.unwrap().status, "ACTIVE");
+    assert_eq!(queue.place_of(schedule, users[2]).await.unwrap().status, "WAITING");
+    queue.touch(schedule, users[0]).await.unwrap();
+    queue.leave(schedule, users[0]).await.unwrap();
+    let view = queue.admission(schedule).await.unwrap();
+    assert_eq!((view.waiting, view.active, view.admitted_total), (3, 1, 2));
+}
