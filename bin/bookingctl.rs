@@ -93,7 +93,8 @@ enum SchedulerCmd {
         /// Only this shard (the partition of reservation.created).
         #[arg(long, env = "BOOKINGCTL_SHARD")]
         shard: Option<i32>,
-        /// Only those due before T (RFC 3339, or a duration from now such as `5m`).
+        /// Only those due before T (RFC 3339, or a duration from now such as `5m`); holds in flight
+        /// (claimed, being published) were due already and are always listed.
         #[arg(long, env = "BOOKINGCTL_DUE_BEFORE", value_parser = time_ahead)]
         due_before: Option<DateTime<Utc>>,
         /// Most rows shown.
@@ -265,7 +266,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Scheduler(SchedulerCmd::Rearm) => {
             let n = ops::scheduler::held_count(&ops).await?;
             confirm(&format!("Re-arm the {n} HELD holds in Redis (only missing ones are added)?"), yes)?;
-            emit(&ops::scheduler::rearm(&ops, &indicatif::ProgressBar::new_spinner()).await?, json)
+            emit(&ops::scheduler::rearm(&ops, &progress(n.max(0) as u64, "re-arming")).await?, json)
         }
         Command::Dlq(DlqCmd::List { topic, since }) => {
             emit(&ops::dlq::list(&ops, prefix, topic.as_deref(), *since, &progress(0, "reading")).await?, json)

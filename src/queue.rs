@@ -105,6 +105,27 @@ pub struct Admission {
     pub admitted_total: u64,
 }
 
+/// A schedule's queue as Redis holds it, read by one script (one slot): what the admin view
+/// shows, and what `bookingctl status` lists without going through an api.
+pub struct Stored {
+    /// Waiting, early arrivals included.
+    pub waiting: u64,
+    /// Active places not lapsed yet (by Redis's clock).
+    pub active: u64,
+    pub paused: bool,
+    /// The operators' batch and maxActive, -1 where the api's flags apply.
+    pub batch: i64,
+    pub max_active: i64,
+    pub admitted: u64,
+}
+
+/// Reads [`Stored`] for `schedule`.
+pub async fn stored(redis: &RedisConn, keys: &Keys, schedule: Uuid) -> Result<Stored, redis::RedisError> {
+    let (waiting, active, paused, batch, max_active, admitted): (u64, u64, i64, i64, i64, u64) =
+        Script::new(STATE).key(state_keys(keys, schedule)).invoke_async(&mut redis.clone()).await?;
+    Ok(Stored { waiting, active, paused: paused == 1, batch, max_active, admitted })
+}
+
 /// A change of a schedule's admission; absent fields stay as they are.
 #[derive(Debug, Clone, Default)]
 pub struct AdmissionChange {
@@ -563,15 +584,11 @@ impl Queue {
 
     /// The admission of `schedule` as operators see it.
     pub async fn admission(&self, schedule: Uuid) -> Result<Admission> {
-        let mut conn = self.redis.clone();
-        let (waiting, active, paused, batch, max_active, admitted): (u64, u64, i64, i64, i64, u64) = Script::new(STATE)
-            .key(state_keys(&self.keys, schedule))
-            .invoke_async(&mut conn)
-            .await?;
+        let Stored { waiting, active, paused, batch, max_active, admitted } = stored(&self.redis, &self.keys, schedule).await?;
         Ok(Admission {
             waiting,
             active,
-            paused: paused == 1,
+            paused,
             batch: u32::try_from(batch).unwrap_or(self.cfg.batch),
             tick: self.cfg.tick.as_millis() as u64,
             max_active: u32::try_from(max_active).unwrap_or(self.cfg.max_active),

@@ -456,6 +456,12 @@ impl Scheduler {
     /// holds, earliest expiry first, each page one `REARM` script per shard: 100,000 holds take
     /// about a hundred round trips, not 100,000.
     pub async fn rearm(&self, pool: &PgPool, shards: &BTreeSet<i32>) -> Result<usize, HandleError> {
+        self.rearm_reporting(pool, shards, |_| {}).await
+    }
+
+    /// [`Scheduler::rearm`], telling `walked` how many HELD holds each page read (an operator's
+    /// progress bar: `bookingctl scheduler rearm`).
+    pub async fn rearm_reporting(&self, pool: &PgPool, shards: &BTreeSet<i32>, mut walked: impl FnMut(u64)) -> Result<usize, HandleError> {
         let mut conn = self.redis.clone();
         let mut added = 0usize;
         // Keyset pagination on (expires_at, id), written so that the partial index on HELD holds'
@@ -475,6 +481,7 @@ impl Scheduler {
             let Some(last) = rows.last() else { break };
             after = (last.4, last.0);
             let full = rows.len() as i64 == REARM_PAGE;
+            let page = rows.len() as u64;
             let mut by_shard: HashMap<i32, Vec<ReservationEvent>> = HashMap::new();
             for (reservation_id, user_id, seat_id, schedule_id, expires_at) in rows {
                 let shard = partition_for(&reservation_id.to_string(), PARTITIONS);
@@ -497,6 +504,7 @@ impl Scheduler {
                     w.offer(due_ms);
                 }
             }
+            walked(page);
             if !full {
                 break;
             }

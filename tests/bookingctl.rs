@@ -292,6 +292,9 @@ async fn scheduler_find_tells_due_in_flight_tombstoned_and_lost_and_rearm_brings
     assert_eq!(f["redis"]["state"], "due", "{f}");
     let again = ctl(&flags, &["--yes", "--json", "scheduler", "rearm"]).await.json();
     assert_eq!(again["missing"], 0);
+    let audit: Vec<(String, Value)> = sqlx::query_as("SELECT command, detail FROM ops_audit ORDER BY id").fetch_all(&env.pool).await.unwrap();
+    let readded: Vec<i64> = audit.iter().filter(|(c, _)| c == "scheduler rearm").map(|(_, d)| d["readded"].as_i64().unwrap()).collect();
+    assert_eq!(readded, [1, 0], "each re-arm audited with what it added: {audit:?}");
 
     // Claimed: in flight since the claim, until the lease runs out.
     let (_, claimed) = hold_one(&api, "claimed", &schedule, &seats[1]).await;
@@ -321,6 +324,25 @@ async fn scheduler_find_tells_due_in_flight_tombstoned_and_lost_and_rearm_brings
     let l = ctl(&flags, &["--json", "scheduler", "list"]).await.json();
     let ids: Vec<&str> = l.as_array().unwrap().iter().map(|p| p["reservationId"].as_str().unwrap()).collect();
     assert_eq!(ids, vec![claimed.as_str(), fresh.as_str()], "{l}");
+    let listed = |args: Vec<String>| {
+        let flags = flags.clone();
+        async move {
+            let mut a = vec!["--json".to_string(), "scheduler".into(), "list".into()];
+            a.extend(args);
+            let v = ctl(&flags, &a.iter().map(String::as_str).collect::<Vec<_>>()).await.json();
+            v.as_array().unwrap().iter().map(|p| p["reservationId"].as_str().unwrap().to_string()).collect::<Vec<_>>()
+        }
+    };
+    // --due-before: the claimed one was due a second ago, the fresh one in an hour.
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    assert_eq!(listed(vec!["--due-before".into(), now]).await, vec![claimed.clone()]);
+    assert_eq!(listed(vec!["--limit".into(), "1".into()]).await, vec![claimed.clone()]);
+    // --shard: only that shard's holds.
+    for (id, other) in [(&fresh, &claimed), (&claimed, &fresh)] {
+        let on_shard = listed(vec!["--shard".into(), shard_of(id).to_string()]).await;
+        assert!(on_shard.contains(id), "{id} on its shard: {on_shard:?}");
+        assert_eq!(on_shard.contains(other), shard_of(other) == shard_of(id), "{other} only on its own shard: {on_shard:?}");
+    }
     let unknown = find(&flags, &Uuid::new_v4().to_string()).await;
     assert_eq!(unknown["redis"]["state"], "absent");
     assert!(unknown["postgres"].is_null());
@@ -399,6 +421,9 @@ async fn outbox_stuck_lists_set_aside_rows_and_retry_puts_one_back_in_line_once(
     assert_eq!((st["setAside"].as_i64(), st["backlog"].as_i64()), (Some(0), Some(1)), "back in line: {st}");
     let again = ctl(&flags, &["--yes", "outbox", "retry", &id.to_string()]).await;
     assert!(!again.ok && again.stderr.contains("not set aside"), "{}", again.stderr);
+    let audit: Vec<(String, String)> = sqlx::query_as("SELECT command, detail::text FROM ops_audit ORDER BY id").fetch_all(&env.pool).await.unwrap();
+    assert_eq!(audit.len(), 1, "the retry that changed something, once: {audit:?}");
+    assert!(audit[0].0.starts_with("outbox") && audit[0].1.contains(&id.to_string()), "{audit:?}");
 }
 
 /// Issue 16 with issue 12: `bookingctl queue` steers a live sale through the api's admin routes.
@@ -437,12 +462,23 @@ async fn queue_pause_set_and_resume_steer_admission_and_are_audited() {
     assert_eq!(api.queue_status(&alice, &token).await["status"], "WAITING");
     let shown = ctl(&admin, &["queue", "show", &schedule, "--json"]).await.json();
     assert_eq!((shown["paused"].clone(), shown["waiting"].clone()), (Value::Bool(true), Value::from(1)), "{shown}");
+    // `status` reads the same state from Redis, without the api or its token; the api's gauge
+    // says paused too.
+    let queue_in_status = |v: Value| v["queues"].as_array().unwrap().iter().find(|q| q["scheduleId"] == schedule.as_str()).cloned().unwrap_or_else(|| panic!("{v}"));
+    let q = queue_in_status(ctl(&flags, &["status", "--json"]).await.json());
+    assert_eq!((q["paused"].clone(), q["waiting"].clone(), q["active"].clone()), (Value::Bool(true), Value::from(1), Value::from(0)), "{q}");
+    let gauge = |v: u8| format!("queue_admission_paused{{schedule=\"{schedule}\"}} {v}");
+    let scrape = || async { api.http.get(&metrics_url).send().await.unwrap().text().await.unwrap() };
+    assert!(scrape().await.lines().any(|l| l == gauge(1)), "{}", gauge(1));
 
     let set = ctl(&admin, &["queue", "set", &schedule, "--batch", "5", "--yes", "--json"]).await.json();
     assert_eq!(set["batch"], 5, "{set}");
     let resumed = ctl(&admin, &["queue", "resume", &schedule, "--yes", "--json"]).await.json();
     assert_eq!(resumed["paused"], false, "{resumed}");
     eventually(Duration::from_secs(10), || async { api.queue_status(&alice, &token).await["status"] == "ACTIVE" }).await;
+    let q = queue_in_status(ctl(&flags, &["status", "--json"]).await.json());
+    assert_eq!((q["paused"].clone(), q["waiting"].clone(), q["active"].clone()), (Value::Bool(false), Value::from(0), Value::from(1)), "{q}");
+    assert!(scrape().await.lines().any(|l| l == gauge(0)), "{}", gauge(0));
 
     let audit: Vec<(String, Value)> = sqlx::query_as("SELECT command, detail FROM ops_audit ORDER BY id").fetch_all(&env.pool).await.unwrap();
     assert_eq!(audit.len(), 3, "pause, set, resume: {audit:?}");

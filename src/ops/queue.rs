@@ -125,11 +125,11 @@ pub struct QueueStatus {
     pub schedule_id: String,
     pub waiting: Option<u64>,
     pub active: Option<u64>,
-    /// From the admin API (`None` without an admin token or while the api is unreachable).
     pub paused: Option<bool>,
 }
 
-/// Every schedule with a queue: sizes from Redis, `paused` from the admin API when it answers.
+/// Every schedule with a queue, read from Redis as the admin view reads it
+/// ([`crate::queue::stored`]): the same figures as `queue show`, with no api or token needed.
 pub async fn queues(ops: &Ops) -> Result<Vec<QueueStatus>, OpsError> {
     let mut conn = ops.redis()?;
     let mut schedules: Vec<String> = conn.smembers(ops.keys.queue_schedules()).await?;
@@ -137,10 +137,8 @@ pub async fn queues(ops: &Ops) -> Result<Vec<QueueStatus>, OpsError> {
     let mut out = Vec::new();
     for s in schedules {
         let Ok(id) = Uuid::parse_str(&s) else { continue };
-        let (waiting, active): (u64, u64) =
-            redis::pipe().zcard(ops.keys.queue_waiting(id)).zcard(ops.keys.queue_active(id)).query_async(&mut conn).await?;
-        let paused = if ops.api.token.is_empty() { None } else { ops.api.get(id).await.ok().and_then(|v| v.0.get("paused").and_then(Value::as_bool)) };
-        out.push(QueueStatus { schedule_id: s, waiting: Some(waiting), active: Some(active), paused });
+        let q = crate::queue::stored(&conn, &ops.keys, id).await?;
+        out.push(QueueStatus { schedule_id: s, waiting: Some(q.waiting), active: Some(q.active), paused: Some(q.paused) });
     }
     Ok(out)
 }

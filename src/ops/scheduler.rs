@@ -181,8 +181,8 @@ impl Report for PendingList {
     }
 }
 
-/// The pending expiries (due and in flight), earliest first, of one shard or all, due before
-/// `due_before` if given, at most `limit`.
+/// The pending expiries (due and in flight), earliest first, of one shard or all, at most
+/// `limit`; with `due_before`, only the due ones before it, and every in-flight one (already due).
 pub async fn list(ops: &Ops, shard: Option<i32>, due_before: Option<DateTime<Utc>>, limit: usize) -> Result<PendingList, OpsError> {
     if let Some(s) = shard {
         if !(0..PARTITIONS).contains(&s) {
@@ -193,11 +193,13 @@ pub async fn list(ops: &Ops, shard: Option<i32>, due_before: Option<DateTime<Utc
     let max = due_before.map_or("+inf".to_string(), |t| t.timestamp_millis().to_string());
     let mut out = Vec::new();
     for s in shard.map_or((0..PARTITIONS).collect::<Vec<_>>(), |s| vec![s]) {
-        for (key, state) in [(ops.keys.sched_due(s), "due"), (ops.keys.sched_inflight(s), "inFlight")] {
+        // An in-flight hold was due when it was claimed, and its score is the lease's deadline,
+        // not its due time: it is listed whatever `due_before` says.
+        for (key, state, max) in [(ops.keys.sched_due(s), "due", max.as_str()), (ops.keys.sched_inflight(s), "inFlight", "+inf")] {
             let members: Vec<(String, f64)> = redis::cmd("ZRANGEBYSCORE")
                 .arg(&key)
                 .arg("-inf")
-                .arg(&max)
+                .arg(max)
                 .arg("WITHSCORES")
                 .arg("LIMIT")
                 .arg(0)
@@ -247,9 +249,12 @@ pub async fn rearm(ops: &Ops, pb: &indicatif::ProgressBar) -> Result<Rearmed, Op
         rearm_interval: std::time::Duration::from_secs(3600),
     };
     let scheduler = Scheduler::new(redis, ops.keys.clone(), ops.producer.clone(), ops.topics.clone(), cfg);
-    pb.set_message(format!("re-arming {held} HELD holds"));
-    pb.enable_steady_tick(std::time::Duration::from_millis(120));
-    let missing = scheduler.rearm(&ops.pool, &(0..PARTITIONS).collect()).await.map_err(|e| OpsError::Scheduler(e.to_string()))?;
+    pb.set_length(held.max(0) as u64);
+    pb.set_message("re-arming HELD holds");
+    let missing = scheduler
+        .rearm_reporting(&ops.pool, &(0..PARTITIONS).collect(), |n| pb.inc(n))
+        .await
+        .map_err(|e| OpsError::Scheduler(e.to_string()))?;
     pb.finish_and_clear();
     let report = Rearmed { held, missing };
     ops.audit("scheduler rearm", serde_json::json!({"held": held, "readded": missing})).await;
