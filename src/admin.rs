@@ -30,9 +30,18 @@ pub fn authorize(admin_token: &str, auth: Option<&str>) -> Result<()> {
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct QueuePatch {
+    #[serde(default, deserialize_with = "given")]
     pub paused: Option<bool>,
+    #[serde(default, deserialize_with = "given")]
     pub batch: Option<u32>,
+    #[serde(default, deserialize_with = "given")]
     pub max_active: Option<u32>,
+}
+
+/// A field that may be left out but, when given, must be a value: `null` is refused (400), as
+/// the OpenAPI description says, instead of reading as "unchanged".
+fn given<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> std::result::Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
 }
 
 /// The admission of a schedule's queue (404 for an unknown schedule).

@@ -78,7 +78,7 @@ async fn a_paused_schedule_admits_nobody_until_resumed_and_a_batch_change_applie
     assert_eq!(r.status(), 401);
     let r = api.http.get(api.url(&format!("/v1/admin/schedules/{}/queue", Uuid::new_v4()))).bearer_auth(ADMIN).send().await.unwrap();
     assert_eq!(r.status(), 404);
-    for bad in [json!({"batch": 0}), json!({"maxActive": -1}), json!({"paused": "yes"}), json!({"speed": 3})] {
+    for bad in [json!({"batch": 0}), json!({"maxActive": -1}), json!({"paused": "yes"}), json!({"speed": 3}), json!({"maxActive": null}), json!({"paused": null})] {
         let r = api.http.patch(api.url(&format!("/v1/admin/schedules/{schedule}/queue"))).bearer_auth(ADMIN).json(&bad).send().await.unwrap();
         assert_eq!(r.status(), 400, "{bad}");
     }
