@@ -509,4 +509,13 @@ async fn the_queue_and_its_admission_settings_run_on_redis_cluster() {
     queue.leave(schedule, users[0]).await.unwrap();
     let view = queue.admission(schedule).await.unwrap();
     assert_eq!((view.waiting, view.active, view.admitted_total), (3, 1, 2));
+
+    // The admission lease on the cluster: one api at a time runs the ticks.
+    let lease = Duration::from_millis(800);
+    assert!(queue.acquire_lease("api-a", lease).await.unwrap());
+    assert!(!queue.acquire_lease("api-b", lease).await.unwrap(), "refused while api-a holds it");
+    assert!(queue.acquire_lease("api-a", lease).await.unwrap(), "the holder renews");
+    tokio::time::sleep(lease + Duration::from_millis(300)).await;
+    assert!(queue.acquire_lease("api-b", lease).await.unwrap(), "taken over once it lapsed");
+    assert!(!queue.acquire_lease("api-a", lease).await.unwrap(), "the old holder is refused");
 }
