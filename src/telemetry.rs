@@ -104,6 +104,7 @@ pub fn describe_metrics(daemon: Daemon, topic_prefix: &str) {
     describe_counter!("seat_map_streams_opened_total", "Seat-map streams opened, by start (snapshot, resume from Last-Event-ID)");
     describe_counter!("seat_map_resets_total", "Seat-map streams told to start over from a snapshot (their position was pruned)");
     describe_counter!("seat_map_lagged_total", "Seat-map streams that fell behind the feed and caught up from PostgreSQL");
+    describe_histogram!("queue_admission_tick_seconds", Unit::Seconds, "One admission tick over every listed schedule (8 schedules stepped at once), on the api holding the admission lease");
     describe_gauge!("queue_schedules", "Schedules whose queue the admission tick walks (an idle queue leaves the walk)");
     // Outbox (api, expirer).
     describe_gauge!("outbox_backlog", "Outbox events not yet published to Kafka");
