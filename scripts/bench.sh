@@ -61,6 +61,7 @@ E2E_USERS=${BENCH_E2E_USERS:-100}
 CONCURRENCY=${BENCH_CONCURRENCY:-64}
 HOLD_TTL=${BENCH_HOLD_TTL:-60s}
 NOTIFICATIONS=${BENCH_NOTIFICATIONS:-100000}
+API_DB=${BENCH_API_DB_CONNECTIONS:-32}   # the api's PostgreSQL pool
 PORT=${BENCH_PORT:-28080}
 M_API=$((PORT + 21)) M_SCHED=$((PORT + 22)) M_EXP=$((PORT + 23)) M_WORK=$((PORT + 24))
 OUT=${BENCH_OUT:-docs/bench/latest}
@@ -100,7 +101,7 @@ COMMON=(--database-url "$BENCH_DB_URL" --redis-url "$REDIS_URL" --kafka-brokers 
         --topic-prefix "$PREFIX" --redis-prefix "$PREFIX")
 API_FLAGS=(--listen "127.0.0.1:$PORT" --metrics-addr "127.0.0.1:$M_API" --admin-token bench-admin
            --queue-secret bench-secret --queue-tick 100ms --queue-batch 100000 --queue-max-active 1000000
-           --queue-idle-timeout 30m --queue-active-limit 1h --max-seats-per-user 1000000 --db-max-connections 32)
+           --queue-idle-timeout 30m --queue-active-limit 1h --max-seats-per-user 1000000 --db-max-connections "$API_DB")
 SCHED_FLAGS=(--metrics-addr "127.0.0.1:$M_SCHED" --group "${PREFIX}scheduler" --rearm-interval 1h --db-max-connections 10)
 EXPIRER_FLAGS=(--metrics-addr "127.0.0.1:$M_EXP" --group "${PREFIX}expirer" --db-max-connections 10)
 WORKER_FLAGS=(--metrics-addr "127.0.0.1:$M_WORK" --group-prefix "${PREFIX}worker-" --export-sink "file:$WORK/payments-export.jsonl"
