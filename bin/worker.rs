@@ -67,6 +67,12 @@ struct Cli {
     #[arg(long, env = "RANKING_RECONCILE_WINDOW", default_value = "5m", value_parser = duration)]
     ranking_reconcile_window: Duration,
 
+    /// How often a reconcile looks back over everything the ranking remembers
+    /// (--ranking-retention) instead of the window; the first reconcile after start always does,
+    /// so increments lost while this worker was down for longer than the window are found too.
+    #[arg(long, env = "RANKING_FULL_RECONCILE_INTERVAL", default_value = "1h", value_parser = duration)]
+    ranking_full_reconcile_interval: Duration,
+
     /// How long the ranking remembers the payments and refunds it applied. Keep it longer than
     /// the retention of payment.completed and payment.refunded (7 days): a replay of a message
     /// whose payment was forgotten would count again.
@@ -122,7 +128,7 @@ async fn main() -> anyhow::Result<()> {
         delivery_poll: cli.delivery_poll_interval,
         delivery_batch: cli.delivery_batch,
         delivery_max_backoff: cli.delivery_max_backoff,
-        ranking_reconcile: cli.ranking_reconcile_interval,
+        ranking_reconcile: booking::worker::ReconcileEvery { window: cli.ranking_reconcile_interval, full: cli.ranking_full_reconcile_interval },
         ranking_retention: booking::ranking::Retention { remember: cli.ranking_retention, window: cli.ranking_reconcile_window },
         retention: booking::retention::Settings {
             outbox: cli.outbox_retention,

@@ -269,8 +269,8 @@ pub struct WorkerSettings {
     pub delivery_poll: Duration,
     pub delivery_batch: i64,
     pub delivery_max_backoff: Duration,
-    /// How often the ranking is checked (and rebuilt from PostgreSQL if Redis lost it).
-    pub ranking_reconcile: Duration,
+    /// How often the ranking is checked against PostgreSQL (rebuilt if Redis lost it).
+    pub ranking_reconcile: crate::worker::ReconcileEvery,
     /// What the ranking remembers and how far back its reconcile looks.
     pub ranking_retention: crate::ranking::Retention,
     /// Retention of the outbox, idempotency keys and processed events.

@@ -140,16 +140,28 @@ pub struct Reconciled {
 /// Payments younger than this are left to the consumer, which is normally that close behind.
 pub const SETTLE: Duration = Duration::from_secs(30);
 
+/// How far back a reconcile with the marker present looks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    /// The last [`Retention::window`]: a partial loss drops the last seconds of increments, and a
+    /// running worker reconciles every few seconds.
+    Window,
+    /// Everything the ranking remembers ([`Retention::remember`]): a loss found only after the
+    /// worker was down for longer than the window, or older than it for any reason. The worker
+    /// does this at start and then every `--ranking-full-reconcile-interval`.
+    Remembered,
+}
+
 /// Keeps the ranking equal to PostgreSQL, whatever the `built` marker says (issue 15, item 11).
 ///
 /// - Marker missing (Redis lost the ranking): rebuilt. The ranking and the counted set are
 ///   deleted first (so a stale copy is never added to), then every payment of the retention is
 ///   counted once with the consumer's own script and older ones are added per schedule.
-/// - Marker present: every payment and refund of the last `window` (but [`SETTLE`]) is applied
-///   again with the count-once scripts. A lost increment lost its counted member with it (the
-///   script's writes reach the AOF and the replica together), so exactly the lost ones count
-///   again; each is a correction.
-pub async fn reconcile(redis: &RedisConn, keys: &Keys, pool: &PgPool, retention: &Retention) -> Result<Reconciled> {
+/// - Marker present: every payment and refund of the last `window` (but [`SETTLE`]), or of the
+///   whole retention for [`Reach::Remembered`], is applied again with the count-once scripts. A
+///   lost increment lost its counted member with it (the script's writes reach the AOF and the
+///   replica together), so exactly the lost ones count again; each is a correction.
+pub async fn reconcile(redis: &RedisConn, keys: &Keys, pool: &PgPool, retention: &Retention, reach: Reach) -> Result<Reconciled> {
     let mut conn = redis.clone();
     let built: bool = redis::cmd("EXISTS").arg(keys.ranking_built()).query_async(&mut conn).await?;
     let now = Utc::now();
@@ -173,7 +185,10 @@ pub async fn reconcile(redis: &RedisConn, keys: &Keys, pool: &PgPool, retention:
         let _: () = redis::cmd("SET").arg(keys.ranking_built()).arg(1).query_async(&mut conn).await?;
         return Ok(out);
     }
-    let since = (now - chrono::Duration::from_std(retention.window).unwrap_or(chrono::Duration::MAX)).max(horizon);
+    let since = match reach {
+        Reach::Window => (now - chrono::Duration::from_std(retention.window).unwrap_or(chrono::Duration::MAX)).max(horizon),
+        Reach::Remembered => horizon,
+    };
     let corrections = reapply(redis, keys, pool, retention, since, now - chrono::Duration::from_std(SETTLE).expect("small")).await?;
     Ok(Reconciled { rebuilt: false, corrections })
 }

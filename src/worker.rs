@@ -404,18 +404,39 @@ impl Deliverer {
     }
 }
 
-/// Keeps the ranking equal to PostgreSQL: every `interval`, rebuilds it if Redis lost it, or
-/// re-applies the last stretch of payments and refunds (see [`crate::ranking::reconcile`]); also
-/// prunes what the ranking remembers past its retention.
-pub async fn run_ranking_reconciler(pool: PgPool, redis: crate::redis_conn::RedisConn, keys: Keys, retention: crate::ranking::Retention, interval: Duration, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(interval);
+/// How often the ranking is reconciled with PostgreSQL (see [`run_ranking_reconciler`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ReconcileEvery {
+    /// Over the last `--ranking-reconcile-window`.
+    pub window: Duration,
+    /// Over everything the ranking remembers; also the first reconcile after start, so a loss
+    /// that happened while this worker was down for longer than the window is found.
+    pub full: Duration,
+}
+
+/// Keeps the ranking equal to PostgreSQL: rebuilds it if Redis lost it, else re-applies the last
+/// stretch of payments and refunds every `every.window` and all it remembers every `every.full`
+/// and at start (see [`crate::ranking::reconcile`]); also prunes what the ranking remembers past
+/// its retention.
+pub async fn run_ranking_reconciler(pool: PgPool, redis: crate::redis_conn::RedisConn, keys: Keys, retention: crate::ranking::Retention, every: ReconcileEvery, shutdown: CancellationToken) {
+    use crate::ranking::Reach;
+    let mut tick = tokio::time::interval(every.window);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_full: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {}
         }
-        match crate::ranking::reconcile(&redis, &keys, &pool, &retention).await {
+        let reach = match last_full {
+            Some(t) if t.elapsed() < every.full => Reach::Window,
+            _ => Reach::Remembered,
+        };
+        let result = crate::ranking::reconcile(&redis, &keys, &pool, &retention, reach).await;
+        if reach == Reach::Remembered && result.is_ok() {
+            last_full = Some(tokio::time::Instant::now());
+        }
+        match result {
             Ok(r) if r.rebuilt => {
                 metrics::counter!("ranking_rebuilds_total").increment(1);
                 tracing::info!(counted = r.corrections, "ranking rebuilt from PostgreSQL");

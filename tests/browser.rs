@@ -19,7 +19,7 @@ use serde_json::json;
 /// The delay scheduler, the expirer and the worker, in this process, on `env`.
 async fn daemons(env: &TestEnv) -> Vec<Task> {
     let expirer = ExpirerSettings { sweep_interval: Duration::from_secs(5), sweep_grace: Duration::from_secs(5), ..inproc::expirer_settings() };
-    let worker = WorkerSettings { ranking_reconcile: Duration::from_secs(60), ..inproc::worker_settings(env) };
+    let worker = WorkerSettings { ranking_reconcile: booking::worker::ReconcileEvery { window: Duration::from_secs(60), full: Duration::from_secs(3600) }, ..inproc::worker_settings(env) };
     vec![
         inproc::scheduler(env, SchedulerConfig { poll_interval: Duration::from_secs(1), ..inproc::scheduler_config() }).await,
         inproc::expirer(env, expirer).await,

@@ -29,7 +29,7 @@ async fn worker(env: &TestEnv, sink: Sink) -> (CancellationToken, tokio::task::J
         delivery_poll: Duration::from_millis(200),
         delivery_batch: 100,
         delivery_max_backoff: Duration::from_millis(500),
-        ranking_reconcile: Duration::from_secs(3600),
+        ranking_reconcile: booking::worker::ReconcileEvery { window: Duration::from_secs(3600), full: Duration::from_secs(3600) },
         ranking_retention: Default::default(),
         retention: Default::default(),
     };

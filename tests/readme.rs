@@ -58,7 +58,7 @@ async fn the_readmes_try_it_walkthrough_ends_with_the_reservation_expired_notifi
             delivery_poll: Duration::from_millis(200),
             delivery_batch: 100,
             delivery_max_backoff: Duration::from_millis(500),
-            ranking_reconcile: Duration::from_secs(10),
+            ranking_reconcile: booking::worker::ReconcileEvery { window: Duration::from_secs(10), full: Duration::from_secs(3600) },
             ranking_retention: Default::default(),
             retention: Default::default(),
         };

@@ -60,7 +60,7 @@ fn worker_settings(env: &TestEnv) -> WorkerSettings {
         delivery_poll: Duration::from_secs(1),
         delivery_batch: 1000,
         delivery_max_backoff: Duration::from_secs(1),
-        ranking_reconcile: Duration::from_secs(3600),
+        ranking_reconcile: booking::worker::ReconcileEvery { window: Duration::from_secs(3600), full: Duration::from_secs(3600) },
         ranking_retention: Default::default(),
         retention: Default::default(),
     }

@@ -306,11 +306,12 @@ async fn the_reconcile_restores_increments_lost_while_the_ranking_marker_survive
     }
     // Paid a minute ago: past the time the consumer is given to count them itself.
     sqlx::query("UPDATE payments SET paid_at = now() - interval '1 minute'").execute(&env.pool).await.unwrap();
+    use booking::ranking::Reach;
     let (redis, keys, memory) = (&env.res.redis, env.keys(), booking::ranking::Retention::default());
-    let first = booking::ranking::reconcile(redis, keys, &env.pool, &memory).await.unwrap();
+    let first = booking::ranking::reconcile(redis, keys, &env.pool, &memory, Reach::Window).await.unwrap();
     assert!(first.rebuilt, "no marker yet: built from PostgreSQL");
     assert_eq!(first.corrections, 3);
-    let again = booking::ranking::reconcile(redis, keys, &env.pool, &memory).await.unwrap();
+    let again = booking::ranking::reconcile(redis, keys, &env.pool, &memory, Reach::Window).await.unwrap();
     assert_eq!(again, booking::ranking::Reconciled { rebuilt: false, corrections: 0 }, "nothing to correct");
 
     // The last increment is lost with its counted member; the marker survives.
@@ -318,8 +319,21 @@ async fn the_reconcile_restores_increments_lost_while_the_ranking_marker_survive
     let _: () = redis::cmd("ZREM").arg(keys.ranking_counted()).arg(&payments[2]).query_async(&mut conn).await.unwrap();
     let _: () = redis::cmd("ZINCRBY").arg(keys.ranking()).arg(-1).arg(&schedule).query_async(&mut conn).await.unwrap();
     assert_eq!(ranking(&api).await[0]["soldSeats"], 2);
-    let fixed = booking::ranking::reconcile(redis, keys, &env.pool, &memory).await.unwrap();
+    let fixed = booking::ranking::reconcile(redis, keys, &env.pool, &memory, Reach::Window).await.unwrap();
     assert_eq!(fixed, booking::ranking::Reconciled { rebuilt: false, corrections: 1 });
+    assert_eq!(ranking(&api).await[0]["soldSeats"], 3, "as PostgreSQL says");
+
+    // A loss older than the window (found only after a worker was down longer than that): the
+    // window's reconcile cannot see it, the reconcile over everything remembered (at the
+    // worker's start, and every --ranking-full-reconcile-interval) does.
+    sqlx::query("UPDATE payments SET paid_at = now() - interval '1 hour' WHERE id = $1::uuid").bind(&payments[2]).execute(&env.pool).await.unwrap();
+    let _: () = redis::cmd("ZREM").arg(keys.ranking_counted()).arg(&payments[2]).query_async(&mut conn).await.unwrap();
+    let _: () = redis::cmd("ZINCRBY").arg(keys.ranking()).arg(-1).arg(&schedule).query_async(&mut conn).await.unwrap();
+    let window = booking::ranking::reconcile(redis, keys, &env.pool, &memory, Reach::Window).await.unwrap();
+    assert_eq!(window.corrections, 0, "an hour ago is outside the 5-minute window");
+    assert_eq!(ranking(&api).await[0]["soldSeats"], 2);
+    let full = booking::ranking::reconcile(redis, keys, &env.pool, &memory, Reach::Remembered).await.unwrap();
+    assert_eq!(full, booking::ranking::Reconciled { rebuilt: false, corrections: 1 });
     assert_eq!(ranking(&api).await[0]["soldSeats"], 3, "as PostgreSQL says");
     api.stop().await;
 }

@@ -28,7 +28,7 @@ pub fn worker_settings(env: &TestEnv) -> WorkerSettings {
         delivery_poll: Duration::from_millis(200),
         delivery_batch: 100,
         delivery_max_backoff: Duration::from_millis(500),
-        ranking_reconcile: Duration::from_secs(1),
+        ranking_reconcile: booking::worker::ReconcileEvery { window: Duration::from_secs(1), full: Duration::from_secs(3600) },
         ranking_retention: Default::default(),
         retention: Default::default(),
     }
