@@ -407,10 +407,12 @@ impl Deliverer {
 /// How often the ranking is reconciled with PostgreSQL (see [`run_ranking_reconciler`]).
 #[derive(Debug, Clone, Copy)]
 pub struct ReconcileEvery {
-    /// Over the last `--ranking-reconcile-window`.
+    /// Interval of the reconciles over the last `--ranking-reconcile-window`
+    /// (`--ranking-reconcile-interval`).
     pub window: Duration,
-    /// Over everything the ranking remembers; also the first reconcile after start, so a loss
-    /// that happened while this worker was down for longer than the window is found.
+    /// Interval of the reconciles over everything the ranking remembers
+    /// (`--ranking-full-reconcile-interval`); the first reconcile after start is one of them, so
+    /// a loss that happened while this worker was down for longer than the window is found.
     pub full: Duration,
 }
 
