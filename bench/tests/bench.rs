@@ -46,7 +46,7 @@ async fn worker(env: &TestEnv) -> Task {
         delivery_poll: Duration::from_millis(200),
         delivery_batch: 200,
         delivery_max_backoff: Duration::from_millis(500),
-        ranking_reconcile: Duration::from_secs(3600),
+        ranking_reconcile: booking::worker::ReconcileEvery { window: Duration::from_secs(3600), full: Duration::from_secs(3600) },
         ranking_retention: Default::default(),
         retention: Default::default(),
     };
@@ -283,7 +283,7 @@ async fn notify_drain_stores_and_delivers_each_request_once_at_a_small_size() {
         delivery_poll: Duration::from_millis(200),
         delivery_batch: 100,
         delivery_max_backoff: Duration::from_millis(500),
-        ranking_reconcile: Duration::from_secs(3600),
+        ranking_reconcile: booking::worker::ReconcileEvery { window: Duration::from_secs(3600), full: Duration::from_secs(3600) },
         ranking_retention: Default::default(),
         retention: Default::default(),
     };
