@@ -258,6 +258,16 @@ async fn twenty_concurrent_holds_by_one_user_across_two_replicas_give_exactly_th
     let r = api1.http.delete(api1.url(&format!("/v1/reservations/{}", held[1]))).bearer_auth(&u.token).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(api1.hold(&u, &t, &seats[21]).await.status(), 201);
+    // A paid seat still counts; a refunded one stops counting. (The payment ends the queue
+    // place, so the user queues again for the next holds.)
+    api1.charge(&u, 10).await;
+    assert_eq!(api1.pay(&u, "pay-limit", &held[2]).await.status(), 201);
+    let t = api1.active_token(&u, &schedule).await;
+    let r = api1.hold(&u, &t, &seats[4]).await;
+    assert_eq!((r.status(), r.json::<Value>().await.unwrap()["error"]["code"].clone()), (reqwest::StatusCode::CONFLICT, json!("SEAT_LIMIT_REACHED")), "CONFIRMED counts");
+    let r = api1.http.post(api1.url(&format!("/v1/reservations/{}/refund", held[2]))).bearer_auth(&u.token).header("Idempotency-Key", "refund-limit").send().await.unwrap();
+    assert_eq!(r.status(), 200, "refunded");
+    assert_eq!(api1.hold(&u, &t, &seats[4]).await.status(), 201, "a refunded seat stops counting");
     // Another user is not limited by this one.
     let other = api1.user("other").await;
     let ot = api1.active_token(&other, &schedule).await;
@@ -405,6 +415,43 @@ async fn a_thousand_early_arrivals_are_shuffled_once_the_same_on_every_replica_a
     }
     api1.stop().await;
     api2.stop().await;
+}
+
+/// `--queue-early-order fifo`: early arrivals keep their arrival order at opening (the operator's
+/// choice against the default shuffle).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_fifo_order_early_arrivals_keep_their_arrival_order_at_opening() {
+    let env = TestEnv::new().await;
+    let fair = FairSettings { early_order: EarlyOrder::Fifo, ..FairSettings::default() };
+    let api = env.api_with(TTL, QueueSettings::default(), fair).await;
+    let body = json!({"title": "Opening night", "schedules": [{"startsAt": "2099-01-01T19:00:00Z", "bookingOpensAt": "2098-01-01T00:00:00Z", "seatCount": 10, "price": 10}]});
+    let v: Value = api.http.post(api.url("/v1/admin/concerts")).bearer_auth(ADMIN).json(&body).send().await.unwrap().json().await.unwrap();
+    let schedule = v["schedules"][0]["scheduleId"].as_str().unwrap().to_string();
+    admin_patch(&api, &schedule, json!({"paused": true})).await;
+    let mut early = Vec::new();
+    for i in 0..50 {
+        let u = api.user(&format!("early{i}")).await;
+        let v = api.enter_queue(&u, &schedule).await;
+        assert!(v["position"].is_null(), "no position before opening: {v}");
+        early.push((u, v["queueToken"].as_str().unwrap().to_string()));
+    }
+    sqlx::query("UPDATE schedules SET booking_opens_at = now() - interval '1 second' WHERE id = $1::uuid")
+        .bind(&schedule).execute(&env.pool).await.unwrap();
+    tokio::time::sleep(booking::catalog::OPENING_TIME_TTL).await;
+    // A late entrant brings the new opening time to Redis (each entry copies it there).
+    for i in 0..3 {
+        let u = api.user(&format!("late{i}")).await;
+        let v = api.enter_queue(&u, &schedule).await;
+        early.push((u, v["queueToken"].as_str().unwrap().to_string()));
+    }
+    let (u0, t0) = &early[0];
+    common::eventually(Duration::from_secs(10), || async { api.queue_status(u0, t0).await["position"].is_number() }).await;
+    let mut positions = Vec::new();
+    for (u, t) in &early {
+        positions.push(api.queue_status(u, t).await["position"].as_u64().unwrap());
+    }
+    assert_eq!(positions, (1..=53).collect::<Vec<u64>>(), "arrival order, the early ones first");
+    api.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
