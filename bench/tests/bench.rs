@@ -106,7 +106,20 @@ async fn queue_spike_seat_fight_sell_out_and_payments_at_a_small_size() {
     assert_eq!(q.position_errors, 0);
     let n = &q.notifications;
     assert_eq!(n.expected, 80, "one QUEUE_POSITION and one QUEUE_ACTIVATED per user");
-    assert!(n.drained && n.stored == 80, "{n:?}");
+    if !(n.drained && n.stored == 80) {
+        // Seen once, in a fresh-clone CI run right after the broker was first formatted: 80
+        // published, 79 stored, and no progress for 15 s. Not reproduced since; say which one.
+        let missing: Vec<(String, String, Option<String>, String)> = sqlx::query_as(
+            "SELECT o.event_id::text, o.message_key, o.published_at::text, o.envelope->'payload'->>'type' FROM outbox o
+             WHERE o.topic LIKE '%notification.request' AND NOT EXISTS (SELECT 1 FROM notifications n WHERE n.event_id = o.event_id)",
+        )
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+        let dlq = env.read_topic(&format!("{}.dlq", env.topics().notification_request), usize::MAX, Duration::from_secs(3)).await;
+        let dead: Vec<_> = dlq.iter().map(|(k, _, h)| (k.clone(), h.clone())).collect();
+        panic!("{n:?}\nnot stored (event id, key, published at, type): {missing:?}\ndead letters (key, headers): {dead:?}");
+    }
     assert_eq!(n.outbox_to_stored.count, 80);
     assert!(n.outbox_to_stored.min_ms >= 0.0);
 
