@@ -63,36 +63,27 @@ pub async fn claim(
 /// The answer stored for a key someone else claimed: `IDEMPOTENCY_KEY_REUSED` if it was claimed
 /// for another request. For a path that claims the key inside a statement of its own.
 pub async fn stored(tx: &mut PgConnection, user: Uuid, scope: &str, key: &str, request_hash: &[u8]) -> Result<(u16, Value)> {
-    let (hash, status, body): (Vec<u8>, i32, Value) = sqlx::query_as(
-        "SELECT request_hash, status_code, response FROM idempotency_keys
-         WHERE user_id = $1 AND scope = $2 AND key = $3",
-    )
-    .bind(user)
-    .bind(scope)
-    .bind(key)
-    .fetch_one(&mut *tx)
-    .await?;
-    if hash != request_hash {
-        return Err(Error::IdempotencyKeyReused);
-    }
-    Ok((status as u16, body))
+    // The claim conflicted, so the other request committed its row (with its answer) first.
+    read(&mut *tx, user, scope, key, request_hash).await?.ok_or_else(|| Error::Database(sqlx::Error::RowNotFound))
 }
 
 /// The answer already stored for `key`, read outside any transaction: `None` when the key is
-/// unknown or its first request has not committed yet, `IDEMPOTENCY_KEY_REUSED` when it was used
-/// for another request. For a retry that must get its answer even when the preconditions of the
-/// first request no longer hold (a hold retried after its queue place lapsed: nothing is held
-/// again, so the queue has nothing to say).
+/// unknown or its first request has not committed yet (a claimed key becomes visible only with
+/// its answer), `IDEMPOTENCY_KEY_REUSED` when it was used for another request. For a retry that
+/// must get its answer even when the preconditions of the first request no longer hold (a hold
+/// retried after its queue place lapsed: nothing is held again, so the queue has nothing to say).
 pub async fn answered(pool: &sqlx::PgPool, user: Uuid, scope: &str, key: &str, request_hash: &[u8]) -> Result<Option<(u16, Value)>> {
-    let row: Option<(Vec<u8>, i32, Value)> = sqlx::query_as(
-        "SELECT request_hash, status_code, response FROM idempotency_keys
-         WHERE user_id = $1 AND scope = $2 AND key = $3 AND status_code <> 0",
-    )
-    .bind(user)
-    .bind(scope)
-    .bind(key)
-    .fetch_optional(pool)
-    .await?;
+    read(pool, user, scope, key, request_hash).await
+}
+
+async fn read<'e>(db: impl sqlx::PgExecutor<'e>, user: Uuid, scope: &str, key: &str, request_hash: &[u8]) -> Result<Option<(u16, Value)>> {
+    let row: Option<(Vec<u8>, i32, Value)> =
+        sqlx::query_as("SELECT request_hash, status_code, response FROM idempotency_keys WHERE user_id = $1 AND scope = $2 AND key = $3")
+            .bind(user)
+            .bind(scope)
+            .bind(key)
+            .fetch_optional(db)
+            .await?;
     match row {
         None => Ok(None),
         Some((hash, _, _)) if hash != request_hash => Err(Error::IdempotencyKeyReused),

@@ -113,9 +113,9 @@ pub struct Stored {
     /// Active places not lapsed yet (by Redis's clock).
     pub active: u64,
     pub paused: bool,
-    /// The operators' batch and maxActive, -1 where the api's flags apply.
-    pub batch: i64,
-    pub max_active: i64,
+    /// The operators' batch and maxActive; `None` where the api's flags apply.
+    pub batch: Option<u32>,
+    pub max_active: Option<u32>,
     pub admitted: u64,
 }
 
@@ -123,7 +123,7 @@ pub struct Stored {
 pub async fn stored(redis: &RedisConn, keys: &Keys, schedule: Uuid) -> Result<Stored, redis::RedisError> {
     let (waiting, active, paused, batch, max_active, admitted): (u64, u64, i64, i64, i64, u64) =
         Script::new(STATE).key(state_keys(keys, schedule)).invoke_async(&mut redis.clone()).await?;
-    Ok(Stored { waiting, active, paused: paused == 1, batch, max_active, admitted })
+    Ok(Stored { waiting, active, paused: paused == 1, batch: u32::try_from(batch).ok(), max_active: u32::try_from(max_active).ok(), admitted })
 }
 
 /// A change of a schedule's admission; absent fields stay as they are.
@@ -605,9 +605,9 @@ impl Queue {
             waiting,
             active,
             paused,
-            batch: u32::try_from(batch).unwrap_or(self.cfg.batch),
+            batch: batch.unwrap_or(self.cfg.batch),
             tick: self.cfg.tick.as_millis() as u64,
-            max_active: u32::try_from(max_active).unwrap_or(self.cfg.max_active),
+            max_active: max_active.unwrap_or(self.cfg.max_active),
             admitted_total: admitted,
         })
     }

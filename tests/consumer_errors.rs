@@ -13,7 +13,6 @@ use booking::export::Sink;
 use booking::kafka::{Envelope, EventType, HandleError};
 use booking::notification::NotificationRequest;
 use booking::payment::PaymentCompleted;
-use booking::worker::Channel;
 use common::TestEnv;
 use rdkafka::producer::FutureRecord;
 use serde_json::{json, Value};
@@ -24,14 +23,9 @@ use warp::Filter;
 async fn worker(env: &TestEnv, sink: Sink) -> (CancellationToken, tokio::task::JoinHandle<()>) {
     let t = CancellationToken::new();
     let settings = WorkerSettings {
-        channel: Channel::Log,
         sink,
-        delivery_poll: Duration::from_millis(200),
-        delivery_batch: 100,
-        delivery_max_backoff: Duration::from_millis(500),
         ranking_reconcile: booking::worker::ReconcileEvery { window: Duration::from_secs(3600), full: Duration::from_secs(3600) },
-        ranking_retention: Default::default(),
-        retention: Default::default(),
+        ..common::inproc::worker_settings(&env)
     };
     let (res, gp, sd) = (env.res.clone(), format!("{}worker-", env.prefix), t.clone());
     let ops = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

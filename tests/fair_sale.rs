@@ -50,6 +50,14 @@ fn driven_queue() -> QueueSettings {
     QueueSettings { tick: Duration::from_secs(3600), ..QueueSettings::default() }
 }
 
+/// A schedule whose booking opens in 2098: every entrant is an early arrival until the test
+/// moves the opening.
+async fn opening_night(api: &TestApi) -> String {
+    let body = json!({"title": "Opening night", "schedules": [{"startsAt": "2099-01-01T19:00:00Z", "bookingOpensAt": "2098-01-01T00:00:00Z", "seatCount": 10, "price": 10}]});
+    let v: Value = api.http.post(api.url("/v1/admin/concerts")).bearer_auth(ADMIN).json(&body).send().await.unwrap().json().await.unwrap();
+    v["schedules"][0]["scheduleId"].as_str().unwrap().to_string()
+}
+
 fn sid(s: &str) -> Uuid {
     Uuid::parse_str(s).unwrap()
 }
@@ -360,9 +368,7 @@ async fn a_thousand_early_arrivals_are_shuffled_once_the_same_on_every_replica_a
     let q = QueueSettings { tick: Duration::from_millis(100), ..QueueSettings::default() };
     let api1 = env.api(TTL, q).await;
     let api2 = env.api(TTL, q).await;
-    let body = json!({"title": "Opening night", "schedules": [{"startsAt": "2099-01-01T19:00:00Z", "bookingOpensAt": "2098-01-01T00:00:00Z", "seatCount": 10, "price": 10}]});
-    let v: Value = api1.http.post(api1.url("/v1/admin/concerts")).bearer_auth(ADMIN).json(&body).send().await.unwrap().json().await.unwrap();
-    let schedule = v["schedules"][0]["scheduleId"].as_str().unwrap().to_string();
+    let schedule = opening_night(&api1).await;
     // The operator holds admission, so positions can be read after the draw.
     admin_patch(&api1, &schedule, json!({"paused": true})).await;
 
@@ -424,9 +430,7 @@ async fn with_the_fifo_order_early_arrivals_keep_their_arrival_order_at_opening(
     let env = TestEnv::new().await;
     let fair = FairSettings { early_order: EarlyOrder::Fifo, ..FairSettings::default() };
     let api = env.api_with(TTL, QueueSettings::default(), fair).await;
-    let body = json!({"title": "Opening night", "schedules": [{"startsAt": "2099-01-01T19:00:00Z", "bookingOpensAt": "2098-01-01T00:00:00Z", "seatCount": 10, "price": 10}]});
-    let v: Value = api.http.post(api.url("/v1/admin/concerts")).bearer_auth(ADMIN).json(&body).send().await.unwrap().json().await.unwrap();
-    let schedule = v["schedules"][0]["scheduleId"].as_str().unwrap().to_string();
+    let schedule = opening_night(&api).await;
     admin_patch(&api, &schedule, json!({"paused": true})).await;
     let mut early = Vec::new();
     for i in 0..50 {

@@ -7,9 +7,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use booking::app::{self, ExpirerMode, ExpirerSettings, WorkerSettings};
-use booking::export::Sink;
 use booking::scheduler::SchedulerConfig;
-use booking::worker::Channel;
 use common::{QueueSettings, TestEnv};
 use tokio_util::sync::CancellationToken;
 
@@ -53,14 +51,8 @@ async fn the_readmes_try_it_walkthrough_ends_with_the_reservation_expired_notifi
     {
         let (res, group, sd, l) = (env.res.clone(), format!("{}worker-", env.prefix), stop.clone(), listener().await);
         let s = WorkerSettings {
-            channel: Channel::Log,
-            sink: Sink::File(std::env::temp_dir().join(format!("export-{}.jsonl", env.prefix))),
-            delivery_poll: Duration::from_millis(200),
-            delivery_batch: 100,
-            delivery_max_backoff: Duration::from_millis(500),
             ranking_reconcile: booking::worker::ReconcileEvery { window: Duration::from_secs(10), full: Duration::from_secs(3600) },
-            ranking_retention: Default::default(),
-            retention: Default::default(),
+            ..common::inproc::worker_settings(&env)
         };
         tasks.push(tokio::spawn(async move { app::run_worker(res, s, &group, l, booking::telemetry::install_metrics(), sd).await.unwrap() }));
     }

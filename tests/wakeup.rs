@@ -12,12 +12,10 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use booking::app::{ApiSettings, WorkerSettings};
-use booking::export::Sink;
 use booking::kafka::{partition_for, Envelope, EventType, PARTITIONS};
 use booking::notification::{self, Kind, NotificationRequest};
 use booking::queue::QueueConfig;
-use booking::worker::Channel;
-use common::{eventually, QueueSettings, TestApi, TestEnv, ADMIN};
+use common::{eventually, inproc, QueueSettings, TestApi, TestEnv, ADMIN};
 use rdkafka::producer::FutureRecord;
 use serde_json::json;
 use sqlx::postgres::PgListener;
@@ -55,14 +53,11 @@ async fn api_without_poll(env: &TestEnv, streams: booking::sequencer::StreamSett
 
 fn worker_settings(env: &TestEnv) -> WorkerSettings {
     WorkerSettings {
-        channel: Channel::Log,
-        sink: Sink::File(std::env::temp_dir().join(format!("wakeup-export-{}.jsonl", env.prefix))),
         delivery_poll: Duration::from_secs(1),
         delivery_batch: 1000,
         delivery_max_backoff: Duration::from_secs(1),
         ranking_reconcile: booking::worker::ReconcileEvery { window: Duration::from_secs(3600), full: Duration::from_secs(3600) },
-        ranking_retention: Default::default(),
-        retention: Default::default(),
+        ..inproc::worker_settings(env)
     }
 }
 

@@ -13,7 +13,6 @@ use bench::report::{markdown, Report, Results};
 use bench::{end_to_end, expiry, notify_drain, queue_spike, seat_fight, sell_out, Api, Ctx};
 use booking::export::Sink;
 use booking::scheduler::SchedulerConfig;
-use booking::worker::Channel;
 use common::{FairSettings, QueueSettings, TestEnv, ADMIN};
 use tokio_util::sync::CancellationToken;
 
@@ -41,14 +40,10 @@ fn bench_fair() -> FairSettings {
 async fn worker(env: &TestEnv) -> Task {
     let t = CancellationToken::new();
     let settings = WorkerSettings {
-        channel: Channel::Log,
         sink: Sink::File(std::env::temp_dir().join(format!("bench-export-{}.jsonl", env.prefix))),
-        delivery_poll: Duration::from_millis(200),
         delivery_batch: 200,
-        delivery_max_backoff: Duration::from_millis(500),
         ranking_reconcile: booking::worker::ReconcileEvery { window: Duration::from_secs(3600), full: Duration::from_secs(3600) },
-        ranking_retention: Default::default(),
-        retention: Default::default(),
+        ..common::inproc::worker_settings(env)
     };
     let (res, gp, sd, l) = (env.res.clone(), format!("{}worker-", env.prefix), t.clone(), ops().await);
     let h = tokio::spawn(async move {
@@ -291,14 +286,10 @@ async fn notify_drain_stores_and_delivers_each_request_once_at_a_small_size() {
     // No api: the scenario talks to Kafka and PostgreSQL only.
     let ctx = Ctx::new(Api::new("http://127.0.0.1:9", ADMIN).unwrap(), env.pool.clone(), false);
     let settings = WorkerSettings {
-        channel: Channel::Log,
         sink: Sink::File(std::env::temp_dir().join(format!("bench-drain-export-{}.jsonl", env.prefix))),
-        delivery_poll: Duration::from_millis(200),
         delivery_batch: 100,
-        delivery_max_backoff: Duration::from_millis(500),
         ranking_reconcile: booking::worker::ReconcileEvery { window: Duration::from_secs(3600), full: Duration::from_secs(3600) },
-        ranking_retention: Default::default(),
-        retention: Default::default(),
+        ..common::inproc::worker_settings(&env)
     };
     let cfg = notify_drain::Config {
         notifications: 600,
