@@ -71,10 +71,7 @@ pub struct Seat {
 
 /// Creates a concert, its schedules and their seats in one transaction.
 pub async fn create_concert(pool: &PgPool, c: NewConcert) -> Result<CreatedConcert> {
-    let title = c.title.trim().to_string();
-    if title.is_empty() || title.chars().count() > 200 {
-        return Err(Error::invalid("title", "must be 1 to 200 characters"));
-    }
+    let title = Error::display_text("title", &c.title, 200)?.to_string();
     if c.schedules.is_empty() || c.schedules.len() > MAX_SCHEDULES {
         return Err(Error::invalid("schedules", format!("must hold 1 to {MAX_SCHEDULES} schedules")));
     }

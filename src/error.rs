@@ -57,6 +57,20 @@ impl Error {
         Error::InvalidInput { field: Some(field.to_string()), message: message.into() }
     }
 
+    /// A human-readable text field (a user's name, a concert's title): trimmed, 1 to `max`
+    /// characters, and no control characters. The last rule is not cosmetic: PostgreSQL's text
+    /// type cannot store a NUL byte, so letting one through would turn bad input into a 500.
+    pub fn display_text<'a>(field: &str, raw: &'a str, max: usize) -> Result<&'a str, Error> {
+        let text = raw.trim();
+        if text.is_empty() || text.chars().count() > max {
+            return Err(Error::invalid(field, format!("must be 1 to {max} characters")));
+        }
+        if text.chars().any(char::is_control) {
+            return Err(Error::invalid(field, "must not contain control characters"));
+        }
+        Ok(text)
+    }
+
     pub fn status_code(&self) -> StatusCode {
         match self {
             Error::InvalidInput { .. } => StatusCode::BAD_REQUEST,

@@ -30,13 +30,7 @@ pub fn random_token() -> String {
 
 /// Registers a user.
 pub async fn create(pool: &PgPool, name: &str) -> Result<NewUser> {
-    let name = name.trim();
-    if name.is_empty() || name.chars().count() > 100 {
-        return Err(Error::invalid("name", "must be 1 to 100 characters"));
-    }
-    if name.chars().any(|c| c.is_control()) {
-        return Err(Error::invalid("name", "must not contain control characters"));
-    }
+    let name = Error::display_text("name", name, 100)?;
     let user_id = Uuid::new_v4();
     let token = random_token();
     sqlx::query("INSERT INTO users (id, name, token_hash) VALUES ($1, $2, $3)")

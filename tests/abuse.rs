@@ -42,6 +42,17 @@ async fn hostile_bodies_and_strings_are_refused_or_stored_verbatim() {
             .json(&json!({"title": "x", "schedules": [{"startsAt": "2030-01-01T00:00:00Z", "bookingOpensAt": "2029-01-01T00:00:00Z", "price": price, "seatCount": seats}]})).send().await.unwrap();
         assert_eq!(r.status(), 400, "price {price} seats {seats}");
     }
+    // A NUL byte is valid JSON but PostgreSQL text cannot hold it; it and the other control
+    // characters are refused by name before anything is written (schemathesis found the 500).
+    for bad in ["\u{84}C\u{ef}\u{0}\u{c1}", "line\nbreak", "tab\there"] {
+        let r = h.post(api.url("/v1/admin/concerts")).bearer_auth(ADMIN)
+            .json(&json!({"title": bad, "schedules": [{"startsAt": "2030-01-01T00:00:00Z", "bookingOpensAt": "2029-01-01T00:00:00Z", "price": 1}]})).send().await.unwrap();
+        assert_eq!(r.status(), 400, "title {bad:?}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!((body["error"]["code"].as_str(), body["error"]["field"].as_str()), (Some("INVALID_INPUT"), Some("title")), "{body}");
+        let r = h.post(api.url("/v1/users")).json(&json!({"name": bad})).send().await.unwrap();
+        assert_eq!(r.status(), 400, "name {bad:?}");
+    }
     let concerts: i64 = sqlx::query_scalar("SELECT count(*) FROM concerts").fetch_one(&env.pool).await.unwrap();
     assert_eq!(concerts, 1, "no refused concert was half-written");
     api.stop().await;
