@@ -32,8 +32,11 @@
 #   BENCH_PHASES=spike,after,bullmq,before,drain   the phases to run (default all; the report merges
 #                       those that ran), e.g. BENCH_PHASES=bullmq to try a change to the expiry path
 #   BENCH_PROFILE=1     profile instead: phase 1 only, with pg_stat_statements (the database time per
-#                       statement) and perf sampling the api (its hottest functions); writes
-#                       docs/bench/profile.md and leaves latest.* alone
+#                       statement), perf sampling the api (its hottest functions) and the whole
+#                       machine (CPU by process, kernel included); writes docs/bench/profile.md and
+#                       leaves latest.* alone
+#   BENCH_PROFILE_SCENARIOS=sell-out,payments   with BENCH_PROFILE=1, profile only these scenarios
+#                       of phase 1 (default: all of them)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -181,6 +184,7 @@ start_scheduler
 start_expirer after
 start_worker
 PERF_PID=
+PERF_ALL_PID=
 if [[ ${BENCH_PROFILE:-0} == 1 ]]; then
   # pg_stat_statements is preloaded by scripts/services.sh (a PostgreSQL started before that
   # setting existed must be restarted: scripts/services.sh stop-postgres, then up).
@@ -188,23 +192,29 @@ if [[ ${BENCH_PROFILE:-0} == 1 ]]; then
   if command -v perf >/dev/null; then
     perf record -F 199 -g -p "$API_PID" -o "$WORK/api.perf" >/dev/null 2>&1 &
     PERF_PID=$!
+    # And the whole machine, by process and library, kernel included: the per-process CPU table
+    # leaves an "other" share (softirq, short-lived processes, anything else) that only this sees.
+    perf record -F 99 -a -o "$WORK/all.perf" >/dev/null 2>&1 &
+    PERF_ALL_PID=$!
   fi
 fi
+SPIKE_SCENARIOS=limits,queue-spike,seat-fight,sell-out,payments
+[[ ${BENCH_PROFILE:-0} == 1 ]] && SPIKE_SCENARIOS=${BENCH_PROFILE_SCENARIOS:-$SPIKE_SCENARIOS}
 if phase spike; then
 log "phase 1: queue spike, seat fight, sell-out, payments (api --hold-ttl 5m)"
-"${BENCH[@]}" --scenario limits,queue-spike,seat-fight,sell-out,payments --label spike \
+"${BENCH[@]}" --scenario "$SPIKE_SCENARIOS" --label spike \
   --users "$USERS" --fighters "$FIGHTERS" --schedules "$SCHEDULES" --clients "$CLIENTS" --pay-concurrency "$PAY_CONCURRENCY" \
   --note "$QUEUE_NOTE --hold-ttl 5m" --note "delay-scheduler, expirer --mode after, worker (log channel, ranking consumer)" \
   --out "$WORK/spike" || log "phase 1 reported a failure (see above); the report keeps what it measured"
 fi
 
 if [[ ${BENCH_PROFILE:-0} == 1 ]]; then
-  [[ -n $PERF_PID ]] && { kill -INT "$PERF_PID"; wait "$PERF_PID" 2>/dev/null || true; }
+  [[ -n $PERF_PID ]] && { kill -INT "$PERF_PID" "$PERF_ALL_PID"; wait "$PERF_PID" "$PERF_ALL_PID" 2>/dev/null || true; }
   PROFILE_OUT="$(dirname "$OUT")/profile.md"
   {
     echo "# Profile of the spike (phase 1 of scripts/bench.sh)"
     echo
-    echo "Generated $(date -u '+%Y-%m-%d %H:%M UTC') by \`BENCH_PROFILE=1 scripts/bench.sh\` at commit $(git rev-parse --short HEAD): limits, queue-spike ($USERS users), seat-fight, sell-out, payments, with the whole stack on this machine."
+    echo "Generated $(date -u '+%Y-%m-%d %H:%M UTC') by \`BENCH_PROFILE=1 BENCH_PROFILE_SCENARIOS=$SPIKE_SCENARIOS scripts/bench.sh\` at commit $(git rev-parse --short HEAD): ${SPIKE_SCENARIOS//,/, } (queue spike of $USERS users), with the whole stack on this machine."
     echo
     echo "## PostgreSQL: statements by total time (pg_stat_statements, the bench database only)"
     echo
@@ -229,6 +239,22 @@ if [[ ${BENCH_PROFILE:-0} == 1 ]]; then
     echo "## WAL and commits in the bench database"
     echo
     psql "$BENCH_DB_URL" -qAt -c "SELECT 'transactions committed: ' || xact_commit || ', rolled back: ' || xact_rollback FROM pg_stat_database WHERE datname = current_database()"
+    if [[ -f "$WORK/all.perf" ]]; then
+      echo
+      echo "## The whole machine: CPU samples by process and library (perf -a, 99 Hz; idle excluded)"
+      echo
+      echo '```'
+      perf report -i "$WORK/all.perf" --stdio --no-children --sort comm,dso --percent-limit 0.5 2>/dev/null | grep -E '^ +[0-9]' | grep -v 'swapper' | head -40 |
+        sed -E -e 's/[[:space:]]+-[[:space:]]+-[[:space:]]*$//' -e 's/[[:space:]]+$//'
+      echo '```'
+      echo
+      echo "Kernel symbols, all processes:"
+      echo
+      echo '```'
+      perf report -i "$WORK/all.perf" --stdio --no-children --sort dso,symbol --dsos '[kernel.kallsyms]' --percent-limit 0.7 2>/dev/null | grep -E '^ +[0-9]' | head -25 |
+        sed -E -e 's/[[:space:]]+-[[:space:]]+-[[:space:]]*$//' -e 's/[[:space:]]+$//'
+      echo '```'
+    fi
     if [[ -f "$WORK/api.perf" ]]; then
       echo
       echo "## The api: hottest functions (perf, 199 Hz, self time)"
