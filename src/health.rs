@@ -1,7 +1,14 @@
 //! `/health`: asks each dependency a real question (a query, a PING, a metadata request) with a
 //! short timeout and answers 503 naming the one that failed.
+//!
+//! A burst of probes (a load balancer, hundreds of clients opening connections at once) is
+//! answered from one check: [`Health::check`] lets one caller ask the dependencies while the
+//! others wait for its answer, which is then reused for [`FRESH_FOR`]. The Kafka question is the
+//! metadata of one of our own topics, not of the whole cluster: a broker with many topics made
+//! every probe a large request for the broker to answer and for the process to parse.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use rdkafka::producer::{FutureProducer, Producer};
 use serde_json::json;
@@ -11,12 +18,22 @@ use warp::Reply;
 
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long one check answers later probes. Short beside any probe interval a load balancer
+/// uses, and beside how fast an outage must show (tests poll `/health` with a deadline).
+pub const FRESH_FOR: Duration = Duration::from_secs(1);
+
+type Checks = Vec<(&'static str, Check)>;
+
 /// The dependencies a process checks; each is optional because not every daemon uses all three.
 #[derive(Clone, Default)]
 pub struct Health {
-    pub postgres: Option<PgPool>,
-    pub redis: Option<crate::redis_conn::RedisConn>,
-    pub kafka: Option<FutureProducer>,
+    postgres: Option<PgPool>,
+    redis: Option<crate::redis_conn::RedisConn>,
+    /// The producer, and the topic whose metadata it asks for.
+    kafka: Option<(FutureProducer, String)>,
+    /// The last check and when it finished; the lock is held while a check runs, so concurrent
+    /// callers wait for it instead of asking again.
+    recent: Arc<tokio::sync::Mutex<Option<(Instant, Checks)>>>,
 }
 
 /// One dependency's state.
@@ -27,8 +44,28 @@ pub enum Check {
 }
 
 impl Health {
-    /// Runs every check concurrently.
-    pub async fn check(&self) -> Vec<(&'static str, Check)> {
+    /// Checks these dependencies; `kafka` is a producer and one topic it writes to.
+    pub fn new(postgres: Option<PgPool>, redis: Option<crate::redis_conn::RedisConn>, kafka: Option<(FutureProducer, String)>) -> Self {
+        Self { postgres, redis, kafka, recent: Arc::default() }
+    }
+
+    /// The dependencies' state, asked at most once per [`FRESH_FOR`] however many call at once.
+    pub async fn check(&self) -> Checks {
+        let mut recent = self.recent.lock().await;
+        if let Some((at, checks)) = recent.as_ref() {
+            if at.elapsed() < FRESH_FOR {
+                return checks.clone();
+            }
+        }
+        let checks = self.check_now().await;
+        *recent = Some((Instant::now(), checks.clone()));
+        checks
+    }
+
+    /// Asks every dependency now, concurrently (an operator's `bookingctl status`, which must
+    /// not be answered from an earlier look).
+    pub async fn check_now(&self) -> Checks {
+        metrics::counter!("health_checks_total").increment(1);
         let pg = async {
             match &self.postgres {
                 None => None,
@@ -61,11 +98,13 @@ impl Health {
         let kf = async {
             match &self.kafka {
                 None => None,
-                Some(p) => {
-                    let client = p.clone();
-                    // fetch_metadata blocks, so it runs off the async threads.
+                Some((p, topic)) => {
+                    let (client, topic) = (p.clone(), topic.clone());
+                    // fetch_metadata blocks, so it runs off the async threads. One topic: the
+                    // answer still lists the brokers, and stays small however many topics the
+                    // cluster holds (the producer never asks the broker to create it).
                     let r = tokio::task::spawn_blocking(move || {
-                        client.client().fetch_metadata(None, CHECK_TIMEOUT).map(|m| m.brokers().len())
+                        client.client().fetch_metadata(Some(&topic), CHECK_TIMEOUT).map(|m| m.brokers().len())
                     })
                     .await;
                     Some(match r {

@@ -42,10 +42,18 @@ impl RedisConn {
             Ok(RedisConn::Cluster(client.get_async_connection().await?))
         } else {
             let client = redis::Client::open(url)?;
+            // How soon after Redis comes back the first command gets through is set by the
+            // reconnect backoff, not by the timeouts. The crate's defaults (a 1-s first delay
+            // multiplied by 100 each time, capped by its 60-s maximum) meant that an outage of
+            // more than about a second left every command of the process hanging for up to a
+            // minute after Redis was back: the delay scheduler published no expiry meanwhile.
+            // Delays of 1 to 2 s (with jitter), five times, then the next command starts again.
             let cfg = redis::aio::ConnectionManagerConfig::new()
                 .set_connection_timeout(Duration::from_secs(2))
                 .set_response_timeout(Duration::from_secs(2))
-                .set_number_of_retries(2);
+                .set_factor(2)
+                .set_max_delay(1000)
+                .set_number_of_retries(5);
             Ok(RedisConn::Single(ConnectionManager::new_with_config(client, cfg).await?))
         }
     }

@@ -35,6 +35,10 @@ pub fn producer(brokers: &str, client_id: &str) -> Result<FutureProducer, KafkaE
         .set("linger.ms", "0")
         .set("message.timeout.ms", MESSAGE_TIMEOUT.as_millis().to_string())
         .set("topic.metadata.propagation.max.ms", "5000")
+        // Topics are created by `bootstrap_topics` with their partitions, replication and
+        // retention; a send or a metadata request (the health check) must never make the broker
+        // create one with its defaults, whatever `auto.create.topics.enable` says there.
+        .set("allow.auto.create.topics", "false")
         .set("socket.keepalive.enable", "true")
         .create()
 }

@@ -71,11 +71,11 @@ pub struct Status {
 
 /// Gathers the status; never fails, a missing part says why in `dependencies`.
 pub async fn status(ops: &Ops) -> Status {
-    let health = Health { postgres: Some(ops.pool.clone()), redis: ops.redis.clone().ok(), kafka: Some(ops.producer.clone()) };
-    let mut checks = health.check().await;
+    let health = Health::new(Some(ops.pool.clone()), ops.redis.clone().ok(), Some((ops.producer.clone(), ops.topics.reservation_created.clone())));
+    let mut checks = health.check_now().await;
     if checks.iter().any(|(_, c)| *c != Check::Ok) {
         // Asked once more before saying "down": one slow answer on a loaded machine is not an outage.
-        checks = health.check().await;
+        checks = health.check_now().await;
     }
     let mut dependencies: Vec<Dependency> = checks
         .into_iter()
