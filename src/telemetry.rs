@@ -160,8 +160,10 @@ pub fn describe_metrics(daemon: Daemon, topic_prefix: &str) {
     describe_gauge!("kafka_consumer_lag", "Messages behind the partition end, by group, topic and partition (rdkafka statistics)");
     // Every daemon.
     describe_gauge!("dependency_up", "1 when the last health check of the dependency succeeded, else 0");
+    describe_counter!("health_checks_total", "Dependency checks actually run (a burst of /health probes shares one; its answer is reused for 1 s)");
 
     let zero = |name: &'static str| metrics::counter!(name).increment(0);
+    zero("health_checks_total");
     let topics = Topics::new(topic_prefix);
     let consumer = |name: &'static str, consumed: &[&String]| {
         metrics::counter!("kafka_handler_retries_total", "consumer" => name).increment(0);

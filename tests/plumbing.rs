@@ -182,6 +182,18 @@ async fn every_daemon_is_healthy_serves_metrics_and_exits_zero_on_sigterm() {
     }
 }
 
+/// An api process on its own public and operations ports, once its public `/health` says 200.
+async fn healthy_api(env: &TestEnv) -> (Child, u16, u16) {
+    let ops_port = free_port();
+    let mut args = daemon_args(env, "api", ops_port, None);
+    let public_port = free_port();
+    let i = args.iter().position(|a| a == "--listen").unwrap();
+    args[i + 1] = format!("127.0.0.1:{public_port}");
+    let child = spawn(env!("CARGO_BIN_EXE_api"), &args);
+    common::eventually(Duration::from_secs(30), || async { matches!(health(public_port).await, Some((200, _))) }).await;
+    (child, public_port, ops_port)
+}
+
 /// A load balancer, or hundreds of clients opening connections at once, may ask `/health` far
 /// more often than dependencies need asking. Each real check is a PostgreSQL query, a Redis PING
 /// and a Kafka metadata request; on a broker with many topics the last one is heavy for both
@@ -191,13 +203,7 @@ async fn every_daemon_is_healthy_serves_metrics_and_exits_zero_on_sigterm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_health_probes_asks_the_dependencies_once() {
     let env = TestEnv::new().await;
-    let ops_port = free_port();
-    let mut args = daemon_args(&env, "api", ops_port, None);
-    let public_port = free_port();
-    let i = args.iter().position(|a| a == "--listen").unwrap();
-    args[i + 1] = format!("127.0.0.1:{public_port}");
-    let child = spawn(env!("CARGO_BIN_EXE_api"), &args);
-    common::eventually(Duration::from_secs(30), || async { matches!(health(public_port).await, Some((200, _))) }).await;
+    let (child, public_port, ops_port) = healthy_api(&env).await;
     let checks = || async {
         let text = reqwest::get(format!("http://127.0.0.1:{ops_port}/metrics")).await.unwrap().text().await.unwrap();
         text.lines().find_map(|l| l.strip_prefix("health_checks_total ")).and_then(|v| v.trim().parse::<f64>().ok())
@@ -223,13 +229,7 @@ async fn a_burst_of_health_probes_asks_the_dependencies_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_serves_metrics_on_its_operations_address_only() {
     let env = TestEnv::new().await;
-    let ops_port = free_port();
-    let mut args = daemon_args(&env, "api", ops_port, None);
-    let public_port = free_port();
-    let i = args.iter().position(|a| a == "--listen").unwrap();
-    args[i + 1] = format!("127.0.0.1:{public_port}");
-    let child = spawn(env!("CARGO_BIN_EXE_api"), &args);
-    common::eventually(Duration::from_secs(30), || async { matches!(health(public_port).await, Some((200, _))) }).await;
+    let (child, public_port, ops_port) = healthy_api(&env).await;
 
     let public = reqwest::get(format!("http://127.0.0.1:{public_port}/metrics")).await.unwrap();
     assert_eq!(public.status(), 404, "no /metrics on the public listener");
