@@ -345,6 +345,7 @@ async fn the_cluster_topology_survives_a_broker_a_redis_master_and_one_of_each_d
         let killed_shards = match &topic {
             Some(t) => {
                 let (da, db) = (&daemons[a], &daemons[b]);
+                println!("waiting for both {role}s to own partitions of {t}");
                 common::eventually(Duration::from_secs(60), || async move {
                     da.assigned(t, 0).is_some_and(|s| !s.is_empty()) && db.assigned(t, 0).is_some_and(|s| !s.is_empty())
                 })
@@ -365,6 +366,7 @@ async fn the_cluster_topology_survives_a_broker_a_redis_master_and_one_of_each_d
             // The survivor is assigned the killed one's partitions (after the group's session
             // timeout) and drains them: the settle below needs every hold expired.
             let db = &daemons[b];
+            println!("waiting for {role}-b to be assigned {want:?} of {t}");
             common::eventually(Duration::from_secs(60), || async move { db.assigned(t, survivor_log).is_some_and(|s| want.is_subset(&s)) }).await;
             note = format!("survivor assigned partitions {want:?} {:.1} s after the kill", killed_at.elapsed().as_secs_f64());
         }

@@ -90,3 +90,17 @@ impl Daemon {
         Some(line.match_indices(&needle).filter_map(|(i, _)| line[i + needle.len()..].split(')').next()?.trim().parse().ok()).collect())
     }
 }
+
+/// A test that fails part-way (a deadline not met) leaves no daemon running behind it, and says
+/// what each one was doing: the end of its log is the only record of a run in CI.
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- {} log (last lines) ---\n{}", self.name, self.log_tail(25));
+        }
+    }
+}
