@@ -37,6 +37,8 @@
 #                       leaves latest.* alone
 #   BENCH_PROFILE_SCENARIOS=sell-out,payments   with BENCH_PROFILE=1, profile only these scenarios
 #                       of phase 1 (default: all of them)
+#   BENCH_SPIKE_SCENARIOS=limits,sell-out   run only these scenarios of phase 1 (an A/B of one
+#                       path; the report then lacks the others)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -198,7 +200,7 @@ if [[ ${BENCH_PROFILE:-0} == 1 ]]; then
     PERF_ALL_PID=$!
   fi
 fi
-SPIKE_SCENARIOS=limits,queue-spike,seat-fight,sell-out,payments
+SPIKE_SCENARIOS=${BENCH_SPIKE_SCENARIOS:-limits,queue-spike,seat-fight,sell-out,payments}
 [[ ${BENCH_PROFILE:-0} == 1 ]] && SPIKE_SCENARIOS=${BENCH_PROFILE_SCENARIOS:-$SPIKE_SCENARIOS}
 if phase spike; then
 log "phase 1: queue spike, seat fight, sell-out, payments (api --hold-ttl 5m)"

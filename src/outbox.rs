@@ -105,11 +105,18 @@ pub async fn enqueue_many(tx: &mut PgConnection, rows: &[Row]) -> Result<(), sql
 /// [`bind_rows`]); `guard` is a `WHERE` clause that must hold for anything to be written (empty
 /// for none), e.g. "the change of this statement happened".
 pub fn insert_sql(first: usize, guard: &str) -> String {
+    insert_sql_joined(first, "", guard, "v")
+}
+
+/// [`insert_sql`] for rows that take a value only the statement knows: each row is joined with
+/// `join` (", r" for a CTE `r` of one row; no row there, nothing written) and its envelope is
+/// the expression `envelope` of `v` (the bound envelope) and the joined columns.
+pub fn insert_sql_joined(first: usize, join: &str, guard: &str, envelope: &str) -> String {
     let (t, k, e, v) = (first, first + 1, first + 2, first + 3);
     // WITH ORDINALITY + ORDER BY: the bigserial ids are drawn in the rows' order.
     format!(
         "INSERT INTO outbox (topic, message_key, event_id, envelope)
-         SELECT t, k, e, v FROM unnest(${t}::text[], ${k}::text[], ${e}::uuid[], ${v}::jsonb[]) WITH ORDINALITY AS x(t, k, e, v, n)
+         SELECT t, k, e, {envelope} FROM unnest(${t}::text[], ${k}::text[], ${e}::uuid[], ${v}::jsonb[]) WITH ORDINALITY AS x(t, k, e, v, n){join}
          {guard}
          ORDER BY n
          ON CONFLICT (event_id) DO NOTHING"

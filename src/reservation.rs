@@ -150,8 +150,8 @@ pub struct Held {
 ///
 /// Round trips are what a hold costs under a spike (the api's profile is mostly task switches),
 /// so the seat's schedule, price and state come from [`look`], read once before the queue check,
-/// and the transaction only does what must be atomic: the seat limit (lock, then count), ending a
-/// stale hold, the insert and its outbox row.
+/// and the transaction only does what must be atomic: the seat limit's lock, ending a stale hold
+/// (rare), then the count, the insert and its outbox row in one statement.
 pub async fn hold(pool: &PgPool, topics: &Topics, req: HoldRequest<'_>, look: &SeatLook) -> Result<Held> {
     let HoldRequest { user, seat, ttl, max_seats, key } = req;
     debug_assert_eq!(seat, look.seat);
@@ -167,10 +167,10 @@ pub async fn hold(pool: &PgPool, topics: &Topics, req: HoldRequest<'_>, look: &S
     // The seat limit's lock, taken by the transaction's first round trip (sent with `BEGIN`, its
     // answer dropped: a failure aborts the transaction and the next statement reports it). It
     // serialises this user's holds in this schedule (and only those) until commit, so the count
-    // below cannot be raced by a concurrent hold of the same user; the count is a statement of
-    // its own, and READ COMMITTED takes its snapshot after the lock was granted, so it sees
-    // every hold committed before. Taken before the key's claim, by every hold, so a keyed
-    // retry and its original take the two in the same order.
+    // below cannot be raced by a concurrent hold of the same user: the count is in a later
+    // statement, and READ COMMITTED takes a statement's snapshot when it starts, after the lock
+    // was granted, so it sees every hold committed before. Taken before the key's claim, by
+    // every hold, so a keyed retry and its original take the two in the same order.
     let lock = seat_limit_lock(user, schedule);
     let mut tx = pool.begin_with(format!("BEGIN; SELECT pg_advisory_xact_lock({lock})")).await?;
     if let Some(key) = key {
@@ -180,22 +180,6 @@ pub async fn hold(pool: &PgPool, topics: &Topics, req: HoldRequest<'_>, look: &S
             return Ok(Held { body, fresh: None });
         }
     }
-    // `now()` is the transaction's timestamp: the hold's `createdAt`, and its `expiresAt` less
-    // the TTL, as the insert below writes them.
-    let (live, now): (i64, DateTime<Utc>) = sqlx::query_as(
-        "SELECT (SELECT count(*) FROM reservations WHERE user_id = $1 AND schedule_id = $2
-                 AND (status = 'CONFIRMED' OR (status = 'HELD' AND expires_at > clock_timestamp()))),
-                now()",
-    )
-    .bind(user)
-    .bind(schedule)
-    .fetch_one(&mut *tx)
-    .await?;
-    if live >= i64::from(max_seats) {
-        metrics::counter!("holds_total", "outcome" => "limit").increment(1);
-        return Err(Error::SeatLimitReached);
-    }
-
     // A hold past its expiry no longer blocks the seat: end it here, as the expirer would. Only
     // when `look` saw one (or for a keyed retry, which skipped the look's verdict): a hold taken
     // after the look cannot be stale yet unless this transaction outlived its whole TTL, and then
@@ -213,49 +197,64 @@ pub async fn hold(pool: &PgPool, topics: &Topics, req: HoldRequest<'_>, look: &S
         metrics::counter!("expiry_transitions_total", "path" => "hold_takeover").increment(1);
     }
 
-    // The reservation as the insert writes it (microseconds, PostgreSQL's precision), so that its
-    // `reservation.created` goes into the outbox in the same statement: one round trip.
+    // The seat limit, the insert and its `reservation.created`, in one statement: one round trip
+    // (it was two, the count first). The count reads a snapshot taken when the statement starts,
+    // after the lock above was granted, so it sees every hold of this user committed before.
+    // PostgreSQL's clock stamps the hold: `createdAt` is `now()` (the transaction's timestamp)
+    // and `expiresAt` is that plus the TTL, so the event's `expiresAt` is only known inside the
+    // statement, which writes it into the envelope (`payload.expiresAt`; the placeholder bound
+    // below is replaced). Same RFC 3339 form as chrono's, to the microsecond.
+    let id = Uuid::new_v4();
+    let placeholder = ReservationEvent { reservation_id: id, user_id: user, seat_id: seat, schedule_id: schedule, expires_at: DateTime::<Utc>::UNIX_EPOCH };
+    let events = [outbox::Row::new(&topics.reservation_created, &id.to_string(), &Envelope::new(EventType::ReservationCreated, placeholder))];
+    let sql = format!(
+        "WITH lim AS (SELECT count(*) AS live FROM reservations WHERE user_id = $2 AND schedule_id = $4
+                      AND (status = 'CONFIRMED' OR (status = 'HELD' AND expires_at > clock_timestamp()))),
+              r AS (INSERT INTO reservations (id, user_id, seat_id, schedule_id, price, status, created_at, expires_at)
+                    SELECT $1, $2, $3, $4, $5, 'HELD', now(), now() + $6::bigint * interval '1 microsecond' FROM lim WHERE live < $7
+                    ON CONFLICT (seat_id) WHERE status IN ('HELD', 'CONFIRMED') DO NOTHING
+                    RETURNING created_at, expires_at),
+              o AS ({})
+         SELECT lim.live, r.created_at, r.expires_at FROM lim LEFT JOIN r ON true",
+        outbox::insert_sql_joined(
+            8,
+            ", r",
+            "",
+            "jsonb_set(v, '{payload,expiresAt}', to_jsonb(to_char(r.expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')))"
+        ),
+    );
+    let query = sqlx::query(&sql)
+        .bind(id)
+        .bind(user)
+        .bind(seat)
+        .bind(schedule)
+        .bind(price)
+        .bind(i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX))
+        .bind(i64::from(max_seats));
+    let row = outbox::bind_rows(query, &events).fetch_one(&mut *tx).await?;
+    let (live, created_at, expires_at): (i64, Option<DateTime<Utc>>, Option<DateTime<Utc>>) = (row.get(0), row.get(1), row.get(2));
+    if live >= i64::from(max_seats) {
+        metrics::counter!("holds_total", "outcome" => "limit").increment(1);
+        return Err(Error::SeatLimitReached);
+    }
+    let (Some(created_at), Some(expires_at)) = (created_at, expires_at) else {
+        metrics::counter!("holds_total", "outcome" => "unavailable").increment(1);
+        return Err(Error::SeatUnavailable);
+    };
     let r = Reservation {
-        reservation_id: Uuid::new_v4(),
+        reservation_id: id,
         user_id: user,
         seat_id: seat,
         schedule_id: schedule,
         status: "HELD".into(),
         price,
-        created_at: now,
-        expires_at: now + chrono::Duration::microseconds(ttl.as_micros() as i64),
+        created_at,
+        expires_at,
         expired_at: None,
         confirmed_at: None,
         cancelled_at: None,
         refunded_at: None,
     };
-    let events = [outbox::Row::new(
-        &topics.reservation_created,
-        &r.reservation_id.to_string(),
-        &Envelope::new(EventType::ReservationCreated, ReservationEvent::from(&r)),
-    )];
-    let sql = format!(
-        "WITH r AS (INSERT INTO reservations (id, user_id, seat_id, schedule_id, price, status, created_at, expires_at)
-                    VALUES ($1, $2, $3, $4, $5, 'HELD', $6, $7)
-                    ON CONFLICT (seat_id) WHERE status IN ('HELD', 'CONFIRMED') DO NOTHING
-                    RETURNING id),
-              o AS ({})
-         SELECT count(*) FROM r",
-        outbox::insert_sql(8, "WHERE EXISTS (SELECT 1 FROM r)"),
-    );
-    let query = sqlx::query(&sql)
-        .bind(r.reservation_id)
-        .bind(user)
-        .bind(seat)
-        .bind(schedule)
-        .bind(price)
-        .bind(r.created_at)
-        .bind(r.expires_at);
-    let inserted: i64 = outbox::bind_rows(query, &events).fetch_one(&mut *tx).await?.get(0);
-    if inserted == 0 {
-        metrics::counter!("holds_total", "outcome" => "unavailable").increment(1);
-        return Err(Error::SeatUnavailable);
-    }
     let body = serde_json::to_value(&r).expect("reservations serialize");
     if let Some(key) = key {
         idempotency::complete(&mut tx, user, "reservation", key, 201, &body).await?;

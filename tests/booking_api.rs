@@ -355,7 +355,21 @@ async fn every_event_of_a_booking_leaves_through_the_outbox_once() {
     let topics = env.topics().clone();
     let created = env.read_topic_settled(&topics.reservation_created, 2, Duration::from_secs(20), Duration::from_millis(500)).await;
     assert_eq!(created.len(), 2);
-    assert!(created.iter().all(|e| e["eventType"] == "reservation.created" && e["payload"]["expiresAt"].is_string()));
+    assert!(created.iter().all(|e| e["eventType"] == "reservation.created"));
+    // The event says what the hold answered and what PostgreSQL stored: the delay scheduler
+    // expires the hold at the event's expiresAt, so it must be the row's, to the microsecond.
+    for h in [&h1, &h2] {
+        let e = created.iter().find(|e| e["payload"]["reservationId"] == h["reservationId"]).expect("an event per hold");
+        for field in ["seatId", "scheduleId"] {
+            assert_eq!(e["payload"][field], h[field], "{field}");
+        }
+        let at = |v: &Value| chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap()).unwrap();
+        let id = Uuid::parse_str(h["reservationId"].as_str().unwrap()).unwrap();
+        let stored: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT expires_at FROM reservations WHERE id = $1").bind(id).fetch_one(&env.pool).await.unwrap();
+        assert_eq!(at(&e["payload"]["expiresAt"]), stored, "the event's expiresAt is the row's");
+        assert_eq!(at(&h["expiresAt"]), stored, "the answer's expiresAt is the row's");
+        assert_eq!(at(&h["expiresAt"]) - at(&h["createdAt"]), chrono::Duration::from_std(TTL).unwrap(), "expiresAt = createdAt + TTL");
+    }
     let paid = env.read_topic_settled(&topics.payment_completed, 1, Duration::from_secs(20), Duration::from_millis(500)).await;
     assert_eq!(paid.len(), 1);
     assert_eq!(paid[0]["payload"]["reservationId"], h1["reservationId"]);
