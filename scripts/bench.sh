@@ -213,6 +213,7 @@ fi
 if [[ ${BENCH_PROFILE:-0} == 1 ]]; then
   [[ -n $PERF_PID ]] && { kill -INT "$PERF_PID" "$PERF_ALL_PID"; wait "$PERF_PID" "$PERF_ALL_PID" 2>/dev/null || true; }
   PROFILE_OUT="$(dirname "$OUT")/profile.md"
+  mkdir -p -- "$(dirname "$PROFILE_OUT")"
   {
     echo "# Profile of the spike (phase 1 of scripts/bench.sh)"
     echo
