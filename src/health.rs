@@ -25,7 +25,7 @@ pub const FRESH_FOR: Duration = Duration::from_secs(1);
 type Checks = Vec<(&'static str, Check)>;
 
 /// The dependencies a process checks; each is optional because not every daemon uses all three.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Health {
     postgres: Option<PgPool>,
     redis: Option<crate::redis_conn::RedisConn>,

@@ -58,6 +58,27 @@ async fn opening_night(api: &TestApi) -> String {
     v["schedules"][0]["scheduleId"].as_str().unwrap().to_string()
 }
 
+/// The operator moves the opening of `schedule` to a second ago, and the test waits out the
+/// second each api trusts an opening time it read (`catalog::OpeningTimes`).
+async fn open_now(env: &TestEnv, schedule: &str) {
+    sqlx::query("UPDATE schedules SET booking_opens_at = now() - interval '1 second' WHERE id = $1::uuid")
+        .bind(schedule).execute(&env.pool).await.unwrap();
+    tokio::time::sleep(booking::catalog::OPENING_TIME_TTL).await;
+}
+
+/// `n` new users named `{prefix}{i}` enter the queue of `schedule` through `api`: each with the
+/// answer it got and its queue token.
+async fn enter(api: &TestApi, schedule: &str, prefix: &str, n: usize) -> Vec<(User, Value, String)> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let u = api.user(&format!("{prefix}{i}")).await;
+        let v = api.enter_queue(&u, schedule).await;
+        let token = v["queueToken"].as_str().unwrap().to_string();
+        out.push((u, v, token));
+    }
+    out
+}
+
 fn sid(s: &str) -> Uuid {
     Uuid::parse_str(s).unwrap()
 }
@@ -382,16 +403,8 @@ async fn a_thousand_early_arrivals_are_shuffled_once_the_same_on_every_replica_a
         early.push((u, v["queueToken"].as_str().unwrap().to_string()));
     }
     // Booking opens now (the operator moved the opening; each entry copies it to Redis).
-    sqlx::query("UPDATE schedules SET booking_opens_at = now() - interval '1 second' WHERE id = $1::uuid")
-        .bind(&schedule).execute(&env.pool).await.unwrap();
-    // Each api trusts an opening time it read for a second (`catalog::OpeningTimes`).
-    tokio::time::sleep(booking::catalog::OPENING_TIME_TTL).await;
-    let mut late = Vec::new();
-    for i in 0..20 {
-        let u = api2.user(&format!("late{i}")).await;
-        let v = api2.enter_queue(&u, &schedule).await;
-        late.push((u, v["queueToken"].as_str().unwrap().to_string()));
-    }
+    open_now(&env, &schedule).await;
+    let late: Vec<(User, String)> = enter(&api2, &schedule, "late", 20).await.into_iter().map(|(u, _, t)| (u, t)).collect();
     // The draw happens at the first tick after opening, paused or not.
     let (u0, t0) = &early[0];
     common::eventually(Duration::from_secs(10), || async { api1.queue_status(u0, t0).await["position"].is_number() }).await;
@@ -433,21 +446,13 @@ async fn with_the_fifo_order_early_arrivals_keep_their_arrival_order_at_opening(
     let schedule = opening_night(&api).await;
     admin_patch(&api, &schedule, json!({"paused": true})).await;
     let mut early = Vec::new();
-    for i in 0..50 {
-        let u = api.user(&format!("early{i}")).await;
-        let v = api.enter_queue(&u, &schedule).await;
+    for (u, v, t) in enter(&api, &schedule, "early", 50).await {
         assert!(v["position"].is_null(), "no position before opening: {v}");
-        early.push((u, v["queueToken"].as_str().unwrap().to_string()));
+        early.push((u, t));
     }
-    sqlx::query("UPDATE schedules SET booking_opens_at = now() - interval '1 second' WHERE id = $1::uuid")
-        .bind(&schedule).execute(&env.pool).await.unwrap();
-    tokio::time::sleep(booking::catalog::OPENING_TIME_TTL).await;
+    open_now(&env, &schedule).await;
     // A late entrant brings the new opening time to Redis (each entry copies it there).
-    for i in 0..3 {
-        let u = api.user(&format!("late{i}")).await;
-        let v = api.enter_queue(&u, &schedule).await;
-        early.push((u, v["queueToken"].as_str().unwrap().to_string()));
-    }
+    early.extend(enter(&api, &schedule, "late", 3).await.into_iter().map(|(u, _, t)| (u, t)));
     let (u0, t0) = &early[0];
     common::eventually(Duration::from_secs(10), || async { api.queue_status(u0, t0).await["position"].is_number() }).await;
     let mut positions = Vec::new();
