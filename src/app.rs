@@ -66,7 +66,7 @@ impl Resources {
 
     /// Health checks over these connections.
     pub fn health(&self) -> Arc<Health> {
-        Arc::new(Health::new(Some(self.pool.clone()), Some(self.redis.clone()), Some((self.producer.clone(), self.topics.reservation_created.clone()))))
+        Arc::new(Health::new(Some(self.pool.clone()), Some(self.redis.clone()), Some((self.producer.clone(), &self.topics))))
     }
 
     /// Creates the topics, retrying until Kafka answers or `shutdown`.

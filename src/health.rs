@@ -16,6 +16,8 @@ use sqlx::PgPool;
 use warp::http::StatusCode;
 use warp::Reply;
 
+use crate::kafka::Topics;
+
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long one check answers later probes. Short beside any probe interval a load balancer
@@ -44,8 +46,10 @@ pub enum Check {
 }
 
 impl Health {
-    /// Checks these dependencies; `kafka` is a producer and one topic it writes to.
-    pub fn new(postgres: Option<PgPool>, redis: Option<crate::redis_conn::RedisConn>, kafka: Option<(FutureProducer, String)>) -> Self {
+    /// Checks these dependencies; Kafka is asked, through `producer`, for the metadata of one of
+    /// the product's topics (`reservation.created`, which every process's topics include).
+    pub fn new(postgres: Option<PgPool>, redis: Option<crate::redis_conn::RedisConn>, kafka: Option<(FutureProducer, &Topics)>) -> Self {
+        let kafka = kafka.map(|(producer, topics)| (producer, topics.reservation_created.clone()));
         Self { postgres, redis, kafka, recent: Arc::default() }
     }
 

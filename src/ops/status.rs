@@ -71,7 +71,7 @@ pub struct Status {
 
 /// Gathers the status; never fails, a missing part says why in `dependencies`.
 pub async fn status(ops: &Ops) -> Status {
-    let health = Health::new(Some(ops.pool.clone()), ops.redis.clone().ok(), Some((ops.producer.clone(), ops.topics.reservation_created.clone())));
+    let health = Health::new(Some(ops.pool.clone()), ops.redis.clone().ok(), Some((ops.producer.clone(), &ops.topics)));
     let mut checks = health.check_now().await;
     if checks.iter().any(|(_, c)| *c != Check::Ok) {
         // Asked once more before saying "down": one slow answer on a loaded machine is not an outage.
