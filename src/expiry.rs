@@ -26,7 +26,7 @@ use uuid::Uuid;
 use crate::kafka::{Envelope, EventType, HandleError, Handler, Incoming, Topics};
 use crate::keys::Keys;
 use crate::redis_conn::RedisConn;
-use crate::reservation::{expired_row, Reservation, ReservationEvent, COLUMNS};
+use crate::reservation::{expired_row, status_is, Reservation, ReservationEvent, COLUMNS};
 
 fn observe(path: &'static str, r: &Reservation) {
     let late = r.expired_at.map(|at| (at - r.expires_at).num_microseconds().unwrap_or(0) as f64 / 1e6).unwrap_or(0.0);
@@ -54,9 +54,11 @@ pub async fn expire(pool: &PgPool, topics: &Topics, ids: &[Uuid], path: &'static
         return Ok(Expired { expired: 0, early: Vec::new(), db_now: Utc::now() });
     }
     let mut tx = pool.begin().await?;
+    // By primary key, however many holds are live (`status_is`: the statistics lag a burst).
     let rows: Vec<Reservation> = sqlx::query_as(&format!(
         "UPDATE reservations SET status = 'EXPIRED', expired_at = clock_timestamp()
-         WHERE id = ANY($1) AND status = 'HELD' AND expires_at <= clock_timestamp() RETURNING {COLUMNS}"
+         WHERE id = ANY($1) AND {held} AND expires_at <= clock_timestamp() RETURNING {COLUMNS}",
+        held = status_is("HELD"),
     ))
     .bind(ids)
     .fetch_all(&mut *tx)
@@ -68,10 +70,11 @@ pub async fn expire(pool: &PgPool, topics: &Topics, ids: &[Uuid], path: &'static
     let early: Vec<(Uuid, Uuid, Uuid, Uuid, DateTime<Utc>, DateTime<Utc>)> = if rows.len() == distinct {
         Vec::new()
     } else {
-        sqlx::query_as(
+        sqlx::query_as(&format!(
             "SELECT id, user_id, seat_id, schedule_id, expires_at, clock_timestamp() FROM reservations
-             WHERE id = ANY($1) AND status = 'HELD'",
-        )
+             WHERE id = ANY($1) AND {held}",
+            held = status_is("HELD"),
+        ))
         .bind(ids)
         .fetch_all(&mut *tx)
         .await?

@@ -1,0 +1,155 @@
+//! Lookups of reservations by a key read about the rows they are about, however many holds are
+//! live and whatever PostgreSQL's statistics say (issue 11; `reservation::status_is`).
+//!
+//! The world: a venue whose statistics were taken after an earlier sale, when every reservation
+//! was EXPIRED (`ANALYZE` then; autovacuum is off for the table, so nothing refreshes them),
+//! and then a sale that left thousands of holds live and lapsed, as in the expiry burst. Each
+//! product path runs on one connection, and the test counts the `reservations` rows it read
+//! (`pg_stat_user_tables`: sequential plus index fetches), which is what a planner misled by the
+//! statistics multiplies: a scan of every live hold instead of a descent of the key.
+
+mod common;
+
+use std::time::Duration;
+
+use booking::catalog::{self, NewConcert, NewSchedule};
+use booking::reservation::{self, HoldRequest};
+use chrono::Utc;
+use common::TestEnv;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// Live holds in the sale.
+const LIVE: i64 = 3000;
+
+struct World {
+    env: TestEnv,
+    /// One connection, so that every statement of a path reports to the same backend.
+    pool: PgPool,
+    /// Owner of the live holds.
+    crowd: Uuid,
+    /// A user with nothing yet.
+    buyer: Uuid,
+    /// Seats 1..=LIVE carry the live holds; the rest are free.
+    seats: Vec<Uuid>,
+    /// The live holds, in seat order.
+    holds: Vec<Uuid>,
+}
+
+async fn world() -> World {
+    let env = TestEnv::new().await;
+    let pool = PgPoolOptions::new().max_connections(1).connect(&env.db_url).await.expect("connect");
+    let crowd = booking::user::create(&pool, "crowd").await.expect("user").user_id;
+    let buyer = booking::user::create(&pool, "buyer").await.expect("user").user_id;
+    let concert = catalog::create_concert(
+        &pool,
+        NewConcert {
+            title: "plans".into(),
+            schedules: vec![NewSchedule {
+                starts_at: Utc::now() + chrono::Duration::days(30),
+                booking_opens_at: Utc::now() - chrono::Duration::hours(1),
+                seat_count: LIVE as i32 + 10,
+                price: 100,
+            }],
+        },
+    )
+    .await
+    .expect("concert");
+    let schedule = concert.schedules[0].schedule_id;
+    let seats: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM seats WHERE schedule_id = $1 ORDER BY seat_no")
+        .bind(schedule)
+        .fetch_all(&pool)
+        .await
+        .expect("seats");
+    sqlx::query("ALTER TABLE reservations SET (autovacuum_enabled = false)").execute(&pool).await.expect("autovacuum off");
+    // The earlier sale, all over: the statistics see no live hold.
+    let insert = |status: &'static str, expires: &'static str| {
+        format!(
+            "INSERT INTO reservations (id, user_id, seat_id, schedule_id, price, status, created_at, expires_at)
+             SELECT gen_random_uuid(), $1, id, schedule_id, price, '{status}', now(), {expires}
+             FROM seats WHERE schedule_id = $2 AND seat_no <= $3"
+        )
+    };
+    sqlx::query(&insert("EXPIRED", "now() - interval '1 hour'")).bind(crowd).bind(schedule).bind(LIVE).execute(&pool).await.expect("earlier sale");
+    sqlx::query("ANALYZE reservations").execute(&pool).await.expect("analyze");
+    // This sale: the same seats held again, and lapsed (due for the expirer).
+    sqlx::query(&insert("HELD", "now() - interval '1 second'")).bind(crowd).bind(schedule).bind(LIVE).execute(&pool).await.expect("this sale");
+    let holds: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT r.id FROM reservations r JOIN seats s ON s.id = r.seat_id WHERE r.status = 'HELD' ORDER BY s.seat_no",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("holds");
+    assert_eq!(holds.len() as i64, LIVE);
+    World { env, pool, crowd, buyer, seats, holds }
+}
+
+/// `reservations` rows read so far, everything this connection did included.
+async fn rows_read_so_far(pool: &PgPool) -> i64 {
+    // Pending statistics of this backend are flushed when it next goes idle.
+    sqlx::query("SELECT pg_stat_force_next_flush()").execute(pool).await.expect("flush");
+    sqlx::query_scalar("SELECT seq_tup_read + COALESCE(idx_tup_fetch, 0) FROM pg_stat_user_tables WHERE relname = 'reservations'")
+        .fetch_one(pool)
+        .await
+        .expect("table statistics")
+}
+
+/// Runs `work` and returns how many `reservations` rows it read.
+async fn rows_read<F: std::future::Future>(pool: &PgPool, work: F) -> (i64, F::Output) {
+    let before = rows_read_so_far(pool).await;
+    let out = work.await;
+    (rows_read_so_far(pool).await - before, out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookups_by_key_read_a_handful_of_rows_while_the_statistics_say_no_hold_is_live() {
+    let w = world().await;
+    let (pool, topics) = (&w.pool, w.env.topics());
+    // The statistics were taken before this sale: the premise of the test.
+    let held_share: Option<f32> = sqlx::query_scalar(
+        "SELECT most_common_freqs[array_position(most_common_vals::text::text[], 'HELD')] FROM pg_stats
+         WHERE tablename = 'reservations' AND attname = 'status'",
+    )
+    .fetch_one(pool)
+    .await
+    .expect("pg_stats");
+    assert_eq!(held_share, None, "the statistics should know of no HELD reservation");
+
+    // The expirer: one due hold, then a batch (a small one: with a batch of hundreds, a table
+    // this small is rightly read whole).
+    let (read, out) = rows_read(pool, booking::expiry::expire(pool, topics, &w.holds[..1], "pipeline")).await;
+    assert_eq!(out.expect("expire").expired, 1);
+    assert!(read <= 10, "expiring one hold read {read} reservations (of {LIVE} live holds)");
+    let (read, out) = rows_read(pool, booking::expiry::expire(pool, topics, &w.holds[1..21], "pipeline")).await;
+    assert_eq!(out.expect("expire").expired, 20);
+    assert!(read <= 2 * 20 + 10, "expiring 20 holds read {read} reservations (of {LIVE} live holds)");
+
+    // A hold on a free seat: the look, the seat limit's count, the insert.
+    let free = w.seats[LIVE as usize];
+    let hold = |seat: Uuid| async move {
+        let look = reservation::look(pool, seat).await?;
+        let req = HoldRequest { user: w.buyer, seat, ttl: Duration::from_secs(300), max_seats: 4, key: None };
+        reservation::hold(pool, topics, req, &look).await
+    };
+    let (read, held) = rows_read(pool, hold(free)).await;
+    let held = held.expect("hold").fresh.expect("a new hold");
+    assert!(read <= 10, "a hold on a free seat read {read} reservations (of {LIVE} live holds)");
+
+    // A hold on a seat whose hold lapsed: the takeover ends that hold first.
+    let lapsed_seat = w.seats[LIVE as usize - 1];
+    let (read, taken) = rows_read(pool, hold(lapsed_seat)).await;
+    taken.expect("takeover of a lapsed hold").fresh.expect("a new hold");
+    assert!(read <= 10, "taking over a lapsed hold read {read} reservations (of {LIVE} live holds)");
+    let ended: String = sqlx::query_scalar("SELECT status FROM reservations WHERE id = $1").bind(w.holds[LIVE as usize - 1]).fetch_one(pool).await.expect("status");
+    assert_eq!(ended, "EXPIRED");
+
+    // Cancelling one's own hold.
+    let (read, cancelled) = rows_read(pool, reservation::cancel(pool, topics, w.buyer, held.reservation_id)).await;
+    assert_eq!(cancelled.expect("cancel").status, "CANCELLED");
+    assert!(read <= 10, "cancelling a hold read {read} reservations (of {LIVE} live holds)");
+
+    // The crowd's holds are untouched by all of this but the ones expired or taken over.
+    let live: i64 = sqlx::query_scalar("SELECT count(*) FROM reservations WHERE user_id = $1 AND status = 'HELD'").bind(w.crowd).fetch_one(pool).await.expect("count");
+    assert_eq!(live, LIVE - 22);
+}
