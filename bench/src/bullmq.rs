@@ -157,7 +157,8 @@ async fn ours(ctx: &Ctx, cfg: &Config) -> Result<Ours> {
     let ids: Vec<Uuid> = written.iter().map(|w| w.0).collect();
     // The holds' own `expiresAt`, stamped by PostgreSQL's clock: a few milliseconds past the
     // due times asked for, so the wait below ranges over these, not over the window.
-    let (first_due, last_due) = written.iter().fold((DateTime::<Utc>::MAX_UTC, DateTime::<Utc>::MIN_UTC), |(lo, hi), w| (lo.min(w.1), hi.max(w.1)));
+    let first_due = written.iter().map(|w| w.1).min().expect("holds were written");
+    let last_due = written.iter().map(|w| w.1).max().expect("holds were written");
     if Utc::now() > first {
         ctx.say(&format!("versus-bullmq {n}: writing took {write_ms:.0} ms, past the lead of {} ms: raise --bullmq-lead", cfg.lead_ms));
     }
@@ -186,13 +187,7 @@ async fn ours(ctx: &Ctx, cfg: &Config) -> Result<Ours> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let rows: Vec<(f64,)> = sqlx::query_as(
-        "SELECT (EXTRACT(EPOCH FROM expired_at - expires_at) * 1000)::float8 FROM reservations
-         WHERE id = ANY($1) AND status = 'EXPIRED' AND expired_at IS NOT NULL",
-    )
-    .bind(&ids)
-    .fetch_all(&ctx.pool)
-    .await?;
+    let rows = super::expiry::lateness_rows(ctx, &ids).await?;
     spinner.finish_and_clear();
     let h1 = scheduler_histogram(ctx, cfg).await;
     let scheduler_stage = h1.map(|h1| h1.since(&h0.unwrap_or_default())).filter(|d| d.count > 0.0).map(|d| {

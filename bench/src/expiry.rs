@@ -286,7 +286,7 @@ pub async fn run(ctx: &Ctx, cfg: &Config) -> Result<Expiry> {
 }
 
 /// (lateness in ms, `expired_at` in epoch seconds) of the holds among `ids` that are EXPIRED.
-async fn lateness_rows(ctx: &Ctx, ids: &[Uuid]) -> Result<Vec<(f64, f64)>> {
+pub(crate) async fn lateness_rows(ctx: &Ctx, ids: &[Uuid]) -> Result<Vec<(f64, f64)>> {
     Ok(sqlx::query_as(
         "SELECT (EXTRACT(EPOCH FROM expired_at - expires_at) * 1000)::float8, EXTRACT(EPOCH FROM expired_at)::float8 FROM reservations
          WHERE id = ANY($1) AND status = 'EXPIRED' AND expired_at IS NOT NULL",
