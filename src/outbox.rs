@@ -446,8 +446,18 @@ impl Relay {
             woken.mark_unchanged();
             let started = Instant::now();
             let step = self.step().await;
-            if matches!(step, Ok(RelayTick::Published(_) | RelayTick::Failed { .. })) {
-                metrics::histogram!("outbox_relay_step_seconds").record(started.elapsed().as_secs_f64());
+            // Every step that held the relay lock is timed, by outcome: which of the relays (the
+            // api's, the expirer's) wins the lock for a given commit is a race, so recording only
+            // publishing steps would make a daemon's series appear or not by chance; an idle step's
+            // time is the cost of looking, worth seeing on its own.
+            let outcome = match &step {
+                Ok(RelayTick::Published(_)) => Some("published"),
+                Ok(RelayTick::Idle) => Some("idle"),
+                Ok(RelayTick::Failed { .. }) => Some("failed"),
+                Ok(RelayTick::Busy) | Err(_) => None,
+            };
+            if let Some(outcome) = outcome {
+                metrics::histogram!("outbox_relay_step_seconds", "outcome" => outcome).record(started.elapsed().as_secs_f64());
             }
             let wait = match step {
                 Ok(RelayTick::Published(n)) if n as i64 >= self.batch => {

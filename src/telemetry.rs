@@ -114,7 +114,7 @@ pub fn describe_metrics(daemon: Daemon, topic_prefix: &str) {
     describe_gauge!("outbox_set_aside", "Outbox events set aside because Kafka refused them for good (message too large, unknown topic); counted up to 10,000");
     describe_counter!("outbox_set_aside_total", "Outbox events set aside because Kafka refused them for good");
     describe_histogram!("outbox_group_commit_rows", "Outbox rows written by one group commit (new entrants' QUEUE_POSITION)");
-    describe_histogram!("outbox_relay_step_seconds", Unit::Seconds, "Time of one relay step that published (read, send, Kafka's acks, mark, commit)");
+    describe_histogram!("outbox_relay_step_seconds", Unit::Seconds, "Time of one relay step that held the relay lock, by outcome (published: read, send, Kafka's acks, mark, commit; idle: found nothing; failed: Kafka refused or timed out)");
     describe_counter!("outbox_producer_rebuilds_total", "Outbox producers replaced after a fatal error of the idempotent producer");
     // Delay scheduler.
     describe_gauge!("scheduler_due_size", "Holds waiting in the scheduler's Redis set for their expiry, by shard");
