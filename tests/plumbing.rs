@@ -281,3 +281,86 @@ async fn health_turns_503_naming_redis_while_redis_is_down_and_recovers() {
     redis.kill().unwrap();
     let _ = redis.wait();
 }
+
+/// Fails transiently on the message marked `stuck` for as long as `down` is set (a dependency
+/// that stays down for that one message's work), records everything it handled, and by whom.
+struct Shared {
+    down: std::sync::atomic::AtomicBool,
+    attempts_on_stuck: AtomicUsize,
+    seen: Mutex<Vec<(&'static str, i32, Value)>>,
+}
+
+struct Member(&'static str, std::sync::Arc<Shared>);
+
+impl Handler for Member {
+    async fn handle(&self, msg: &Incoming) -> Result<(), HandleError> {
+        let env = Envelope::<Value>::parse(&msg.payload, EventType::NotificationRequest).map_err(HandleError::Poison)?;
+        if env.payload["stuck"] == true {
+            self.1.attempts_on_stuck.fetch_add(1, Ordering::SeqCst);
+            if self.1.down.load(Ordering::SeqCst) {
+                return Err(HandleError::Transient("database down (simulated)".into()));
+            }
+        }
+        self.1.seen.lock().unwrap().push((self.0, msg.partition, env.payload));
+        Ok(())
+    }
+}
+
+/// A member retrying a transient failure still serves its group: another member joining gets its
+/// partitions and consumes them at once, instead of waiting up to `max.poll.interval.ms` (5 min)
+/// for the stuck member to poll again; the stuck message is handled once the dependency is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_retrying_a_transient_failure_lets_a_joining_member_take_its_partitions() {
+    let env = TestEnv::new().await;
+    let topic = env.topics().notification_request.clone();
+    let send = |payload: Value, partition: i32| {
+        let (p, t) = (env.res.producer.clone(), topic.clone());
+        let body = serde_json::to_string(&Envelope::new(EventType::NotificationRequest, payload)).unwrap();
+        async move { p.send(FutureRecord::to(&t).key("k").payload(&body).partition(partition), Duration::from_secs(5)).await.unwrap() }
+    };
+    send(json!({"stuck": true}), 0).await;
+    let group = format!("{}rebalance", env.prefix);
+    let shared = std::sync::Arc::new(Shared { down: true.into(), attempts_on_stuck: AtomicUsize::new(0), seen: Mutex::new(Vec::new()) });
+    let stop = CancellationToken::new();
+
+    // The first member owns every partition and retries the stuck message.
+    let a = ConsumerRunner::new(&consumer_config(&env.brokers, &group), &[&topic], env.res.producer.clone(), "a").unwrap();
+    let task_a = tokio::spawn({
+        let (h, stop) = (Member("a", shared.clone()), stop.clone());
+        async move { a.run(&h, stop).await }
+    });
+    common::eventually(Duration::from_secs(30), || async { shared.attempts_on_stuck.load(Ordering::SeqCst) >= 2 }).await;
+
+    // A second member joins while the first is still retrying.
+    let b = ConsumerRunner::new(&consumer_config(&env.brokers, &group), &[&topic], env.res.producer.clone(), "b").unwrap();
+    let owned_by_b = b.assignment();
+    let task_b = tokio::spawn({
+        let (h, stop) = (Member("b", shared.clone()), stop.clone());
+        async move { b.run(&h, stop).await }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while owned_by_b.borrow().is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "the joining member got no partition within 60 s: the group waited for the member stuck in its retry");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // With two members and three partitions, b owns either {0, 1} or {2}: one partition besides
+    // the stuck one's. What is sent there now is handled by b while the stuck message still fails.
+    let theirs: Vec<i32> = owned_by_b.borrow().iter().map(|(_, p)| *p).filter(|p| *p != 0).collect();
+    assert!(!theirs.is_empty(), "b owns a partition besides 0: {:?}", owned_by_b.borrow());
+    for p in &theirs {
+        send(json!({"to": p}), *p).await;
+    }
+    common::eventually(Duration::from_secs(30), || async {
+        let seen = shared.seen.lock().unwrap();
+        theirs.iter().all(|p| seen.iter().any(|(who, at, v)| *who == "b" && at == p && v["to"] == *p))
+    })
+    .await;
+    assert!(shared.seen.lock().unwrap().iter().all(|(_, _, v)| v["stuck"] != true), "the stuck message is not handled while its dependency is down");
+
+    // The dependency comes back: the stuck message is handled, by whichever member owns it now.
+    shared.down.store(false, Ordering::SeqCst);
+    common::eventually(Duration::from_secs(30), || async { shared.seen.lock().unwrap().iter().any(|(_, at, v)| *at == 0 && v["stuck"] == true) }).await;
+    stop.cancel();
+    task_a.await.unwrap();
+    task_b.await.unwrap();
+}

@@ -6,6 +6,13 @@
 //!   message instead of skipping it (handlers are idempotent for that reason).
 //! - A transient failure (database down…) is retried in place with exponential backoff; the offset
 //!   is not stored meanwhile, and on shutdown the message is left for the next owner.
+//! - A member that is retrying still serves its group. Rebalances are delivered only while the
+//!   consumer is polled, and a member that does not poll holds every rebalance of the group for up
+//!   to `max.poll.interval.ms` (5 minutes): a worker stuck on one message would stop a new member
+//!   (a replacement, a scale-out) from getting any partition. So between attempts the runner pauses
+//!   its partitions (nothing new is handed out) and keeps polling; if the group rebalances, the
+//!   rest of the batch is dropped unstored, and whichever member now owns those partitions (this
+//!   one included) reads them again from the committed offsets.
 //! - A poison message (bad JSON, unknown type, data PostgreSQL refuses, a record the export sink
 //!   answers 4xx to) goes to `<topic>.dlq` with the reason in the `dlq-reason` header, and the
 //!   runner moves on. Handlers sort their failures: `From<sqlx::Error>` makes constraint and data
@@ -150,9 +157,14 @@ impl ClientContext for RunnerContext {
 }
 
 impl ConsumerContext for RunnerContext {
-    fn post_rebalance(&self, _c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
+                // librdkafka keeps a partition's pause across a revoke and a new assignment: one
+                // paused by a retry that a rebalance cut short must not stay paused for good.
+                if let Err(e) = c.resume(tpl) {
+                    tracing::warn!(error = %e, "resuming the assigned partitions failed");
+                }
                 let set = tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
                 tracing::info!(?set, "partitions assigned");
                 self.assigned.send_replace(set);
@@ -211,6 +223,17 @@ pub fn consumer_config(brokers: &str, group: &str) -> ClientConfig {
     c
 }
 
+/// How a message's retry ended.
+enum Retried {
+    /// Handled, or acknowledged by the dead-letter topic: its offset may be stored.
+    Done,
+    /// Shutdown came first: the offset stays unstored.
+    Shutdown,
+    /// The group rebalanced: the rest of the batch is dropped unstored, for the partitions' owners
+    /// to read again from the committed offsets.
+    Rebalanced,
+}
+
 /// Runs one consumer group member over some topics with a [`Handler`].
 pub struct ConsumerRunner {
     consumer: StreamConsumer<RunnerContext>,
@@ -243,25 +266,36 @@ impl ConsumerRunner {
     /// Consumes until `shutdown` is cancelled, then commits stored offsets.
     pub async fn run<H: Handler>(self, handler: &H, shutdown: CancellationToken) {
         let name = self.name.as_str();
+        // Changes on every rebalance this member takes part in (see `post_rebalance`).
+        let mut rebalanced = self.assigned.clone();
+        // Messages a retry's polling already received: they open the next batch.
+        let mut carried: Vec<Incoming> = Vec::new();
         loop {
-            let msg = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                m = self.consumer.recv() => m,
-            };
-            let msg = match msg {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::warn!(consumer = name, error = %e, "consume error");
-                    metrics::counter!("kafka_consume_errors_total", "consumer" => name.to_string()).increment(1);
-                    tokio::select! {
+            let first = match carried.is_empty() {
+                false => carried.remove(0),
+                true => {
+                    let msg = tokio::select! {
                         _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
+                        m = self.consumer.recv() => m,
+                    };
+                    match msg {
+                        Ok(m) => incoming(&m),
+                        Err(e) => {
+                            tracing::warn!(consumer = name, error = %e, "consume error");
+                            metrics::counter!("kafka_consume_errors_total", "consumer" => name.to_string()).increment(1);
+                            tokio::select! {
+                                _ = shutdown.cancelled() => break,
+                                _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
+                            }
+                        }
                     }
                 }
             };
+            // No rebalance is served until the next poll, which only a retry does.
+            rebalanced.mark_unchanged();
             // Take whatever else is already fetched (without waiting) into the same batch.
-            let mut batch = vec![incoming(&msg)];
-            drop(msg);
+            let mut batch = vec![first];
+            batch.append(&mut carried);
             while batch.len() < MAX_BATCH {
                 match futures_util::FutureExt::now_or_never(self.consumer.recv()) {
                     Some(Ok(m)) => batch.push(incoming(&m)),
@@ -278,32 +312,38 @@ impl ConsumerRunner {
             // Offsets are stored in order, and only up to the first message that is not done: a
             // later message's offset must never be committed past an unhandled earlier one.
             for (msg, result) in batch.iter().zip(results) {
-                let done = match result {
+                let outcome = match result {
                     Ok(()) => {
                         metrics::counter!("kafka_messages_processed_total", "consumer" => name.to_string(), "topic" => msg.topic.clone()).increment(1);
-                        true
+                        Retried::Done
                     }
                     Err(HandleError::Poison(reason)) => {
                         tracing::warn!(consumer = name, topic = %msg.topic, offset = msg.offset, %reason, "dead-lettering message");
-                        self.dead_letter(msg, &reason, &shutdown).await
+                        if self.dead_letter(msg, &reason, &shutdown).await { Retried::Done } else { Retried::Shutdown }
                     }
                     Err(HandleError::Transient(e)) => {
-                        // Back off once before retrying this message on its own.
                         tracing::warn!(consumer = name, topic = %msg.topic, offset = msg.offset, error = %e, "transient failure, retrying");
                         metrics::counter!("kafka_handler_retries_total", "consumer" => name.to_string()).increment(1);
-                        tokio::select! {
-                            _ = shutdown.cancelled() => false,
-                            _ = tokio::time::sleep(Duration::from_millis(100)) => self.process(handler, msg, &shutdown).await,
-                        }
+                        self.retry(handler, msg, &shutdown, &mut rebalanced, &mut carried).await
                     }
                 };
-                if !done {
+                match outcome {
+                    Retried::Done => {
+                        if let Err(e) = self.consumer.store_offset(&msg.topic, msg.partition, msg.offset) {
+                            tracing::warn!(consumer = name, error = %e, "storing offset failed");
+                        }
+                    }
                     // Shut down mid-retry: the offset stays unstored so the message is seen again.
-                    stopped = true;
-                    break;
-                }
-                if let Err(e) = self.consumer.store_offset(&msg.topic, msg.partition, msg.offset) {
-                    tracing::warn!(consumer = name, error = %e, "storing offset failed");
+                    Retried::Shutdown => {
+                        stopped = true;
+                        break;
+                    }
+                    // The group rebalanced during the retry: this message and the rest of the
+                    // batch stay unstored, for whoever owns their partitions now.
+                    Retried::Rebalanced => {
+                        tracing::info!(consumer = name, topic = %msg.topic, offset = msg.offset, "rebalanced while retrying; the rest of the batch is left to the partitions' owners");
+                        break;
+                    }
                 }
             }
             if stopped {
@@ -318,30 +358,94 @@ impl ConsumerRunner {
         tracing::info!(consumer = name, "consumer stopped, offsets committed");
     }
 
-    /// Handles one message until it succeeded or was dead-lettered (`true`), or shutdown came
-    /// during a retry (`false`).
-    async fn process<H: Handler>(&self, handler: &H, msg: &Incoming, shutdown: &CancellationToken) -> bool {
+    /// Retries one message after a transient failure, with exponential backoff, until it
+    /// succeeded or was dead-lettered, shutdown came, or the group rebalanced. Between attempts
+    /// every owned partition is paused and the consumer is polled, so the group's rebalances are
+    /// served (see the module comment).
+    async fn retry<H: Handler>(&self, handler: &H, msg: &Incoming, shutdown: &CancellationToken, rebalanced: &mut PartitionWatch, early: &mut Vec<Incoming>) -> Retried {
         let name = self.name.as_str();
+        let paused = self.consumer.assignment().ok();
+        if let Some(tpl) = &paused {
+            // Pausing also drops what was fetched and not handed out yet; it is fetched again
+            // from the next offset after the batch when the partitions are resumed.
+            if let Err(e) = self.consumer.pause(tpl) {
+                tracing::warn!(consumer = name, error = %e, "pausing partitions for a retry failed");
+            }
+        }
         let mut backoff = Duration::from_millis(100);
-        loop {
+        let outcome = loop {
+            if let Some(stop) = self.serve_group_for(backoff, shutdown, rebalanced, early).await {
+                break stop;
+            }
             match handler.handle(msg).await {
                 Ok(()) => {
                     metrics::counter!("kafka_messages_processed_total", "consumer" => name.to_string(), "topic" => msg.topic.clone()).increment(1);
-                    return true;
+                    break Retried::Done;
                 }
                 Err(HandleError::Poison(reason)) => {
                     tracing::warn!(consumer = name, topic = %msg.topic, offset = msg.offset, %reason, "dead-lettering message");
-                    return self.dead_letter(msg, &reason, shutdown).await;
+                    break if self.dead_letter(msg, &reason, shutdown).await { Retried::Done } else { Retried::Shutdown };
                 }
                 Err(HandleError::Transient(e)) => {
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
                     tracing::warn!(consumer = name, topic = %msg.topic, offset = msg.offset, error = %e, retry_in = ?backoff, "transient failure, retrying");
                     metrics::counter!("kafka_handler_retries_total", "consumer" => name.to_string()).increment(1);
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return false,
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
+            }
+        };
+        // After a rebalance the assignment is new and was resumed when it was assigned.
+        if let (Some(tpl), Retried::Done) = (&paused, &outcome) {
+            if let Err(e) = self.consumer.resume(tpl) {
+                tracing::warn!(consumer = name, error = %e, "resuming partitions after a retry failed");
+            }
+        }
+        outcome
+    }
+
+    /// Polls the consumer for `wait` (its partitions are paused, so what it serves is the group's
+    /// rebalances), or less: `Some` if shutdown came or the group rebalanced meanwhile.
+    ///
+    /// A message received here goes to `early`, to open the next batch: after a rebalance it comes
+    /// from the new assignment (`early` then holds nothing older); without one it could only come
+    /// from a partition the pause missed, and it is still later in its partition than every
+    /// message of the current batch, so handling it after the batch keeps the partition's order.
+    async fn serve_group_for(&self, wait: Duration, shutdown: &CancellationToken, rebalanced: &mut PartitionWatch, early: &mut Vec<Incoming>) -> Option<Retried> {
+        let until = tokio::time::sleep(wait);
+        tokio::pin!(until);
+        loop {
+            // A rebalance is delivered inside a poll, before any message of the new assignment.
+            if rebalanced.has_changed().unwrap_or(false) {
+                early.clear();
+                return Some(Retried::Rebalanced);
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Some(Retried::Shutdown),
+                _ = &mut until => return None,
+                // (`changed` marks the change seen, and a closed channel means the consumer is
+                // gone: either way this retry is over.)
+                _ = rebalanced.changed() => {
+                    early.clear();
+                    return Some(Retried::Rebalanced);
+                }
+                m = self.consumer.recv() => match m {
+                    Ok(m) => {
+                        let m = incoming(&m);
+                        if rebalanced.has_changed().unwrap_or(false) {
+                            early.clear();
+                            early.push(m);
+                            return Some(Retried::Rebalanced);
+                        }
+                        early.push(m);
+                    }
+                    Err(e) => {
+                        tracing::warn!(consumer = self.name.as_str(), error = %e, "consume error while retrying");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return Some(Retried::Shutdown),
+                            _ = &mut until => return None,
+                            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                        }
+                    }
+                },
             }
         }
     }
