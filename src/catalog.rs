@@ -135,6 +135,10 @@ pub async fn list_concerts(pool: &PgPool) -> Result<Vec<ConcertSummary>> {
 }
 
 /// Schedules of a concert with the seats still available (a stale hold counts as available).
+///
+/// The count states the live-reservation predicate (`status IN ('HELD', 'CONFIRMED')`) so that it
+/// ranges over the schedule's own live reservations (`reservations_live_by_schedule`), not over
+/// every live hold of every schedule, which is what a sale elsewhere would make it read.
 pub async fn schedules(pool: &PgPool, concert: Uuid) -> Result<Vec<Schedule>> {
     let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM concerts WHERE id = $1)")
         .bind(concert)
@@ -146,9 +150,8 @@ pub async fn schedules(pool: &PgPool, concert: Uuid) -> Result<Vec<Schedule>> {
     Ok(sqlx::query_as(
         "SELECT s.id AS schedule_id, s.starts_at, s.booking_opens_at, s.seat_count,
                 s.seat_count - (SELECT count(*) FROM reservations r
-                                WHERE r.schedule_id = s.id
-                                  AND (r.status = 'CONFIRMED'
-                                       OR (r.status = 'HELD' AND r.expires_at > now()))) AS available_seats
+                                WHERE r.schedule_id = s.id AND r.status IN ('HELD', 'CONFIRMED')
+                                  AND (r.status = 'CONFIRMED' OR r.expires_at > now())) AS available_seats
          FROM schedules s WHERE s.concert_id = $1 ORDER BY s.starts_at, s.id",
     )
     .bind(concert)

@@ -80,7 +80,9 @@ pub const COLUMNS: &str = "id, user_id, seat_id, schedule_id, status, price, cre
 /// rows to all of them). PostgreSQL uses a partial index only when it can prove that the
 /// statement implies the index's predicate, and it does not prove `status = 'HELD'` from
 /// `status IS NOT DISTINCT FROM 'HELD'`. Lookups by seat state the live-seat index's own
-/// predicate instead (`status IN ('HELD', 'CONFIRMED')`), which implies no other index's.
+/// predicate instead (`status IN ('HELD', 'CONFIRMED')`), which implies no other index's (the
+/// schedule's live-reservation index, `reservations_live_by_schedule`, also requires a test of
+/// `schedule_id`, for that reason; only the count of available seats has one).
 /// `tests/plans.rs` checks that each lookup reads a handful of rows while the statistics say no
 /// hold exists.
 pub fn status_is(status: &str) -> String {

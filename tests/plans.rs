@@ -153,3 +153,67 @@ async fn lookups_by_key_read_a_handful_of_rows_while_the_statistics_say_no_hold_
     let live: i64 = sqlx::query_scalar("SELECT count(*) FROM reservations WHERE user_id = $1 AND status = 'HELD'").bind(w.crowd).fetch_one(pool).await.expect("count");
     assert_eq!(live, LIVE - 22);
 }
+
+/// A concert's schedules with their available seats, while another concert's sale has
+/// thousands of live holds: the count reads the concert's own reservations, not every live hold
+/// of the sale (an ordinary refresh of the page during a sale; statistics up to date).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concerts_available_seats_are_counted_from_its_own_reservations_during_another_sale() {
+    let env = TestEnv::new().await;
+    let pool = PgPoolOptions::new().max_connections(1).connect(&env.db_url).await.expect("connect");
+    let crowd = booking::user::create(&pool, "crowd").await.expect("user").user_id;
+    let concert = |title: &str, schedules: usize, seats: i32| NewConcert {
+        title: title.into(),
+        schedules: (0..schedules)
+            .map(|i| NewSchedule {
+                starts_at: Utc::now() + chrono::Duration::days(30 + i as i64),
+                booking_opens_at: Utc::now() - chrono::Duration::hours(1),
+                seat_count: seats,
+                price: 100,
+            })
+            .collect(),
+    };
+    let big = catalog::create_concert(&pool, concert("the big sale", 1, LIVE as i32 + 10)).await.expect("concert");
+    let small = catalog::create_concert(&pool, concert("a quiet one", 2, 10)).await.expect("concert");
+    let hold = |status: &'static str, expires: &'static str, schedule: Uuid, seats: i64| {
+        let pool = &pool;
+        async move {
+            sqlx::query(&format!(
+                "INSERT INTO reservations (id, user_id, seat_id, schedule_id, price, status, created_at, expires_at)
+                 SELECT gen_random_uuid(), $1, id, schedule_id, price, '{status}', now(), {expires}
+                 FROM seats WHERE schedule_id = $2 AND seat_no <= $3"
+            ))
+            .bind(crowd)
+            .bind(schedule)
+            .bind(seats)
+            .execute(pool)
+            .await
+            .expect("reservations");
+        }
+    };
+    // The big sale: LIVE seats held, for minutes yet.
+    hold("HELD", "now() + interval '5 minutes'", big.schedules[0].schedule_id, LIVE).await;
+    // The quiet concert: in each schedule, seat 1 sold, seat 2 held, seat 3's hold lapsed.
+    for s in &small.schedules {
+        hold("CONFIRMED", "now() - interval '1 hour'", s.schedule_id, 1).await;
+        sqlx::query("INSERT INTO reservations (id, user_id, seat_id, schedule_id, price, status, created_at, expires_at)
+                     SELECT gen_random_uuid(), $1, id, schedule_id, price, 'HELD', now(),
+                            CASE seat_no WHEN 2 THEN now() + interval '5 minutes' ELSE now() - interval '1 second' END
+                     FROM seats WHERE schedule_id = $2 AND seat_no IN (2, 3)")
+            .bind(crowd)
+            .bind(s.schedule_id)
+            .execute(&pool)
+            .await
+            .expect("holds");
+    }
+    sqlx::query("ANALYZE reservations").execute(&pool).await.expect("analyze");
+
+    let (read, listed) = rows_read(&pool, catalog::schedules(&pool, small.concert_id)).await;
+    let listed = listed.expect("schedules");
+    assert_eq!(listed.iter().map(|s| s.available_seats).collect::<Vec<_>>(), vec![8, 8], "10 seats, one sold and one held (the lapsed hold counts as free)");
+    assert!(read <= 20, "listing a quiet concert's 2 schedules read {read} reservations (another concert has {LIVE} live holds)");
+
+    let (read, listed) = rows_read(&pool, catalog::schedules(&pool, big.concert_id)).await;
+    assert_eq!(listed.expect("schedules")[0].available_seats, 10);
+    assert!(read <= LIVE + 20, "listing the big sale's schedule read {read} reservations (it has {LIVE} live holds)");
+}
