@@ -217,3 +217,99 @@ async fn a_concerts_available_seats_are_counted_from_its_own_reservations_during
     assert_eq!(listed.expect("schedules")[0].available_seats, 10);
     assert!(read <= LIVE + 20, "listing the big sale's schedule read {read} reservations (it has {LIVE} live holds)");
 }
+
+/// Leaf pages of `seat_events_unstamped` this connection's backend has read so far.
+async fn unstamped_index_pages_so_far(pool: &PgPool) -> i64 {
+    sqlx::query("SELECT pg_stat_force_next_flush()").execute(pool).await.expect("flush");
+    sqlx::query_scalar("SELECT idx_blks_hit + idx_blks_read FROM pg_statio_user_indexes WHERE indexrelname = 'seat_events_unstamped'")
+        .fetch_one(pool)
+        .await
+        .expect("index statistics")
+}
+
+/// The live streams' feed finds unstamped seat events above a floor of what it knows stamped,
+/// instead of walking, on every poll, the index entries of everything stamped since the last
+/// VACUUM; and the floor never passes a seat event whose transaction took its id before a stamp
+/// and committed after it (`sequencer::Floor`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seat_feed_looks_above_what_it_stamped_and_never_skips_a_late_commit() {
+    const SEATS: i64 = 9_000;
+    let env = TestEnv::new().await;
+    // One connection for the feed, so that its reads report to one backend.
+    let feed_pool = PgPoolOptions::new().max_connections(1).connect(&env.db_url).await.expect("connect");
+    let pool = &env.pool;
+    sqlx::query("ALTER TABLE seat_events SET (autovacuum_enabled = false)").execute(pool).await.expect("autovacuum off");
+    let crowd = booking::user::create(pool, "crowd").await.expect("user").user_id;
+    let concert = catalog::create_concert(
+        pool,
+        NewConcert {
+            title: "feed".into(),
+            schedules: vec![NewSchedule {
+                starts_at: Utc::now() + chrono::Duration::days(30),
+                booking_opens_at: Utc::now() - chrono::Duration::hours(1),
+                seat_count: SEATS as i32 + 100,
+                price: 100,
+            }],
+        },
+    )
+    .await
+    .expect("concert");
+    let schedule = concert.schedules[0].schedule_id;
+    let hold_seats = |from: i64, to: i64| {
+        format!(
+            "INSERT INTO reservations (id, user_id, seat_id, schedule_id, price, status, created_at, expires_at)
+             SELECT gen_random_uuid(), '{crowd}', id, schedule_id, price, 'HELD', now(), now() + interval '5 minutes'
+             FROM seats WHERE schedule_id = '{schedule}' AND seat_no BETWEEN {from} AND {to}"
+        )
+    };
+    let mut feed = booking::sequencer::Feed::new(feed_pool.clone(), Default::default(), Default::default(), Default::default());
+    let stamped = |seat_no: i64| {
+        let pool = pool.clone();
+        async move {
+            let pos: Option<i64> = sqlx::query_scalar(
+                "SELECT e.pos FROM seat_events e JOIN seats s ON s.id = e.seat_id WHERE s.schedule_id = $1 AND s.seat_no = $2",
+            )
+            .bind(schedule)
+            .bind(seat_no)
+            .fetch_one(&pool)
+            .await
+            .expect("seat event");
+            pos.is_some()
+        }
+    };
+
+    // A late writer takes its seat event's id first and stays open…
+    let mut late = pool.begin().await.expect("begin");
+    sqlx::query(&hold_seats(SEATS + 1, SEATS + 1)).execute(&mut *late).await.expect("late hold");
+    // …while a sale's worth of seat events (higher ids) commit and are stamped, round after round.
+    sqlx::query(&hold_seats(1, SEATS)).execute(pool).await.expect("holds");
+    feed.step().await.expect("step");
+    for seat in SEATS + 2..SEATS + 5 {
+        sqlx::query(&hold_seats(seat, seat)).execute(pool).await.expect("hold");
+        feed.step().await.expect("step");
+    }
+    assert!(stamped(SEATS).await && stamped(SEATS + 4).await);
+    late.commit().await.expect("commit");
+    feed.step().await.expect("step");
+    assert!(stamped(SEATS + 1).await, "the seat event committed after later ones were stamped got its position");
+
+    // With nothing left running, a few more rounds let the floor pass the whole sale: a look at
+    // the streams then reads a page or two of the unstamped index, not one per few hundred
+    // seat events stamped since the last VACUUM.
+    let mut next = SEATS + 5;
+    let mut pages = i64::MAX;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::time::Instant::now() < deadline {
+        sqlx::query(&hold_seats(next, next)).execute(pool).await.expect("hold");
+        feed.step().await.expect("step");
+        let before = unstamped_index_pages_so_far(&feed_pool).await;
+        feed.step().await.expect("an idle step: the probe alone");
+        pages = unstamped_index_pages_so_far(&feed_pool).await - before;
+        next += 1;
+        if pages <= 3 || next > SEATS + 90 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(pages <= 3, "an idle look at the streams read {pages} pages of the unstamped index after {SEATS} seat events were stamped");
+}
