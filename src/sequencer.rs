@@ -66,8 +66,9 @@ pub struct Stamp {
     pub head: i64,
     /// One past the highest id stamped, if any row was.
     pub next_id: Option<i64>,
-    /// The stamping transaction's own id (it writes, so it has one).
-    pub xid: i64,
+    /// The stamping transaction's own id, if it wrote anything (a stamp that found nothing does
+    /// not take one).
+    pub xid: Option<i64>,
     /// The oldest transaction still running when the stamping statement's snapshot was taken:
     /// every transaction with a lower id had ended.
     pub xmin: i64,
@@ -119,9 +120,9 @@ pub async fn stamp(pool: &PgPool, stream: Stream, limit: i64, from: i64) -> Resu
               )
          SELECT (SELECT count(*) FROM stamped), COALESCE((SELECT pos FROM moved), (SELECT pos FROM head)),
                 (SELECT max(id) + 1 FROM pending),
-                pg_current_xact_id()::text::bigint, pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+                pg_current_xact_id_if_assigned()::text::bigint, pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
     );
-    let (stamped, head, next_id, xid, xmin): (i64, i64, Option<i64>, i64, i64) =
+    let (stamped, head, next_id, xid, xmin): (i64, i64, Option<i64>, Option<i64>, i64) =
         sqlx::query_as(&sql).bind(stream.name()).bind(limit).bind(from).fetch_one(&mut *tx).await?;
     tx.commit().await?;
     if stamped > 0 {
@@ -177,11 +178,11 @@ impl Floor {
                 self.candidates.pop_front();
             }
         }
-        if let Some(next_id) = s.next_id {
+        if let (Some(next_id), Some(xid)) = (s.next_id, s.xid) {
             if self.candidates.len() == Self::MAX_CANDIDATES {
                 self.candidates.pop_front();
             }
-            self.candidates.push_back((next_id, s.xid));
+            self.candidates.push_back((next_id, xid));
         }
     }
 }
@@ -385,7 +386,7 @@ mod tests {
     use super::{Floor, Stamp};
 
     fn stamp(stamped: i64, next_id: Option<i64>, xid: i64, xmin: i64) -> Stamp {
-        Stamp { stamped, head: 0, next_id, xid, xmin }
+        Stamp { stamped, head: 0, next_id, xid: next_id.map(|_| xid), xmin }
     }
 
     #[test]
