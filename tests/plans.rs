@@ -42,20 +42,7 @@ async fn world() -> World {
     let pool = PgPoolOptions::new().max_connections(1).connect(&env.db_url).await.expect("connect");
     let crowd = booking::user::create(&pool, "crowd").await.expect("user").user_id;
     let buyer = booking::user::create(&pool, "buyer").await.expect("user").user_id;
-    let concert = catalog::create_concert(
-        &pool,
-        NewConcert {
-            title: "plans".into(),
-            schedules: vec![NewSchedule {
-                starts_at: Utc::now() + chrono::Duration::days(30),
-                booking_opens_at: Utc::now() - chrono::Duration::hours(1),
-                seat_count: LIVE as i32 + 10,
-                price: 100,
-            }],
-        },
-    )
-    .await
-    .expect("concert");
+    let concert = on_sale(&pool, "plans", 1, LIVE as i32 + 10).await;
     let schedule = concert.schedules[0].schedule_id;
     let seats: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM seats WHERE schedule_id = $1 ORDER BY seat_no")
         .bind(schedule)
@@ -100,6 +87,19 @@ async fn rows_read<F: std::future::Future>(pool: &PgPool, work: F) -> (i64, F::O
     let before = rows_read_so_far(pool).await;
     let out = work.await;
     (rows_read_so_far(pool).await - before, out)
+}
+
+/// A concert on sale since an hour ago: `schedules` dates a month away, `seats` seats each.
+async fn on_sale(pool: &PgPool, title: &str, schedules: usize, seats: i32) -> catalog::CreatedConcert {
+    let schedules = (0..schedules)
+        .map(|i| NewSchedule {
+            starts_at: Utc::now() + chrono::Duration::days(30 + i as i64),
+            booking_opens_at: Utc::now() - chrono::Duration::hours(1),
+            seat_count: seats,
+            price: 100,
+        })
+        .collect();
+    catalog::create_concert(pool, NewConcert { title: title.into(), schedules }).await.expect("concert")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -162,19 +162,8 @@ async fn a_concerts_available_seats_are_counted_from_its_own_reservations_during
     let env = TestEnv::new().await;
     let pool = PgPoolOptions::new().max_connections(1).connect(&env.db_url).await.expect("connect");
     let crowd = booking::user::create(&pool, "crowd").await.expect("user").user_id;
-    let concert = |title: &str, schedules: usize, seats: i32| NewConcert {
-        title: title.into(),
-        schedules: (0..schedules)
-            .map(|i| NewSchedule {
-                starts_at: Utc::now() + chrono::Duration::days(30 + i as i64),
-                booking_opens_at: Utc::now() - chrono::Duration::hours(1),
-                seat_count: seats,
-                price: 100,
-            })
-            .collect(),
-    };
-    let big = catalog::create_concert(&pool, concert("the big sale", 1, LIVE as i32 + 10)).await.expect("concert");
-    let small = catalog::create_concert(&pool, concert("a quiet one", 2, 10)).await.expect("concert");
+    let big = on_sale(&pool, "the big sale", 1, LIVE as i32 + 10).await;
+    let small = on_sale(&pool, "a quiet one", 2, 10).await;
     let hold = |status: &'static str, expires: &'static str, schedule: Uuid, seats: i64| {
         let pool = &pool;
         async move {
@@ -240,20 +229,7 @@ async fn the_seat_feed_looks_above_what_it_stamped_and_never_skips_a_late_commit
     let pool = &env.pool;
     sqlx::query("ALTER TABLE seat_events SET (autovacuum_enabled = false)").execute(pool).await.expect("autovacuum off");
     let crowd = booking::user::create(pool, "crowd").await.expect("user").user_id;
-    let concert = catalog::create_concert(
-        pool,
-        NewConcert {
-            title: "feed".into(),
-            schedules: vec![NewSchedule {
-                starts_at: Utc::now() + chrono::Duration::days(30),
-                booking_opens_at: Utc::now() - chrono::Duration::hours(1),
-                seat_count: SEATS as i32 + 100,
-                price: 100,
-            }],
-        },
-    )
-    .await
-    .expect("concert");
+    let concert = on_sale(pool, "feed", 1, SEATS as i32 + 100).await;
     let schedule = concert.schedules[0].schedule_id;
     let hold_seats = |from: i64, to: i64| {
         format!(
