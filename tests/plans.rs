@@ -72,14 +72,16 @@ async fn world() -> World {
     World { env, pool, crowd, buyer, seats, holds }
 }
 
+/// A cumulative statistic (`sql`, one bigint) of this connection's backend, its own latest work
+/// included: pending statistics of a backend are flushed only when it next goes idle.
+async fn statistic_so_far(pool: &PgPool, sql: &str) -> i64 {
+    sqlx::query("SELECT pg_stat_force_next_flush()").execute(pool).await.expect("flush");
+    sqlx::query_scalar(sql).fetch_one(pool).await.expect("statistics")
+}
+
 /// `reservations` rows read so far, everything this connection did included.
 async fn rows_read_so_far(pool: &PgPool) -> i64 {
-    // Pending statistics of this backend are flushed when it next goes idle.
-    sqlx::query("SELECT pg_stat_force_next_flush()").execute(pool).await.expect("flush");
-    sqlx::query_scalar("SELECT seq_tup_read + COALESCE(idx_tup_fetch, 0) FROM pg_stat_user_tables WHERE relname = 'reservations'")
-        .fetch_one(pool)
-        .await
-        .expect("table statistics")
+    statistic_so_far(pool, "SELECT seq_tup_read + COALESCE(idx_tup_fetch, 0) FROM pg_stat_user_tables WHERE relname = 'reservations'").await
 }
 
 /// Runs `work` and returns how many `reservations` rows it read.
@@ -209,11 +211,7 @@ async fn a_concerts_available_seats_are_counted_from_its_own_reservations_during
 
 /// Leaf pages of `seat_events_unstamped` this connection's backend has read so far.
 async fn unstamped_index_pages_so_far(pool: &PgPool) -> i64 {
-    sqlx::query("SELECT pg_stat_force_next_flush()").execute(pool).await.expect("flush");
-    sqlx::query_scalar("SELECT idx_blks_hit + idx_blks_read FROM pg_statio_user_indexes WHERE indexrelname = 'seat_events_unstamped'")
-        .fetch_one(pool)
-        .await
-        .expect("index statistics")
+    statistic_so_far(pool, "SELECT idx_blks_hit + idx_blks_read FROM pg_statio_user_indexes WHERE indexrelname = 'seat_events_unstamped'").await
 }
 
 /// The live streams' feed finds unstamped seat events above a floor of what it knows stamped,

@@ -223,8 +223,8 @@ pub fn consumer_config(brokers: &str, group: &str) -> ClientConfig {
     c
 }
 
-/// How a message's retry ended.
-enum Retried {
+/// How the handling of one message ended.
+enum Settled {
     /// Handled, or acknowledged by the dead-letter topic: its offset may be stored.
     Done,
     /// Shutdown came first: the offset stays unstored.
@@ -271,31 +271,27 @@ impl ConsumerRunner {
         // Messages a retry's polling already received: they open the next batch.
         let mut carried: Vec<Incoming> = Vec::new();
         loop {
-            let first = match carried.is_empty() {
-                false => carried.remove(0),
-                true => {
-                    let msg = tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        m = self.consumer.recv() => m,
-                    };
-                    match msg {
-                        Ok(m) => incoming(&m),
-                        Err(e) => {
-                            tracing::warn!(consumer = name, error = %e, "consume error");
-                            metrics::counter!("kafka_consume_errors_total", "consumer" => name.to_string()).increment(1);
-                            tokio::select! {
-                                _ = shutdown.cancelled() => break,
-                                _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
-                            }
+            let mut batch = std::mem::take(&mut carried);
+            if batch.is_empty() {
+                let msg = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    m = self.consumer.recv() => m,
+                };
+                match msg {
+                    Ok(m) => batch.push(incoming(&m)),
+                    Err(e) => {
+                        tracing::warn!(consumer = name, error = %e, "consume error");
+                        metrics::counter!("kafka_consume_errors_total", "consumer" => name.to_string()).increment(1);
+                        tokio::select! {
+                            _ = shutdown.cancelled() => break,
+                            _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
                         }
                     }
                 }
-            };
+            }
             // No rebalance is served until the next poll, which only a retry does.
             rebalanced.mark_unchanged();
             // Take whatever else is already fetched (without waiting) into the same batch.
-            let mut batch = vec![first];
-            batch.append(&mut carried);
             while batch.len() < MAX_BATCH {
                 match futures_util::FutureExt::now_or_never(self.consumer.recv()) {
                     Some(Ok(m)) => batch.push(incoming(&m)),
@@ -312,35 +308,24 @@ impl ConsumerRunner {
             // Offsets are stored in order, and only up to the first message that is not done: a
             // later message's offset must never be committed past an unhandled earlier one.
             for (msg, result) in batch.iter().zip(results) {
-                let outcome = match result {
-                    Ok(()) => {
-                        metrics::counter!("kafka_messages_processed_total", "consumer" => name.to_string(), "topic" => msg.topic.clone()).increment(1);
-                        Retried::Done
-                    }
-                    Err(HandleError::Poison(reason)) => {
-                        tracing::warn!(consumer = name, topic = %msg.topic, offset = msg.offset, %reason, "dead-lettering message");
-                        if self.dead_letter(msg, &reason, &shutdown).await { Retried::Done } else { Retried::Shutdown }
-                    }
-                    Err(HandleError::Transient(e)) => {
-                        tracing::warn!(consumer = name, topic = %msg.topic, offset = msg.offset, error = %e, "transient failure, retrying");
-                        metrics::counter!("kafka_handler_retries_total", "consumer" => name.to_string()).increment(1);
-                        self.retry(handler, msg, &shutdown, &mut rebalanced, &mut carried).await
-                    }
+                let outcome = match self.settle(msg, result, &shutdown).await {
+                    Some(settled) => settled,
+                    None => self.retry(handler, msg, &shutdown, &mut rebalanced, &mut carried).await,
                 };
                 match outcome {
-                    Retried::Done => {
+                    Settled::Done => {
                         if let Err(e) = self.consumer.store_offset(&msg.topic, msg.partition, msg.offset) {
                             tracing::warn!(consumer = name, error = %e, "storing offset failed");
                         }
                     }
                     // Shut down mid-retry: the offset stays unstored so the message is seen again.
-                    Retried::Shutdown => {
+                    Settled::Shutdown => {
                         stopped = true;
                         break;
                     }
                     // The group rebalanced during the retry: this message and the rest of the
                     // batch stay unstored, for whoever owns their partitions now.
-                    Retried::Rebalanced => {
+                    Settled::Rebalanced => {
                         tracing::info!(consumer = name, topic = %msg.topic, offset = msg.offset, "rebalanced while retrying; the rest of the batch is left to the partitions' owners");
                         break;
                     }
@@ -358,11 +343,33 @@ impl ConsumerRunner {
         tracing::info!(consumer = name, "consumer stopped, offsets committed");
     }
 
+    /// What one attempt's result settles for `msg`: done (handled, or acknowledged by the
+    /// dead-letter topic), or shutdown during the dead-lettering; `None` for a transient failure,
+    /// which is to be retried.
+    async fn settle(&self, msg: &Incoming, result: Result<(), HandleError>, shutdown: &CancellationToken) -> Option<Settled> {
+        let name = self.name.as_str();
+        match result {
+            Ok(()) => {
+                metrics::counter!("kafka_messages_processed_total", "consumer" => name.to_string(), "topic" => msg.topic.clone()).increment(1);
+                Some(Settled::Done)
+            }
+            Err(HandleError::Poison(reason)) => {
+                tracing::warn!(consumer = name, topic = %msg.topic, offset = msg.offset, %reason, "dead-lettering message");
+                Some(if self.dead_letter(msg, &reason, shutdown).await { Settled::Done } else { Settled::Shutdown })
+            }
+            Err(HandleError::Transient(e)) => {
+                tracing::warn!(consumer = name, topic = %msg.topic, offset = msg.offset, error = %e, "transient failure, retrying");
+                metrics::counter!("kafka_handler_retries_total", "consumer" => name.to_string()).increment(1);
+                None
+            }
+        }
+    }
+
     /// Retries one message after a transient failure, with exponential backoff, until it
     /// succeeded or was dead-lettered, shutdown came, or the group rebalanced. Between attempts
     /// every owned partition is paused and the consumer is polled, so the group's rebalances are
     /// served (see the module comment).
-    async fn retry<H: Handler>(&self, handler: &H, msg: &Incoming, shutdown: &CancellationToken, rebalanced: &mut PartitionWatch, early: &mut Vec<Incoming>) -> Retried {
+    async fn retry<H: Handler>(&self, handler: &H, msg: &Incoming, shutdown: &CancellationToken, rebalanced: &mut PartitionWatch, early: &mut Vec<Incoming>) -> Settled {
         let name = self.name.as_str();
         let paused = self.consumer.assignment().ok();
         if let Some(tpl) = &paused {
@@ -377,24 +384,13 @@ impl ConsumerRunner {
             if let Some(stop) = self.serve_group_for(backoff, shutdown, rebalanced, early).await {
                 break stop;
             }
-            match handler.handle(msg).await {
-                Ok(()) => {
-                    metrics::counter!("kafka_messages_processed_total", "consumer" => name.to_string(), "topic" => msg.topic.clone()).increment(1);
-                    break Retried::Done;
-                }
-                Err(HandleError::Poison(reason)) => {
-                    tracing::warn!(consumer = name, topic = %msg.topic, offset = msg.offset, %reason, "dead-lettering message");
-                    break if self.dead_letter(msg, &reason, shutdown).await { Retried::Done } else { Retried::Shutdown };
-                }
-                Err(HandleError::Transient(e)) => {
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    tracing::warn!(consumer = name, topic = %msg.topic, offset = msg.offset, error = %e, retry_in = ?backoff, "transient failure, retrying");
-                    metrics::counter!("kafka_handler_retries_total", "consumer" => name.to_string()).increment(1);
-                }
+            if let Some(settled) = self.settle(msg, handler.handle(msg).await, shutdown).await {
+                break settled;
             }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
         };
         // After a rebalance the assignment is new and was resumed when it was assigned.
-        if let (Some(tpl), Retried::Done) = (&paused, &outcome) {
+        if let (Some(tpl), Settled::Done) = (&paused, &outcome) {
             if let Err(e) = self.consumer.resume(tpl) {
                 tracing::warn!(consumer = name, error = %e, "resuming partitions after a retry failed");
             }
@@ -409,23 +405,23 @@ impl ConsumerRunner {
     /// from the new assignment (`early` then holds nothing older); without one it could only come
     /// from a partition the pause missed, and it is still later in its partition than every
     /// message of the current batch, so handling it after the batch keeps the partition's order.
-    async fn serve_group_for(&self, wait: Duration, shutdown: &CancellationToken, rebalanced: &mut PartitionWatch, early: &mut Vec<Incoming>) -> Option<Retried> {
+    async fn serve_group_for(&self, wait: Duration, shutdown: &CancellationToken, rebalanced: &mut PartitionWatch, early: &mut Vec<Incoming>) -> Option<Settled> {
         let until = tokio::time::sleep(wait);
         tokio::pin!(until);
         loop {
             // A rebalance is delivered inside a poll, before any message of the new assignment.
             if rebalanced.has_changed().unwrap_or(false) {
                 early.clear();
-                return Some(Retried::Rebalanced);
+                return Some(Settled::Rebalanced);
             }
             tokio::select! {
-                _ = shutdown.cancelled() => return Some(Retried::Shutdown),
+                _ = shutdown.cancelled() => return Some(Settled::Shutdown),
                 _ = &mut until => return None,
                 // (`changed` marks the change seen, and a closed channel means the consumer is
                 // gone: either way this retry is over.)
                 _ = rebalanced.changed() => {
                     early.clear();
-                    return Some(Retried::Rebalanced);
+                    return Some(Settled::Rebalanced);
                 }
                 m = self.consumer.recv() => match m {
                     Ok(m) => {
@@ -433,14 +429,14 @@ impl ConsumerRunner {
                         if rebalanced.has_changed().unwrap_or(false) {
                             early.clear();
                             early.push(m);
-                            return Some(Retried::Rebalanced);
+                            return Some(Settled::Rebalanced);
                         }
                         early.push(m);
                     }
                     Err(e) => {
                         tracing::warn!(consumer = self.name.as_str(), error = %e, "consume error while retrying");
                         tokio::select! {
-                            _ = shutdown.cancelled() => return Some(Retried::Shutdown),
+                            _ = shutdown.cancelled() => return Some(Settled::Shutdown),
                             _ = &mut until => return None,
                             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
                         }
