@@ -87,7 +87,7 @@ pub async fn create_concert(pool: &PgPool, c: NewConcert) -> Result<CreatedConce
         }
     }
     let concert_id = Uuid::new_v4();
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::db::begin(pool).await?;
     sqlx::query("INSERT INTO concerts (id, title) VALUES ($1, $2)")
         .bind(concert_id)
         .bind(&title)

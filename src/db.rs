@@ -1,9 +1,14 @@
 //! PostgreSQL pool and the embedded migrations (applied by every binary at start; sqlx takes an
-//! advisory lock, so several processes starting together apply them once).
+//! advisory lock, so several processes starting together apply them once), and [`Tx`], the one
+//! way the product opens a transaction.
 
+use std::borrow::Cow;
+use std::ops::{Deref, DerefMut};
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgTransactionManager};
+use sqlx::{Postgres, TransactionManager};
 
 /// The migrations in `migrations/`, compiled into the binaries.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -29,4 +34,96 @@ pub async fn connect(url: &str, max: u32) -> Result<PgPool, sqlx::Error> {
 /// Applies every pending migration.
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     MIGRATOR.run(pool).await
+}
+
+/// A transaction on a pooled connection that may be abandoned at any `.await` and may fail in
+/// its first statement without harming whoever uses the connection next. Open it with [`begin`]
+/// or [`begin_with`], never with sqlx's `Pool::begin` (clippy.toml forbids it).
+///
+/// Why not sqlx's `Transaction`: in sqlx 0.8 (and 0.9) a transaction counts as open only once
+/// its `BEGIN` was answered. So
+/// - a `begin` abandoned while it waits (an HTTP client hanging up during a hold's seat-limit
+///   lock wait, a timeout around a call) returns the connection to the pool with the `BEGIN`
+///   executed and nothing to end it: the session sits in a transaction holding whatever lock
+///   it waited for, and the next borrower's statements run, uncommitted, inside it;
+/// - a `begin_with` whose statement fails (a lock timeout, a cancelled query) returns it inside
+///   the aborted transaction, where every later statement fails with "current transaction is
+///   aborted" for the rest of the connection's life.
+///
+/// `tests/plumbing.rs` shows both. Here, until the opening round trip has been answered without
+/// error the connection is closed, never returned, when the `Tx` goes away: the server ends the
+/// session, and with it the transaction and its locks. After that, dropping an uncommitted `Tx`
+/// rolls back, as sqlx's does.
+pub struct Tx {
+    conn: Option<PoolConnection<Postgres>>,
+    state: TxState,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum TxState {
+    /// The opening round trip has not been answered, or failed.
+    Opening,
+    Open,
+    /// Committed or rolled back.
+    Ended,
+}
+
+/// Opens a transaction (`BEGIN`).
+pub async fn begin(pool: &PgPool) -> Result<Tx, sqlx::Error> {
+    Tx::open(pool, None).await
+}
+
+/// Opens a transaction with `statement`, a `BEGIN` followed by what must run first (a lock), in
+/// one round trip.
+pub async fn begin_with(pool: &PgPool, statement: impl Into<Cow<'static, str>>) -> Result<Tx, sqlx::Error> {
+    Tx::open(pool, Some(statement.into())).await
+}
+
+impl Tx {
+    async fn open(pool: &PgPool, statement: Option<Cow<'static, str>>) -> Result<Tx, sqlx::Error> {
+        let mut tx = Tx { conn: Some(pool.acquire().await?), state: TxState::Opening };
+        PgTransactionManager::begin(&mut tx, statement).await?;
+        tx.state = TxState::Open;
+        Ok(tx)
+    }
+
+    pub async fn commit(mut self) -> Result<(), sqlx::Error> {
+        PgTransactionManager::commit(&mut self).await?;
+        self.state = TxState::Ended;
+        Ok(())
+    }
+
+    pub async fn rollback(mut self) -> Result<(), sqlx::Error> {
+        PgTransactionManager::rollback(&mut self).await?;
+        self.state = TxState::Ended;
+        Ok(())
+    }
+}
+
+impl Deref for Tx {
+    type Target = PgConnection;
+
+    fn deref(&self) -> &PgConnection {
+        self.conn.as_ref().expect("a Tx holds its connection until dropped")
+    }
+}
+
+impl DerefMut for Tx {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        self.conn.as_mut().expect("a Tx holds its connection until dropped")
+    }
+}
+
+impl Drop for Tx {
+    fn drop(&mut self) {
+        let Some(mut conn) = self.conn.take() else { return };
+        match self.state {
+            // Whether the server ran the BEGIN, and what became of its first statement, is
+            // unknown: nobody else may get this session.
+            TxState::Opening => conn.close_on_drop(),
+            // Queues the ROLLBACK; the pool sends it before handing the connection out again.
+            TxState::Open => PgTransactionManager::start_rollback(&mut conn),
+            TxState::Ended => {}
+        }
+    }
 }

@@ -53,7 +53,7 @@ pub async fn expire(pool: &PgPool, topics: &Topics, ids: &[Uuid], path: &'static
     if ids.is_empty() {
         return Ok(Expired { expired: 0, early: Vec::new(), db_now: Utc::now() });
     }
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::db::begin(pool).await?;
     // By primary key, however many holds are live (`status_is`: the statistics lag a burst).
     let rows: Vec<Reservation> = sqlx::query_as(&format!(
         "UPDATE reservations SET status = 'EXPIRED', expired_at = clock_timestamp()
@@ -125,7 +125,7 @@ fn expire_when_due(pool: PgPool, topics: Topics, mut pending: Vec<ReservationEve
 
 /// Writes the effects of holds that just turned EXPIRED, commits, then records their lateness.
 async fn commit_expired(
-    mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+    mut tx: crate::db::Tx,
     topics: &Topics,
     rows: &[Reservation],
     path: &'static str,
@@ -243,7 +243,7 @@ impl Handler for ExpirationHandler {
 /// ago. The partial index `reservations_held_by_expiry` makes this a range scan over exactly the
 /// overdue rows; `SKIP LOCKED` lets several expirers sweep side by side.
 pub async fn sweep(pool: &PgPool, topics: &Topics, grace: Duration, limit: i64) -> Result<usize, sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::db::begin(pool).await?;
     let rows: Vec<Reservation> = sqlx::query_as(&format!(
         "UPDATE reservations SET status = 'EXPIRED', expired_at = clock_timestamp()
          WHERE id IN (SELECT id FROM reservations

@@ -135,7 +135,7 @@ pub async fn store(pool: &sqlx::PgPool, requests: &[(Uuid, NotificationRequest)]
         messages.push(n.message.as_str());
         data.push(&n.data);
     }
-    let mut tx = pool.begin_with("BEGIN; SELECT 1 FROM stream_heads WHERE stream = 'notification' FOR UPDATE").await?;
+    let mut tx = crate::db::begin_with(pool, "BEGIN; SELECT 1 FROM stream_heads WHERE stream = 'notification' FOR UPDATE").await?;
     // A new statement: its snapshot, taken after the lock was granted, sees the head the previous
     // writer (or the stamper) committed.
     let stored: Vec<(String, Uuid)> = sqlx::query_as(

@@ -284,7 +284,7 @@ impl Relay {
     /// consumers tolerate that: they de-duplicate by `eventId` and apply conditional, state-based
     /// changes (a tombstone stops a late `reservation.created`, an expiry only ends a HELD hold).
     pub async fn step(&self) -> Result<RelayTick, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = crate::db::begin(&self.pool).await?;
         let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
             .bind(RELAY_LOCK)
             .fetch_one(&mut *tx)

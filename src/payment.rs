@@ -47,7 +47,7 @@ pub struct Paid {
 /// writes everything; `COMMIT` (it was eight, one per step).
 pub async fn pay(pool: &PgPool, topics: &Topics, user: Uuid, key: &str, reservation: Uuid) -> Result<Paid> {
     let fp = idempotency::fingerprint(&[b"payment", reservation.as_bytes()]);
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::db::begin(pool).await?;
 
     // Lock the hold, then claim the key (see `idempotency`), in one statement: a concurrent
     // payment of this hold with another key waits on the lock and then sees CONFIRMED; a

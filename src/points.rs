@@ -79,7 +79,7 @@ pub async fn charge(pool: &PgPool, user: Uuid, key: &str, amount: i64) -> Result
         return Err(Error::invalid("amount", format!("must be between 1 and {MAX_CHARGE}")));
     }
     let fp = idempotency::fingerprint(&[b"charge", &amount.to_be_bytes()]);
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::db::begin(pool).await?;
     if let Claim::Replay { status, body } = idempotency::claim(&mut tx, user, "charge", key, &fp).await? {
         return Ok((status, body));
     }

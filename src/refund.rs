@@ -56,7 +56,7 @@ pub struct Refunded {
 /// refunds close.
 pub async fn refund(pool: &PgPool, topics: &Topics, user: Uuid, key: &str, reservation: Uuid, cutoff: Duration) -> Result<Refunded> {
     let fp = idempotency::fingerprint(&[b"refund", reservation.as_bytes()]);
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::db::begin(pool).await?;
     if let Claim::Replay { status, body } = idempotency::claim(&mut tx, user, "refund", key, &fp).await? {
         return Ok(Refunded { status, body });
     }

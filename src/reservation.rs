@@ -201,7 +201,7 @@ pub async fn hold(pool: &PgPool, topics: &Topics, req: HoldRequest<'_>, look: &S
     // was granted, so it sees every hold committed before. Taken before the key's claim, by
     // every hold, so a keyed retry and its original take the two in the same order.
     let lock = seat_limit_lock(user, schedule);
-    let mut tx = pool.begin_with(format!("BEGIN; SELECT pg_advisory_xact_lock({lock})")).await?;
+    let mut tx = crate::db::begin_with(pool, format!("BEGIN; SELECT pg_advisory_xact_lock({lock})")).await?;
     if let Some(key) = key {
         let fp = idempotency::fingerprint(&[b"reservation", seat.as_bytes()]);
         if let Claim::Replay { body, .. } = idempotency::claim(&mut tx, user, "reservation", key, &fp).await? {
@@ -385,7 +385,7 @@ pub async fn list_mine(pool: &PgPool, user: Uuid, status: Option<&str>, after: O
 
 /// Cancels a live hold of `user`; the seat is free again at commit.
 pub async fn cancel(pool: &PgPool, topics: &Topics, user: Uuid, id: Uuid) -> Result<Reservation> {
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::db::begin(pool).await?;
     let r: Option<Reservation> = sqlx::query_as(&format!(
         "UPDATE reservations SET status = 'CANCELLED', cancelled_at = clock_timestamp()
          WHERE id = $1 AND user_id = $2 AND {held} AND expires_at > clock_timestamp()

@@ -93,7 +93,7 @@ pub enum Replay {
 /// some of them may have been pruned. Read in one repeatable-read transaction so the prune
 /// watermark and the rows agree.
 pub async fn replay(pool: &PgPool, schedule: Uuid, after: i64, limit: i64) -> Result<Replay, sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::db::begin(pool).await?;
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").execute(&mut *tx).await?;
     let (head, pruned_upto): (i64, i64) = sqlx::query_as("SELECT pos, pruned_upto FROM stream_heads WHERE stream = 'seat'")
         .fetch_one(&mut *tx)

@@ -81,7 +81,7 @@ pub struct Stamp {
 pub async fn stamp(pool: &PgPool, stream: Stream, limit: i64, from: i64) -> Result<Stamp, sqlx::Error> {
     // The sequencer lock rides on BEGIN: a second stamper (another replica) waits here until the
     // first commits. (The stream's name is one of two constants, never input.)
-    let mut tx = pool.begin_with(format!("BEGIN; SELECT 1 FROM stream_heads WHERE stream = '{}' FOR UPDATE", stream.name())).await?;
+    let mut tx = crate::db::begin_with(pool, format!("BEGIN; SELECT 1 FROM stream_heads WHERE stream = '{}' FOR UPDATE", stream.name())).await?;
     // A separate statement on purpose: its snapshot is taken after the lock was granted, so it
     // sees the head and the rows the previous stamper committed. It reads the head, stamps the
     // pending rows after it and moves the head, all in that one snapshot.
@@ -215,7 +215,7 @@ pub async fn probe(pool: &PgPool, seat_floor: i64) -> Result<Probe, sqlx::Error>
 /// `limit`) and records the highest deleted position, so a resume from before it gets a fresh
 /// snapshot instead of a gap. Returns how many rows went.
 pub async fn prune_seat_events(pool: &PgPool, retention: Duration, limit: i64) -> Result<u64, sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::db::begin(pool).await?;
     let (upto, n): (Option<i64>, i64) = sqlx::query_as(
         "WITH gone AS (
              DELETE FROM seat_events WHERE id IN (

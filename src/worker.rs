@@ -471,7 +471,7 @@ impl PaymentHandler {
     /// Hands `record` to the export sink once per (`consumer`, `id`): the `processed_events` row
     /// commits only after the sink accepted the record (see [`crate::export`]).
     async fn export_once(&self, consumer: &str, id: Uuid, record: Value) -> Result<(), HandleError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = crate::db::begin(&self.pool).await?;
         let fresh = sqlx::query("INSERT INTO processed_events (consumer, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
             .bind(consumer)
             .bind(id)

@@ -1,4 +1,4 @@
-//! Kafka plumbing and the daemons themselves (issue: foundation).
+//! Kafka and PostgreSQL plumbing, and the daemons themselves (issue: foundation).
 
 mod common;
 
@@ -375,4 +375,64 @@ async fn a_member_retrying_a_transient_failure_lets_a_joining_member_take_its_pa
     stop.cancel();
     task_a.await.unwrap();
     task_b.await.unwrap();
+}
+
+/// A request for `user` to store, with a fresh event id.
+fn a_notification(user: uuid::Uuid) -> (uuid::Uuid, booking::notification::NotificationRequest) {
+    (uuid::Uuid::new_v4(), booking::notification::NotificationRequest::new(booking::notification::Kind::QueueActivated, user, json!({})))
+}
+
+/// Another session holds the notification stream's row lock (what a concurrent store holds while
+/// it writes) until the returned transaction ends.
+async fn hold_the_notification_stream(env: &TestEnv) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut blocker = env.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM stream_heads WHERE stream = 'notification' FOR UPDATE").execute(&mut *blocker).await.unwrap();
+    blocker
+}
+
+/// A transaction whose opening lock wait is abandoned (an HTTP client that hangs up, a timeout
+/// around the call) must not go back to the pool still open. sqlx 0.8 returns it as is: the
+/// session then holds the lock it was waiting for, idle in a transaction nothing will end, and
+/// every other writer of the stream waits on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_transaction_start_leaves_no_lock_held_in_the_pool() {
+    let env = TestEnv::new().await;
+    let user = uuid::Uuid::new_v4();
+    // One connection, so the abandoned one is the one the pool hands out next.
+    let worker_pool = booking::db::connect(&env.db_url, 1).await.unwrap();
+    let blocker = hold_the_notification_stream(&env).await;
+    let abandoned = tokio::time::timeout(Duration::from_millis(300), booking::notification::store(&worker_pool, &[a_notification(user)])).await;
+    assert!(abandoned.is_err(), "the store waited for the stream's lock");
+    blocker.commit().await.unwrap();
+    // The pool in use again for something that opens no transaction of its own (a read, the
+    // announcement after a store), then another writer of the stream: it gets through.
+    let listed = booking::notification::list_after(&worker_pool, user, 0, 10).await.unwrap();
+    assert!(listed.is_empty(), "the abandoned store wrote nothing");
+    let other = tokio::time::timeout(Duration::from_secs(10), booking::notification::store(&env.pool, &[a_notification(user)])).await;
+    assert!(matches!(other, Ok(Ok(ref s)) if s.len() == 1), "another writer of the stream waited on a lock nobody releases: {other:?}");
+    let stored = tokio::time::timeout(Duration::from_secs(10), booking::notification::store(&worker_pool, &[a_notification(user)])).await;
+    assert!(matches!(stored, Ok(Ok(ref s)) if s.len() == 1), "the pool's next store: {stored:?}");
+    let visible: i64 = sqlx::query_scalar("SELECT count(*) FROM notifications WHERE user_id = $1").bind(user).fetch_one(&env.pool).await.unwrap();
+    assert_eq!(visible, 2, "both stores committed and are visible to other sessions");
+}
+
+/// A transaction whose opening statement fails (here PostgreSQL's `lock_timeout`, as an operator
+/// may set on the role; a cancelled query does the same) must not go back to the pool inside the
+/// aborted transaction: sqlx 0.8 does not end it, so every later statement on that connection
+/// failed with "current transaction is aborted" for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_transaction_start_does_not_poison_its_connection() {
+    let env = TestEnv::new().await;
+    let user = uuid::Uuid::new_v4();
+    let impatient = format!("{}?options=-c%20lock_timeout%3D200", env.db_url);
+    let worker_pool = booking::db::connect(&impatient, 1).await.unwrap();
+    let blocker = hold_the_notification_stream(&env).await;
+    let failed = booking::notification::store(&worker_pool, &[a_notification(user)]).await;
+    let code = failed.as_ref().err().and_then(|e| e.as_database_error()).and_then(|e| e.code()).map(|c| c.into_owned());
+    assert_eq!(code.as_deref(), Some("55P03"), "the store gave up on the lock: {failed:?}");
+    blocker.commit().await.unwrap();
+    let stored = booking::notification::store(&worker_pool, &[a_notification(user)]).await;
+    assert!(matches!(stored, Ok(ref s) if s.len() == 1), "the next store on the pool: {stored:?}");
+    let balance: Result<i64, _> = sqlx::query_scalar("SELECT count(*) FROM notifications WHERE user_id = $1").bind(user).fetch_one(&worker_pool).await;
+    assert_eq!(balance.ok(), Some(1), "a plain read on the pool works");
 }

@@ -466,7 +466,7 @@ async fn replay_one(ops: &Ops, d: &DeadLetter, force: bool) -> Result<ReplayItem
         replay_count: 0,
         replayed_to: None,
     };
-    let mut tx = ops.pool.begin().await?;
+    let mut tx = crate::db::begin(&ops.pool).await?;
     // The row exists before it is locked, so a concurrent replay of the same letter waits here.
     sqlx::query(
         "INSERT INTO dlq_replays (dlq_topic, dlq_partition, dlq_offset, target_topic, last_replayed_by)
