@@ -48,7 +48,8 @@ struct Cli {
     #[arg(long, env = "OUTBOX_BATCH", default_value_t = 500)]
     outbox_batch: i64,
 
-    /// Fallback poll of the outbox when no NOTIFY arrives.
+    /// Fallback poll of the outbox: the relay is woken at once by every commit of this process
+    /// that wrote outbox rows; the poll finds rows whose wake-up went elsewhere or was missed.
     #[arg(long, env = "OUTBOX_POLL_INTERVAL", default_value = "1s", value_parser = duration)]
     outbox_poll_interval: Duration,
 }
