@@ -110,8 +110,17 @@ pub struct Stored {
     pub created_at: chrono::DateTime<chrono::Utc>,
 }
 
+/// A row [`store`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRow {
+    pub kind: String,
+    pub user_id: Uuid,
+    /// Its commit-ordered stream position.
+    pub pos: i64,
+}
+
 /// Stores notification requests (`eventId`, request), each once by `eventId`, with their stream
-/// positions; returns `(type, user)` of the rows that were new, in input order.
+/// positions; returns the rows that were new, in input order.
 ///
 /// The positions are given here, by the table's one writer, in the inserting transaction. It
 /// holds the stream's head row (`FOR UPDATE`, taken on `BEGIN`) from before its insert until its
@@ -121,7 +130,7 @@ pub struct Stored {
 /// afterwards: each notification was written twice, and that UPDATE was 9.5 % of the database's
 /// time in the spike profile (issue 11). A duplicate leaves a gap in the positions, which readers
 /// never notice (they read `pos > cursor`).
-pub async fn store(pool: &sqlx::PgPool, requests: &[(Uuid, NotificationRequest)]) -> Result<Vec<(String, Uuid)>, sqlx::Error> {
+pub async fn store(pool: &sqlx::PgPool, requests: &[(Uuid, NotificationRequest)]) -> Result<Vec<StoredRow>, sqlx::Error> {
     if requests.is_empty() {
         return Ok(Vec::new());
     }
@@ -138,7 +147,7 @@ pub async fn store(pool: &sqlx::PgPool, requests: &[(Uuid, NotificationRequest)]
     let mut tx = crate::db::begin_with(pool, "BEGIN; SELECT 1 FROM stream_heads WHERE stream = 'notification' FOR UPDATE").await?;
     // A new statement: its snapshot, taken after the lock was granted, sees the head the previous
     // writer (or the stamper) committed.
-    let stored: Vec<(String, Uuid)> = sqlx::query_as(
+    let stored: Vec<(String, Uuid, i64)> = sqlx::query_as(
         "WITH head AS (SELECT pos FROM stream_heads WHERE stream = 'notification'),
               new AS (
                   INSERT INTO notifications (event_id, user_id, type, title, message, data, pos)
@@ -151,7 +160,7 @@ pub async fn store(pool: &sqlx::PgPool, requests: &[(Uuid, NotificationRequest)]
                   UPDATE stream_heads SET pos = (SELECT max(pos) FROM new)
                   WHERE stream = 'notification' AND EXISTS (SELECT 1 FROM new)
               )
-         SELECT type, user_id FROM new ORDER BY pos",
+         SELECT type, user_id, pos FROM new ORDER BY pos",
     )
     .bind(&event_ids)
     .bind(&users)
@@ -162,7 +171,7 @@ pub async fn store(pool: &sqlx::PgPool, requests: &[(Uuid, NotificationRequest)]
     .fetch_all(&mut *tx)
     .await?;
     tx.commit().await?;
-    Ok(stored)
+    Ok(stored.into_iter().map(|(kind, user_id, pos)| StoredRow { kind, user_id, pos }).collect())
 }
 
 /// The user's notifications after `cursor`, oldest first. The cursor is the commit-ordered
@@ -192,26 +201,28 @@ pub async fn last_cursor(pool: &sqlx::PgPool, user: Uuid) -> Result<i64, sqlx::E
 /// The PostgreSQL channel on which the worker announces stored notifications.
 pub const STORED_CHANNEL: &str = "notification_new";
 
-/// Users per NOTIFY payload: 200 × 37 bytes stays under PostgreSQL's 8,000-byte payload limit.
-const USERS_PER_PAYLOAD: usize = 200;
+/// Users per NOTIFY payload: an item `user:position,` is at most 36 + 1 + 19 + 1 = 57 bytes, and
+/// 100 of them (5,700 bytes) stay under PostgreSQL's 8,000-byte payload limit.
+const USERS_PER_PAYLOAD: usize = 100;
 
-/// Tells every process listening on [`STORED_CHANNEL`] (the worker's
-/// delivery loop) which users have new stored notifications: called once per stored batch,
-/// after its commit. One statement, one transaction, one commit for the whole batch (a payload
-/// per 200 users, comma separated): PostgreSQL serializes the commits of notifying transactions,
-/// so a NOTIFY per row (the old trigger) made the worker's inserts and every other such commit
-/// wait in line. A lost announcement loses nothing: streams and the delivery loop also poll.
-pub async fn announce_stored(pool: &sqlx::PgPool, users: &[Uuid]) -> Result<(), sqlx::Error> {
-    let mut users = users.to_vec();
-    users.sort_unstable();
-    users.dedup();
-    if users.is_empty() {
+/// Tells every process listening on [`STORED_CHANNEL`] (the api's stream feed, the worker's
+/// delivery loop) which users have new stored notifications, up to which position: called once
+/// per stored batch, after its commit, with what [`store`] returned. One statement, one
+/// transaction, one commit for the whole batch (a payload per 100 users, items `user:position`
+/// comma separated): PostgreSQL serializes the commits of notifying transactions, so a NOTIFY
+/// per row (the old trigger) made the worker's inserts and every other such commit wait in line.
+/// The positions let the api wake each user's streams without reading anything first. A lost
+/// announcement loses nothing: streams and the delivery loop also poll.
+pub async fn announce_stored(pool: &sqlx::PgPool, rows: &[StoredRow]) -> Result<(), sqlx::Error> {
+    let mut latest: std::collections::BTreeMap<Uuid, i64> = std::collections::BTreeMap::new();
+    for r in rows {
+        let pos = latest.entry(r.user_id).or_insert(r.pos);
+        *pos = (*pos).max(r.pos);
+    }
+    if latest.is_empty() {
         return Ok(());
     }
-    let payloads: Vec<String> = users
-        .chunks(USERS_PER_PAYLOAD)
-        .map(|c| c.iter().map(Uuid::to_string).collect::<Vec<_>>().join(","))
-        .collect();
+    let payloads = announcement_payloads(&latest.into_iter().collect::<Vec<_>>());
     sqlx::query("SELECT pg_notify($1, p) FROM UNNEST($2::text[]) AS p")
         .bind(STORED_CHANNEL)
         .bind(&payloads)
@@ -240,24 +251,72 @@ pub async fn stored_listener(pool: &sqlx::PgPool, who: &str) -> Option<sqlx::pos
     }
 }
 
+/// The NOTIFY payloads naming `users` (user, latest position).
+fn announcement_payloads(users: &[(Uuid, i64)]) -> Vec<String> {
+    users.chunks(USERS_PER_PAYLOAD).map(|c| c.iter().map(|(u, p)| format!("{u}:{p}")).collect::<Vec<_>>().join(",")).collect()
+}
+
+/// What [`next_announcement`] received: every announcement that had arrived, merged.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Announced {
+    /// Each announced user with the highest position announced for them.
+    pub positions: Vec<(Uuid, i64)>,
+    /// An item without a position (a worker of an older version) or that did not parse, or the
+    /// listener failed: the caller must find out what is new by reading.
+    pub incomplete: bool,
+}
+
 /// Waits for the next announcement on `listener` and takes every one already received with it
 /// (one step of the caller covers them all). Without a listener it never returns; while the
 /// connection is gone (sqlx reconnects on the next call) it waits `poll` instead, so a caller
 /// that also polls is not spun by failing receives.
-pub async fn next_announcement(listener: &mut Option<sqlx::postgres::PgListener>, poll: std::time::Duration) {
+pub async fn next_announcement(listener: &mut Option<sqlx::postgres::PgListener>, poll: std::time::Duration) -> Announced {
+    let mut out = Announced::default();
     match listener.as_mut() {
         Some(l) => match l.recv().await {
-            Ok(_) => while l.next_buffered().is_some() {},
-            Err(_) => tokio::time::sleep(poll).await,
+            Ok(first) => {
+                out.take(first.payload());
+                while let Some(more) = l.next_buffered() {
+                    out.take(more.payload());
+                }
+            }
+            Err(_) => {
+                tokio::time::sleep(poll).await;
+                out.incomplete = true;
+            }
         },
         None => std::future::pending().await,
+    }
+    out
+}
+
+impl Announced {
+    fn take(&mut self, payload: &str) {
+        for item in payload.split(',').filter(|i| !i.trim().is_empty()) {
+            match parse_item(item) {
+                Some((user, Some(pos))) => match self.positions.iter_mut().find(|(u, _)| *u == user) {
+                    Some((_, p)) => *p = (*p).max(pos),
+                    None => self.positions.push((user, pos)),
+                },
+                _ => self.incomplete = true,
+            }
+        }
+    }
+}
+
+/// One `user[:position]` item of an announcement.
+fn parse_item(item: &str) -> Option<(Uuid, Option<i64>)> {
+    let mut parts = item.trim().splitn(2, ':');
+    let user = Uuid::parse_str(parts.next()?).ok()?;
+    match parts.next() {
+        None => Some((user, None)),
+        Some(p) => Some((user, Some(p.parse().ok()?))),
     }
 }
 
 /// The users named by an announcement of [`announce_stored`].
 pub fn announced_users(payload: &str) -> impl Iterator<Item = Uuid> + '_ {
-    // An item may carry `:<id>` after the user (the form of the old per-row trigger).
-    payload.split(',').filter_map(|item| Uuid::parse_str(item.split(':').next().unwrap_or_default().trim()).ok())
+    payload.split(',').filter_map(|item| parse_item(item).map(|(u, _)| u))
 }
 
 /// The users with notifications stamped at `after < pos <= upto` (the feed's read).
@@ -298,15 +357,23 @@ impl NotificationHub {
         Ok(UserSubscription { rx, hub: self.clone(), user })
     }
 
-    /// Wakes the streams of the given users (user, latest position); returns how many users had
-    /// streams here.
+    /// Wakes the streams of the given users (user, latest position) that have not been told of
+    /// that position yet; returns how many users were woken. The same news can come twice (from
+    /// the worker's announcement, then from the feed's read), and a stream reads the database
+    /// only once for it.
     pub fn wake(&self, users: &[(Uuid, i64)]) -> usize {
         let map = self.users.lock().expect("notification hub lock");
         let mut n = 0;
         for (user, pos) in users {
             if let Some((tx, _)) = map.get(user) {
-                tx.send_replace(*pos);
-                n += 1;
+                let newer = tx.send_if_modified(|seen| {
+                    let newer = *pos > *seen;
+                    if newer {
+                        *seen = *pos;
+                    }
+                    newer
+                });
+                n += usize::from(newer);
             }
         }
         n
@@ -362,5 +429,44 @@ mod hub_tests {
         let s3 = hub.subscribe(a, 2).unwrap();
         drop((s2, s3, sb));
         assert!(hub.is_empty());
+    }
+
+    #[tokio::test]
+    async fn news_already_told_does_not_wake_a_stream_again() {
+        let hub = NotificationHub::default();
+        let a = Uuid::new_v4();
+        let mut s = hub.subscribe(a, 1).unwrap();
+        assert_eq!(hub.wake(&[(a, 7)]), 1);
+        assert_eq!(*s.rx.borrow_and_update(), 7);
+        assert_eq!(hub.wake(&[(a, 7)]), 0, "the feed's read of what the announcement told");
+        assert_eq!(hub.wake(&[(a, 5)]), 0, "an older announcement arriving late");
+        assert!(!s.rx.has_changed().unwrap());
+        assert_eq!(hub.wake(&[(a, 9)]), 1);
+        assert_eq!(*s.rx.borrow_and_update(), 9);
+    }
+
+    #[test]
+    fn every_announcement_payload_fits_postgresqls_limit_whatever_the_positions() {
+        let users: Vec<(Uuid, i64)> = (0..1000).map(|_| (Uuid::new_v4(), i64::MAX)).collect();
+        let payloads = announcement_payloads(&users);
+        assert!(payloads.iter().all(|p| p.len() < 8000), "longest {}", payloads.iter().map(String::len).max().unwrap());
+        let mut back = Announced::default();
+        payloads.iter().for_each(|p| back.take(p));
+        assert_eq!(back.positions.len(), 1000);
+    }
+
+    #[test]
+    fn announcements_merge_to_each_users_highest_position_and_flag_what_they_do_not_say() {
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let mut got = Announced::default();
+        got.take(&format!("{a}:3,{b}:8"));
+        got.take(&format!("{a}:12"));
+        assert_eq!(got, Announced { positions: vec![(a, 12), (b, 8)], incomplete: false });
+        got.take(&b.to_string());
+        assert!(got.incomplete, "a user without a position (an older worker) means: read");
+        let mut garbled = Announced::default();
+        garbled.take(&format!("{a}:x"));
+        assert!(garbled.incomplete && garbled.positions.is_empty());
+        assert_eq!(announced_users(&format!("{a}:3,{b}")).collect::<Vec<_>>(), vec![a, b]);
     }
 }

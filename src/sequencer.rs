@@ -25,7 +25,8 @@
 //!
 //! Cost: a seat event is served one stamping round after its commit (the [`Feed`] polls every
 //! `--stream-poll-interval`, 20 ms by default), and each stamped row is written a second time. A
-//! notification is served when the worker's announcement wakes the feed.
+//! notification is served as soon as the worker's announcement (which names each user's latest
+//! position) reaches the feed: the feed wakes those users' streams without reading anything.
 //!
 //! Within one stamping batch rows are ordered by insertion id. For one seat that is commit order:
 //! two changes of a seat are serialized by PostgreSQL (the row lock of the reservation, or the
@@ -357,19 +358,26 @@ impl Feed {
         let mut prune = tokio::time::interval(Duration::from_secs(60));
         prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The worker announces each stored batch after its commit (one NOTIFY per batch, see
-        // `notification::announce_stored`): its notifications already carry their positions, so
-        // they are handed to their streams at once instead of on the next poll. The poll stays
-        // as the fallback (a lost announcement, PostgreSQL restarting) and for seat events.
+        // `notification::announce_stored`), naming each user with their latest position. Those
+        // streams are woken at once, with no read: the batch committed before it was announced,
+        // and the positions it took are a prefix (see the module comment), so whatever a woken
+        // stream reads up to that position is final. The poll stays as the fallback (a lost
+        // announcement, PostgreSQL restarting, an announcement without positions) and for seat
+        // events; telling a stream again what the announcement told it does not wake it.
         let mut listener = crate::notification::stored_listener(&self.pool, "stream feed").await;
         loop {
             let announced = crate::notification::next_announcement(&mut listener, self.settings.poll);
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => self.timed_step(&mut tick).await,
-                _ = announced => {
-                    self.timed_step(&mut tick).await;
-                    // The next poll a whole interval after this step.
-                    tick.reset();
+                announced = announced => {
+                    if announced.incomplete || announced.positions.is_empty() {
+                        self.timed_step(&mut tick).await;
+                        // The next poll a whole interval after this step.
+                        tick.reset();
+                    } else {
+                        self.notifications.wake(&announced.positions);
+                    }
                 }
                 _ = prune.tick() => {
                     if let Err(e) = prune_seat_events(&self.pool, self.settings.seat_event_retention, 10_000).await {

@@ -137,7 +137,7 @@ pub fn describe_metrics(daemon: Daemon, topic_prefix: &str) {
     describe_counter!("sweeper_caught_total", "Holds only the sweeper caught (the pipeline missed them; should stay 0)");
     // Worker.
     describe_counter!("notifications_stored_total", "Notification requests consumed, by type and outcome (stored, duplicate)");
-    describe_counter!("notification_announcements_total", "NOTIFY payloads announcing stored notifications to the api's streams (one per stored batch of up to 200 users)");
+    describe_counter!("notification_announcements_total", "NOTIFY payloads announcing stored notifications to the api's streams (one per stored batch of up to 100 users)");
     describe_counter!("notifications_delivered_total", "Notifications delivered on the channel");
     describe_counter!("notifications_delivery_failures_total", "Notification delivery attempts that failed (retried with backoff)");
     describe_counter!("ranking_increments_total", "Ranking increments from payment.completed");

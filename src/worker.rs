@@ -34,11 +34,11 @@ impl Handler for NotificationHandler {
         if !KNOWN_TYPES.contains(&n.kind.as_str()) {
             return Err(HandleError::Poison(format!("unknown notification type {:?}", n.kind)));
         }
-        let user = n.user_id;
         let kind = n.kind.clone();
-        let inserted = crate::notification::store(&self.pool, &[(env.event_id, n)]).await?.len();
+        let stored = crate::notification::store(&self.pool, &[(env.event_id, n)]).await?;
+        let inserted = stored.len();
         if inserted == 1 {
-            announce(&self.pool, &[user]).await;
+            announce(&self.pool, &stored).await;
         }
         let outcome = if inserted == 1 { "stored" } else { "duplicate" };
         metrics::counter!("notifications_stored_total", "type" => kind, "outcome" => outcome).increment(1);
@@ -65,11 +65,10 @@ impl Handler for NotificationHandler {
         let stored = crate::notification::store(&self.pool, &requests).await;
         match stored {
             Ok(stored) => {
-                let stored_users: Vec<Uuid> = stored.iter().map(|(_, u)| *u).collect();
-                announce(&self.pool, &stored_users).await;
+                announce(&self.pool, &stored).await;
                 for kind in KNOWN_TYPES {
                     let total = requests.iter().filter(|(_, n)| n.kind.as_str() == *kind).count();
-                    let new = stored.iter().filter(|(k, _)| k.as_str() == *kind).count();
+                    let new = stored.iter().filter(|r| r.kind.as_str() == *kind).count();
                     metrics::counter!("notifications_stored_total", "type" => *kind, "outcome" => "stored").increment(new as u64);
                     metrics::counter!("notifications_stored_total", "type" => *kind, "outcome" => "duplicate").increment((total - new) as u64);
                 }
@@ -97,8 +96,8 @@ impl Handler for NotificationHandler {
 /// Announces a committed batch to the api's streams and the delivery loop, once for the batch
 /// ([`crate::notification::announce_stored`]). A failure is only logged: the rows are stored, and
 /// both listeners poll.
-async fn announce(pool: &PgPool, users: &[Uuid]) {
-    if let Err(e) = crate::notification::announce_stored(pool, users).await {
+async fn announce(pool: &PgPool, rows: &[crate::notification::StoredRow]) {
+    if let Err(e) = crate::notification::announce_stored(pool, rows).await {
         tracing::warn!(error = %e, "announcing stored notifications failed; streams catch up by polling");
     }
 }

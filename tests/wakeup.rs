@@ -2,7 +2,8 @@
 //! entries commit without sending a NOTIFY (PostgreSQL serializes the commits of notifying
 //! transactions), yet their events still leave through the outbox at once, with the relay's
 //! poll interval set to an hour; the worker announces a stored batch with one NOTIFY per up to
-//! 200 users, not one per row, and names every user whose stream has something new; and the
+//! 100 users, not one per row, and names every user whose stream has something new, with the
+//! position to wake it with; and the
 //! api's stream feed acts on that announcement, so a payment's PAYMENT_CONFIRMED reaches an open
 //! stream with every poll on the path (relay, feed) set to an hour.
 
@@ -114,7 +115,7 @@ async fn holds_payments_and_queue_entries_commit_without_notify_and_their_events
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_worker_announces_each_stored_batch_once_naming_every_user() {
+async fn the_worker_announces_each_stored_batch_once_naming_every_user_with_their_position() {
     let env = TestEnv::new().await;
     let users: Vec<Uuid> = (0..300).map(|_| Uuid::new_v4()).collect();
     // The backlog is in Kafka before the worker starts, so it stores it in a few large batches.
@@ -138,15 +139,21 @@ async fn the_worker_announces_each_stored_batch_once_naming_every_user() {
 
     // Listen until every user was named (or the deadline), counting the announcements.
     let mut named: HashSet<Uuid> = HashSet::new();
+    let mut positions: std::collections::HashMap<Uuid, i64> = Default::default();
     let mut announcements = 0;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while named.len() < users.len() {
         let Ok(n) = tokio::time::timeout_at(deadline, listener.recv()).await else { break };
         announcements += 1;
-        named.extend(notification::announced_users(n.unwrap().payload()));
+        let n = n.unwrap();
+        named.extend(notification::announced_users(n.payload()));
+        for item in n.payload().split(',') {
+            let (user, pos) = item.split_once(':').expect("every item says `user:position`");
+            positions.insert(user.parse().unwrap(), pos.parse().unwrap());
+        }
     }
     assert_eq!(named, users.iter().copied().collect::<HashSet<_>>(), "every user with a new notification is named");
-    // Up to 500 messages per consumed batch and 200 users per payload: a handful, whatever the
+    // Up to 500 messages per consumed batch and 100 users per payload: a handful, whatever the
     // batch boundaries; one per row would be 300.
     assert!(announcements <= 30, "{announcements} announcements for 300 rows: one per row, not per batch");
     let pool = env.pool.clone();
@@ -155,6 +162,11 @@ async fn the_worker_announces_each_stored_batch_once_naming_every_user() {
         async move { sqlx::query_scalar::<_, i64>("SELECT count(*) FROM notifications").fetch_one(&pool).await.unwrap() == 300 }
     })
     .await;
+    // The position announced for a user is the one their notification got: what the api's
+    // streams are woken with, without reading.
+    let stored: std::collections::HashMap<Uuid, i64> =
+        sqlx::query_as::<_, (Uuid, i64)>("SELECT user_id, pos FROM notifications").fetch_all(&env.pool).await.unwrap().into_iter().collect();
+    assert_eq!(positions, stored, "each user announced with their notification's stream position");
     shutdown.cancel();
     let _ = worker.await;
 }

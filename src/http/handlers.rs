@@ -328,11 +328,14 @@ async fn feed_notifications(
     _permit: tokio::sync::OwnedSemaphorePermit,
     tx: tokio::sync::mpsc::Sender<warp::sse::Event>,
 ) {
+    const PAGE: i64 = 100;
     loop {
-        // Mark the current wake-up seen before reading, so one arriving during the read is kept.
-        sub.rx.borrow_and_update();
-        match notification::list_after(&api.pool, user, last, 100).await {
+        // Mark the current wake-up seen before reading, so one arriving during the read is kept;
+        // its value is the newest position the feed has told this user of.
+        let told = *sub.rx.borrow_and_update();
+        match notification::list_after(&api.pool, user, last, PAGE).await {
             Ok(items) if !items.is_empty() => {
+                let full = items.len() as i64 == PAGE;
                 for n in items {
                     last = n.cursor;
                     let Ok(ev) = warp::sse::Event::default().id(n.cursor.to_string()).event(n.kind.clone()).json_data(&n) else { continue };
@@ -340,7 +343,11 @@ async fn feed_notifications(
                         return;
                     }
                 }
-                continue;
+                // Read again only when there may be more: a full page, or news beyond what was
+                // read. Otherwise wait for the next wake-up (one read per wake-up, not two).
+                if full || told > last {
+                    continue;
+                }
             }
             Ok(_) => {}
             Err(e) => {
