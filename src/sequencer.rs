@@ -141,8 +141,9 @@ pub async fn stamp(pool: &PgPool, stream: Stream, limit: i64, from: i64) -> Resu
 /// killed entry at a time (the spike's profile: 0.6 ms a probe, 50 probes a second).
 ///
 /// Why it is safe — nothing below the floor is ever left unstamped. Seat events are written only
-/// by the statement triggers on `reservations`, after the statement wrote its reservations, so a
-/// writer has its transaction id *before* it takes a seat-event id. Take stamp `k`, which
+/// by the statement triggers on `reservations`, after the statement wrote its reservations (any
+/// other INSERT is refused, migration 0160), so a writer has its transaction id *before* it
+/// takes a seat-event id. Take stamp `k`, which
 /// stamped ids up to `next_id - 1`. Every lower id was taken before `k`'s snapshot (the sequence
 /// hands ids out in order and `next_id - 1` was already committed), by a transaction whose id
 /// is below `k`'s own `xid` (assigned after that snapshot). A later stamp `j` whose snapshot's

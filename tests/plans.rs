@@ -287,3 +287,32 @@ async fn the_seat_feed_looks_above_what_it_stamped_and_never_skips_a_late_commit
     }
     assert!(pages <= 3, "an idle look at the streams read {pages} pages of the unstamped index after {SEATS} seat events were stamped");
 }
+
+/// The floor's argument (the test above) needs every seat event written by the triggers on
+/// `reservations`, after the statement's own writes: a direct insert is refused, and a change of
+/// a reservation still writes its event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seat_events_are_written_by_the_reservation_triggers_only() {
+    let env = TestEnv::new().await;
+    let pool = &env.pool;
+    let user = booking::user::create(pool, "direct").await.expect("user").user_id;
+    let schedule = on_sale(pool, "direct", 1, 2).await.schedules[0].schedule_id;
+    let direct = sqlx::query("INSERT INTO seat_events (schedule_id, seat_id, status) SELECT schedule_id, id, 'HELD' FROM seats WHERE schedule_id = $1")
+        .bind(schedule)
+        .execute(pool)
+        .await;
+    let code = direct.as_ref().err().and_then(|e| e.as_database_error()).and_then(|e| e.code()).map(|c| c.into_owned());
+    assert_eq!(code.as_deref(), Some("55000"), "a direct insert into seat_events is refused: {direct:?}");
+    sqlx::query(
+        "INSERT INTO reservations (id, user_id, seat_id, schedule_id, price, status, created_at, expires_at)
+         SELECT gen_random_uuid(), $2, id, schedule_id, price, 'HELD', now(), now() + interval '5 minutes'
+         FROM seats WHERE schedule_id = $1",
+    )
+    .bind(schedule)
+    .bind(user)
+    .execute(pool)
+    .await
+    .expect("holds");
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM seat_events WHERE schedule_id = $1").bind(schedule).fetch_one(pool).await.unwrap();
+    assert_eq!(events, 2, "each hold wrote its seat event through the trigger");
+}
