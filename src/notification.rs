@@ -259,8 +259,9 @@ fn announcement_payloads(users: &[(Uuid, i64)]) -> Vec<String> {
 /// What [`next_announcement`] received: every announcement that had arrived, merged.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Announced {
-    /// Each announced user with the highest position announced for them.
-    pub positions: Vec<(Uuid, i64)>,
+    /// Each announced user with the highest position announced for them (a map: a feed that
+    /// fell behind may take thousands of announcements at once).
+    pub positions: std::collections::HashMap<Uuid, i64>,
     /// An item without a position (a worker of an older version) or that did not parse, or the
     /// listener failed: the caller must find out what is new by reading.
     pub incomplete: bool,
@@ -294,10 +295,10 @@ impl Announced {
     fn take(&mut self, payload: &str) {
         for item in payload.split(',').filter(|i| !i.trim().is_empty()) {
             match parse_item(item) {
-                Some((user, Some(pos))) => match self.positions.iter_mut().find(|(u, _)| *u == user) {
-                    Some((_, p)) => *p = (*p).max(pos),
-                    None => self.positions.push((user, pos)),
-                },
+                Some((user, Some(pos))) => {
+                    let p = self.positions.entry(user).or_insert(pos);
+                    *p = (*p).max(pos);
+                }
                 _ => self.incomplete = true,
             }
         }
@@ -461,7 +462,7 @@ mod hub_tests {
         let mut got = Announced::default();
         got.take(&format!("{a}:3,{b}:8"));
         got.take(&format!("{a}:12"));
-        assert_eq!(got, Announced { positions: vec![(a, 12), (b, 8)], incomplete: false });
+        assert_eq!(got, Announced { positions: [(a, 12), (b, 8)].into_iter().collect(), incomplete: false });
         got.take(&b.to_string());
         assert!(got.incomplete, "a user without a position (an older worker) means: read");
         let mut garbled = Announced::default();

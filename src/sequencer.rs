@@ -377,7 +377,7 @@ impl Feed {
                         // The next poll a whole interval after this step.
                         tick.reset();
                     } else {
-                        self.notifications.wake(&announced.positions);
+                        self.notifications.wake(&announced.positions.into_iter().collect::<Vec<_>>());
                     }
                 }
                 _ = prune.tick() => {
