@@ -214,10 +214,9 @@ const USERS_PER_PAYLOAD: usize = 100;
 /// The positions let the api wake each user's streams without reading anything first. A lost
 /// announcement loses nothing: streams and the delivery loop also poll.
 pub async fn announce_stored(pool: &sqlx::PgPool, rows: &[StoredRow]) -> Result<(), sqlx::Error> {
-    let mut latest: std::collections::BTreeMap<Uuid, i64> = std::collections::BTreeMap::new();
+    let mut latest = Positions::new();
     for r in rows {
-        let pos = latest.entry(r.user_id).or_insert(r.pos);
-        *pos = (*pos).max(r.pos);
+        raise(&mut latest, r.user_id, r.pos);
     }
     if latest.is_empty() {
         return Ok(());
@@ -251,6 +250,15 @@ pub async fn stored_listener(pool: &sqlx::PgPool, who: &str) -> Option<sqlx::pos
     }
 }
 
+/// Each user's highest position.
+type Positions = std::collections::HashMap<Uuid, i64>;
+
+/// Records that `user` has news up to `pos`, keeping the highest.
+fn raise(positions: &mut Positions, user: Uuid, pos: i64) {
+    let p = positions.entry(user).or_insert(pos);
+    *p = (*p).max(pos);
+}
+
 /// The NOTIFY payloads naming `users` (user, latest position).
 fn announcement_payloads(users: &[(Uuid, i64)]) -> Vec<String> {
     users.chunks(USERS_PER_PAYLOAD).map(|c| c.iter().map(|(u, p)| format!("{u}:{p}")).collect::<Vec<_>>().join(",")).collect()
@@ -261,7 +269,7 @@ fn announcement_payloads(users: &[(Uuid, i64)]) -> Vec<String> {
 pub struct Announced {
     /// Each announced user with the highest position announced for them (a map: a feed that
     /// fell behind may take thousands of announcements at once).
-    pub positions: std::collections::HashMap<Uuid, i64>,
+    pub positions: Positions,
     /// An item without a position (a worker of an older version) or that did not parse, or the
     /// listener failed: the caller must find out what is new by reading.
     pub incomplete: bool,
@@ -295,10 +303,7 @@ impl Announced {
     fn take(&mut self, payload: &str) {
         for item in payload.split(',').filter(|i| !i.trim().is_empty()) {
             match parse_item(item) {
-                Some((user, Some(pos))) => {
-                    let p = self.positions.entry(user).or_insert(pos);
-                    *p = (*p).max(pos);
-                }
+                Some((user, Some(pos))) => raise(&mut self.positions, user, pos),
                 _ => self.incomplete = true,
             }
         }
@@ -362,15 +367,15 @@ impl NotificationHub {
     /// that position yet; returns how many users were woken. The same news can come twice (from
     /// the worker's announcement, then from the feed's read), and a stream reads the database
     /// only once for it.
-    pub fn wake(&self, users: &[(Uuid, i64)]) -> usize {
+    pub fn wake(&self, users: impl IntoIterator<Item = (Uuid, i64)>) -> usize {
         let map = self.users.lock().expect("notification hub lock");
         let mut n = 0;
         for (user, pos) in users {
-            if let Some((tx, _)) = map.get(user) {
+            if let Some((tx, _)) = map.get(&user) {
                 let newer = tx.send_if_modified(|seen| {
-                    let newer = *pos > *seen;
+                    let newer = pos > *seen;
                     if newer {
-                        *seen = *pos;
+                        *seen = pos;
                     }
                     newer
                 });
@@ -423,7 +428,7 @@ mod hub_tests {
         assert_eq!(hub.subscribe(a, 2).err(), Some(TooManyStreams));
         let mut sb = hub.subscribe(b, 2).unwrap();
         sb.rx.borrow_and_update();
-        assert_eq!(hub.wake(&[(a, 7)]), 1);
+        assert_eq!(hub.wake([(a, 7)]), 1);
         assert!(s2.rx.has_changed().unwrap());
         assert!(!sb.rx.has_changed().unwrap(), "b is not woken by a's notification");
         drop(s1);
@@ -437,12 +442,12 @@ mod hub_tests {
         let hub = NotificationHub::default();
         let a = Uuid::new_v4();
         let mut s = hub.subscribe(a, 1).unwrap();
-        assert_eq!(hub.wake(&[(a, 7)]), 1);
+        assert_eq!(hub.wake([(a, 7)]), 1);
         assert_eq!(*s.rx.borrow_and_update(), 7);
-        assert_eq!(hub.wake(&[(a, 7)]), 0, "the feed's read of what the announcement told");
-        assert_eq!(hub.wake(&[(a, 5)]), 0, "an older announcement arriving late");
+        assert_eq!(hub.wake([(a, 7)]), 0, "the feed's read of what the announcement told");
+        assert_eq!(hub.wake([(a, 5)]), 0, "an older announcement arriving late");
         assert!(!s.rx.has_changed().unwrap());
-        assert_eq!(hub.wake(&[(a, 9)]), 1);
+        assert_eq!(hub.wake([(a, 9)]), 1);
         assert_eq!(*s.rx.borrow_and_update(), 9);
     }
 

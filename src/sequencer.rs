@@ -330,7 +330,7 @@ impl Feed {
         if p.notification_head > note_last {
             if !self.notifications.is_empty() {
                 let users = crate::notification::users_between(&self.pool, note_last, p.notification_head).await?;
-                out.notified_users = self.notifications.wake(&users);
+                out.notified_users = self.notifications.wake(users);
             }
             self.notification_last = Some(p.notification_head);
         }
@@ -377,7 +377,7 @@ impl Feed {
                         // The next poll a whole interval after this step.
                         tick.reset();
                     } else {
-                        self.notifications.wake(&announced.positions.into_iter().collect::<Vec<_>>());
+                        self.notifications.wake(announced.positions);
                     }
                 }
                 _ = prune.tick() => {
