@@ -226,7 +226,7 @@ if [[ ${BENCH_PROFILE:-0} == 1 ]]; then
     psql "$BENCH_DB_URL" -qAt -F '|' -c "
       SELECT round(total_exec_time)::bigint,
              round((100 * total_exec_time / sum(total_exec_time) OVER ())::numeric, 1),
-             calls, round((total_exec_time / calls)::numeric, 3), rows,
+             calls, round((total_exec_time / NULLIF(calls, 0))::numeric, 3), rows,
              left(regexp_replace(query, '\s+', ' ', 'g'), 140)
       FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
       ORDER BY total_exec_time DESC LIMIT 25" | sed -e 's/^/| /' -e 's/$/ |/' -e 's/|\([^ ]\)/| \1/g'
