@@ -54,16 +54,40 @@ impl Sink {
         }
     }
 
+    /// Hands records to the sink in order, stopping at the first failure: how many were accepted,
+    /// and the failure. The file takes them all in one write and one sync (a consumer's batch
+    /// pays one `fsync`, not one per payment); the HTTP sink still gets one POST per record.
+    pub async fn send_all(&self, records: &[&Value]) -> (usize, Option<SinkError>) {
+        match self {
+            Sink::File(path) => {
+                let mut lines = Vec::new();
+                for r in records {
+                    serde_json::to_writer(&mut lines, r).expect("json values serialize");
+                    lines.push(b'\n');
+                }
+                match append_synced(path, &lines).await {
+                    Ok(()) => (records.len(), None),
+                    Err(e) => (0, Some(e.into())),
+                }
+            }
+            Sink::Http { .. } => {
+                for (i, r) in records.iter().enumerate() {
+                    if let Err(e) = self.send(r).await {
+                        return (i, Some(e));
+                    }
+                }
+                (records.len(), None)
+            }
+        }
+    }
+
     /// Hands one record to the sink (durably for the file: written and synced).
     pub async fn send(&self, record: &Value) -> Result<(), SinkError> {
         match self {
             Sink::File(path) => {
                 let mut line = serde_json::to_vec(record).expect("json values serialize");
                 line.push(b'\n');
-                let mut f = tokio::fs::OpenOptions::new().create(true).append(true).open(path).await?;
-                f.write_all(&line).await?;
-                f.sync_data().await?;
-                Ok(())
+                Ok(append_synced(path, &line).await?)
             }
             Sink::Http { url, client } => {
                 let resp = client.post(url).json(record).send().await.map_err(|e| SinkError::Http(e.to_string()))?;
@@ -82,4 +106,11 @@ impl Sink {
             }
         }
     }
+}
+
+/// Appends `bytes` to the file at `path` (created if missing) and waits until they are on disk.
+async fn append_synced(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut f = tokio::fs::OpenOptions::new().create(true).append(true).open(path).await?;
+    f.write_all(bytes).await?;
+    f.sync_data().await
 }

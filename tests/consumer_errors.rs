@@ -118,8 +118,9 @@ async fn an_export_the_sink_answers_400_is_dead_lettered_and_a_503_is_retried_un
         paid_at: chrono::Utc::now(),
     });
     let refused = payment(400);
-    for p in [payment(100), refused.clone(), payment(503), payment(200)] {
-        produce(&env, &topic, "k", &p).await;
+    let sent = [payment(100), refused.clone(), payment(503), payment(200)];
+    for p in &sent {
+        produce(&env, &topic, "k", p).await;
     }
     let w = worker(&env, Sink::parse(&url).unwrap()).await;
     common::eventually(Duration::from_secs(30), || async { accepted.lock().unwrap().len() == 3 }).await;
@@ -131,6 +132,16 @@ async fn an_export_the_sink_answers_400_is_dead_lettered_and_a_503_is_retried_un
     assert_eq!(dlq.len(), 1);
     assert_eq!(dlq[0].1["eventId"], refused.event_id.to_string());
     assert!(dlq_reason(&dlq[0].2).contains("400"), "the reason names the answer: {:?}", dlq[0].2);
+    // The four arrive in one batch: what the sink did not accept left no "exported" mark behind,
+    // so replaying the dead letter exports it then.
+    let marked: Vec<i64> = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM processed_events p WHERE p.consumer = 'export' AND p.event_id = id) FROM unnest($1::uuid[]) WITH ORDINALITY AS t(id, n) ORDER BY n",
+    )
+    .bind(vec![sent[0].payload.payment_id, refused.payload.payment_id, sent[2].payload.payment_id, sent[3].payload.payment_id])
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(marked, vec![1, 0, 1, 1], "one mark per exported payment, none for the refused one");
     w.0.cancel();
     let _ = w.1.await;
     server.abort();
