@@ -337,6 +337,51 @@ impl Scheduler {
         Ok(removed)
     }
 
+    /// Adds many holds of one shard in one round trip (`REARM`: [`Scheduler::schedule`]'s rule
+    /// for each); returns how many were added. The shard's loop is woken for the earliest.
+    pub async fn schedule_many(&self, shard: i32, evs: &[ReservationEvent]) -> Result<usize, redis::RedisError> {
+        if evs.is_empty() {
+            return Ok(0);
+        }
+        let ids: Vec<Uuid> = evs.iter().map(|e| e.reservation_id).collect();
+        let script = Script::new(REARM);
+        let mut inv = script.key(rearm_keys(&self.keys, shard, &ids));
+        for ev in evs {
+            inv.arg(ev.reservation_id.to_string()).arg(due_ms(ev.expires_at)).arg(serde_json::to_string(ev).expect("events serialize"));
+        }
+        let (added, earliest): (usize, Option<i64>) = inv.invoke_async(&mut self.redis.clone()).await?;
+        if let (Some(due_ms), Some(w)) = (earliest, self.wake(shard)) {
+            w.offer(due_ms);
+        }
+        Ok(added)
+    }
+
+    /// [`Scheduler::cancel`] for many holds: one pipeline per shard (each shard's keys share
+    /// one slot, so a cluster sends it to one node) instead of one round trip per hold and
+    /// shard. Returns how many were pending.
+    pub async fn cancel_many(&self, reservations: &[Uuid]) -> Result<usize, redis::RedisError> {
+        match reservations {
+            [] => return Ok(0),
+            [one] => return Ok(usize::from(self.cancel(*one).await?)),
+            _ => {}
+        }
+        let mut removed: HashMap<Uuid, bool> = HashMap::new();
+        for shard in 0..PARTITIONS {
+            let mut pipe = redis::pipe();
+            for r in reservations {
+                // EVAL with the text: a pipeline cannot answer NOSCRIPT by loading the script.
+                pipe.cmd("EVAL").arg(CANCEL).arg(4).arg(schedule_keys(&self.keys, shard, *r)).arg(r.to_string()).arg(TOMBSTONE_TTL_SECS);
+            }
+            let done: Vec<i64> = pipe.query_async(&mut self.redis.clone()).await?;
+            for (r, d) in reservations.iter().zip(done) {
+                *removed.entry(*r).or_default() |= d == 1;
+            }
+        }
+        let n = removed.values().filter(|r| **r).count();
+        metrics::counter!("scheduler_cancelled_total").increment(n as u64);
+        Ok(n)
+    }
+
     /// Atomically claims due members of `shard` (and members whose lease ran out).
     pub async fn claim(&self, shard: i32) -> Result<Claimed, redis::RedisError> {
         let mut conn = self.redis.clone();
@@ -462,7 +507,6 @@ impl Scheduler {
     /// [`Scheduler::rearm`], telling `walked` how many HELD holds each page read (an operator's
     /// progress bar: `bookingctl scheduler rearm`).
     pub async fn rearm_reporting(&self, pool: &PgPool, shards: &BTreeSet<i32>, mut walked: impl FnMut(u64)) -> Result<usize, HandleError> {
-        let mut conn = self.redis.clone();
         let mut added = 0usize;
         // Keyset pagination on (expires_at, id), written so that the partial index on HELD holds'
         // expires_at serves each page as a range scan (no sort of every HELD hold per page).
@@ -490,19 +534,7 @@ impl Scheduler {
                 }
             }
             for (shard, evs) in by_shard {
-                let ids: Vec<Uuid> = evs.iter().map(|e| e.reservation_id).collect();
-                let script = Script::new(REARM);
-                let mut inv = script.key(rearm_keys(&self.keys, shard, &ids));
-                for ev in &evs {
-                    inv.arg(ev.reservation_id.to_string())
-                        .arg(due_ms(ev.expires_at))
-                        .arg(serde_json::to_string(ev).expect("events serialize"));
-                }
-                let (n, earliest): (usize, Option<i64>) = inv.invoke_async(&mut conn).await?;
-                added += n;
-                if let (Some(due_ms), Some(w)) = (earliest, self.wake(shard)) {
-                    w.offer(due_ms);
-                }
+                added += self.schedule_many(shard, &evs).await?;
             }
             walked(page);
             if !full {
@@ -701,23 +733,83 @@ struct HasReservation {
     reservation_id: Uuid,
 }
 
-impl Handler for SchedulerHandler {
-    async fn handle(&self, msg: &Incoming) -> Result<(), HandleError> {
+/// What a message asks of the scheduler.
+enum Order {
+    /// A new hold: schedule its expiry in its shard (the message's partition).
+    Schedule(i32, ReservationEvent),
+    /// A paid or cancelled hold: take it off and leave a tombstone.
+    Cancel(Uuid),
+}
+
+impl SchedulerHandler {
+    fn order(&self, msg: &Incoming) -> Result<Order, HandleError> {
         let topics = &self.scheduler.topics;
         if msg.topic == topics.reservation_created {
             let env = Envelope::<ReservationEvent>::parse(&msg.payload, EventType::ReservationCreated).map_err(HandleError::Poison)?;
-            self.scheduler.schedule(msg.partition, &env.payload).await?;
-            metrics::counter!("scheduler_scheduled_total").increment(1);
+            Ok(Order::Schedule(msg.partition, env.payload))
         } else if msg.topic == topics.payment_completed {
             let env = Envelope::<HasReservation>::parse(&msg.payload, EventType::PaymentCompleted).map_err(HandleError::Poison)?;
-            self.scheduler.cancel(env.payload.reservation_id).await?;
+            Ok(Order::Cancel(env.payload.reservation_id))
         } else if msg.topic == topics.reservation_cancelled {
             let env = Envelope::<HasReservation>::parse(&msg.payload, EventType::ReservationCancelled).map_err(HandleError::Poison)?;
-            self.scheduler.cancel(env.payload.reservation_id).await?;
+            Ok(Order::Cancel(env.payload.reservation_id))
         } else {
-            return Err(HandleError::Poison(format!("unexpected topic {}", msg.topic)));
+            Err(HandleError::Poison(format!("unexpected topic {}", msg.topic)))
+        }
+    }
+}
+
+impl Handler for SchedulerHandler {
+    async fn handle(&self, msg: &Incoming) -> Result<(), HandleError> {
+        match self.order(msg)? {
+            Order::Schedule(shard, ev) => {
+                self.scheduler.schedule(shard, &ev).await?;
+                metrics::counter!("scheduler_scheduled_total").increment(1);
+            }
+            Order::Cancel(reservation) => {
+                self.scheduler.cancel(reservation).await?;
+            }
         }
         Ok(())
+    }
+
+    /// A batch costs one round trip per shard for its new holds and one per shard for its paid
+    /// or cancelled ones, where one message at a time cost one per hold and three per payment.
+    /// Any order of the two is safe: a cancellation leaves a tombstone that a later schedule of
+    /// the same hold respects, and both scripts are idempotent, so a batch retried after a failure
+    /// changes nothing twice.
+    async fn handle_batch(&self, msgs: &[Incoming]) -> Vec<Result<(), HandleError>> {
+        let mut out: Vec<Result<(), HandleError>> = Vec::with_capacity(msgs.len());
+        let (mut by_shard, mut cancels): (HashMap<i32, Vec<ReservationEvent>>, Vec<Uuid>) = (HashMap::new(), Vec::new());
+        for msg in msgs {
+            match self.order(msg) {
+                Ok(Order::Schedule(shard, ev)) => by_shard.entry(shard).or_default().push(ev),
+                Ok(Order::Cancel(reservation)) => cancels.push(reservation),
+                Err(e) => {
+                    out.push(Err(e));
+                    continue;
+                }
+            }
+            out.push(Ok(()));
+        }
+        let scheduled: usize = by_shard.values().map(Vec::len).sum();
+        let done: Result<usize, redis::RedisError> = async {
+            for (shard, evs) in &by_shard {
+                self.scheduler.schedule_many(*shard, evs).await?;
+            }
+            self.scheduler.cancel_many(&cancels).await
+        }
+        .await;
+        match done {
+            Ok(_) => metrics::counter!("scheduler_scheduled_total").increment(scheduled as u64),
+            Err(e) => {
+                let reason = format!("redis: {e}");
+                for r in out.iter_mut().filter(|r| r.is_ok()) {
+                    *r = Err(HandleError::Transient(reason.clone()));
+                }
+            }
+        }
+        out
     }
 }
 

@@ -403,3 +403,52 @@ async fn a_send_that_cannot_be_queued_counts_as_failed_and_goes_straight_back_to
     ids.sort();
     assert_eq!(keys, ids);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_batch_of_new_paid_and_cancelled_holds_schedules_only_the_unpaid_ones() {
+    use booking::kafka::{Envelope, EventType, HandleError, Handler, Incoming};
+    use booking::scheduler::SchedulerHandler;
+    let env = TestEnv::new().await;
+    let topics = env.topics().clone();
+    let scheduler = std::sync::Arc::new(Scheduler::new(env.res.redis.clone(), env.keys().clone(), env.res.producer.clone(), topics.clone(), sched_cfg(Duration::from_secs(30))));
+    let handler = SchedulerHandler { scheduler: scheduler.clone() };
+    // Already due, so a claim shows what is scheduled.
+    let hold = || ReservationEvent { reservation_id: Uuid::new_v4(), user_id: Uuid::new_v4(), seat_id: Uuid::new_v4(), schedule_id: Uuid::new_v4(), expires_at: chrono::Utc::now() - chrono::Duration::seconds(1) };
+    let (paid_first, paid, cancelled, kept, kept_too) = (hold(), hold(), hold(), hold(), hold());
+    let msg = |topic: &str, id: Uuid, body: String| Incoming {
+        topic: topic.to_string(),
+        partition: partition_for(&id.to_string(), booking::kafka::PARTITIONS),
+        offset: 0,
+        key: Some(id.to_string()),
+        payload: body.into_bytes(),
+        timestamp_ms: None,
+    };
+    let created = |h: &ReservationEvent| msg(&topics.reservation_created, h.reservation_id, serde_json::to_string(&Envelope::new(EventType::ReservationCreated, h.clone())).unwrap());
+    let ended = |topic: &str, kind: EventType, h: &ReservationEvent| msg(topic, h.reservation_id, serde_json::to_string(&Envelope::new(kind, serde_json::json!({"reservationId": h.reservation_id}))).unwrap());
+    // Both orders in one batch: a payment read before its hold's creation (they travel on
+    // different topics), and cancellations after; a malformed message in the middle.
+    let batch = vec![
+        ended(&topics.payment_completed, EventType::PaymentCompleted, &paid_first),
+        created(&paid_first),
+        created(&paid),
+        created(&kept),
+        msg(&topics.reservation_created, Uuid::new_v4(), "{not json".into()),
+        created(&cancelled),
+        created(&kept_too),
+        ended(&topics.payment_completed, EventType::PaymentCompleted, &paid),
+        ended(&topics.reservation_cancelled, EventType::ReservationCancelled, &cancelled),
+    ];
+    let results = handler.handle_batch(&batch).await;
+    let poison: Vec<usize> = results.iter().enumerate().filter(|(_, r)| matches!(r, Err(HandleError::Poison(_)))).map(|(i, _)| i).collect();
+    assert_eq!(poison, vec![4], "only the malformed message is poison: {results:?}");
+    assert!(results.iter().all(|r| !matches!(r, Err(HandleError::Transient(_)))), "{results:?}");
+
+    let mut due = Vec::new();
+    for shard in 0..booking::kafka::PARTITIONS {
+        due.extend(scheduler.claim(shard).await.unwrap().members.into_iter().map(|(m, _)| m));
+    }
+    due.sort();
+    let mut want = vec![kept.reservation_id.to_string(), kept_too.reservation_id.to_string()];
+    want.sort();
+    assert_eq!(due, want, "only the holds neither paid nor cancelled are scheduled");
+}
