@@ -245,7 +245,8 @@ pub async fn payments(ctx: &Ctx, cfg: &PaymentsConfig, sold: &SellOut) -> Result
         }
     }
     let out = Payments {
-        config: Some(cfg.clone()),
+        // The concurrency reported is the one run: at most one client per user with holds.
+        config: Some(PaymentsConfig { concurrency: clients, ..cfg.clone() }),
         payments: n,
         confirmed,
         failed: n - confirmed,
