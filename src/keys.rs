@@ -8,7 +8,7 @@
 //! | tag | keys | scripts |
 //! | --- | --- | --- |
 //! | `{<scheduleId>}` | `queue:{s}:waiting`, `:active`, `:seq`, `:waiting:opens` | queue `ENTER`, `TOUCH`, `ADMIT` |
-//! | `{<shard>}` | `sched:{n}:due`, `:inflight`, `:payload`, `:cancelled:<reservationId>` | scheduler `CLAIM`, `SCHEDULE`, `ACK`, `CANCEL`, `REARM` |
+//! | `{<shard>}` | `sched:{n}:due`, `:inflight`, `:payload`, `:cancelled:<reservationId>` | scheduler `CLAIM`, `REARM` (scheduling), `ACK`, `CANCEL` |
 //! | `{ranking}` | `{ranking}:schedules`, `:built`, `:counted`, `:refunded` | ranking `COUNT_ONCE`, `UNCOUNT_ONCE` |
 //!
 //! Keys used alone (`queue:schedules`, `queue:admission-lock`) need no tag. The test
@@ -88,7 +88,7 @@ impl Keys {
         format!("{}sched:{{{shard}}}:payload", self.prefix)
     }
     /// Marker that a hold was paid or cancelled, so a late `reservation.created` does not re-add it.
-    /// One per shard (in the shard's slot), as the `SCHEDULE` script of that shard reads it.
+    /// One per shard (in the shard's slot), as the `REARM` script of that shard reads it.
     pub fn sched_cancelled(&self, shard: i32, reservation: Uuid) -> String {
         format!("{}sched:{{{shard}}}:cancelled:{reservation}", self.prefix)
     }

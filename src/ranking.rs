@@ -90,18 +90,10 @@ impl Retention {
 
 /// Counts one confirmed seat for `schedule`; returns false if this payment was already counted.
 pub async fn record(redis: &RedisConn, keys: &Keys, payment: Uuid, schedule: Uuid, paid_at: DateTime<Utc>) -> Result<bool, redis::RedisError> {
-    let mut conn = redis.clone();
-    let added: i64 = Script::new(COUNT_ONCE)
-        .key(count_once_keys(keys))
-        .arg(payment.to_string())
-        .arg(schedule.to_string())
-        .arg(paid_at.timestamp_millis())
-        .invoke_async(&mut conn)
-        .await?;
-    Ok(added == 1)
+    Ok(record_many(redis, keys, &[(payment, schedule, paid_at)]).await? == 1)
 }
 
-/// Counts many confirmed seats in one round trip (the consumer's batch): `(payment, schedule,
+/// Counts confirmed seats in one round trip per 500 (the consumer's batch, the reconcile): `(payment, schedule,
 /// paid at)` each, every one once as [`record`] does; returns how many were not counted before.
 pub async fn record_many(redis: &RedisConn, keys: &Keys, payments: &[(Uuid, Uuid, DateTime<Utc>)]) -> Result<usize, redis::RedisError> {
     let mut counted = 0;

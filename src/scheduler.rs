@@ -114,15 +114,6 @@ if nl[2] and (not next or tonumber(nl[2]) < tonumber(next)) then next = nl[2] en
 return {now, reclaimed, out, payloads, next, redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[2])}
 "#;
 
-// KEYS: due, inflight, payload, tombstone. ARGV: member, score, payload. Returns 1 if added.
-const SCHEDULE: &str = r#"
-if redis.call('EXISTS', KEYS[4]) == 1 then return -1 end
-if redis.call('ZSCORE', KEYS[2], ARGV[1]) then return 0 end
-local added = redis.call('ZADD', KEYS[1], 'NX', ARGV[2], ARGV[1])
-redis.call('HSETNX', KEYS[3], ARGV[1], ARGV[3])
-return added
-"#;
-
 // KEYS: inflight, payload, due. ARGV: members. A member the expirer put back in the due set
 // meanwhile ([`put_back_early`]) keeps its payload.
 const ACK: &str = r#"
@@ -166,7 +157,7 @@ return score
 "#;
 
 // KEYS: due, inflight, payload, tombstone. ARGV: member, tombstone TTL (s). Returns 1 if it was
-// pending. The tombstone is written in the same script, so no SCHEDULE of this shard can slip in
+// pending. The tombstone is written in the same script, so no scheduling (`REARM`) of this shard can slip in
 // between the removal and the marker.
 const CANCEL: &str = r#"
 redis.call('SET', KEYS[4], 1, 'EX', ARGV[2])
@@ -177,8 +168,9 @@ if a + b > 0 then return 1 end
 return 0
 "#;
 
-// Re-arm of a chunk of holds of one shard (`SCHEDULE` for many members in one round trip).
-// KEYS: due, inflight, payload, then one tombstone per member. ARGV: member, score, payload per
+// Schedules holds of one shard (one, a consumer's batch, or a chunk of a re-arm): each is added
+// to the due set unless it was paid or cancelled (its tombstone) or is in flight; its payload is
+// kept. KEYS: due, inflight, payload, then one tombstone per member. ARGV: member, score, payload per
 // member. Returns {added, earliest added score or false}.
 const REARM: &str = r#"
 local added, earliest = 0, false
@@ -225,7 +217,6 @@ fn rearm_keys(k: &Keys, shard: i32, reservations: &[Uuid]) -> Vec<String> {
 pub(crate) fn script_keys(k: &Keys, shard: i32, reservations: &[Uuid]) -> Vec<(String, Vec<String>)> {
     vec![
         (format!("scheduler CLAIM shard {shard}"), shard_keys(k, shard)),
-        (format!("scheduler SCHEDULE shard {shard}"), schedule_keys(k, shard, reservations[0])),
         (format!("scheduler ACK shard {shard}"), ack_keys(k, shard)),
         (format!("scheduler RELEASE shard {shard}"), release_keys(k, shard)),
         (format!("scheduler PUT_BACK shard {shard}"), schedule_keys(k, shard, reservations[0])),
@@ -299,46 +290,17 @@ impl Scheduler {
 
     /// Adds a hold to shard `shard` (unless it was paid or cancelled, or is in flight).
     pub async fn schedule(&self, shard: i32, ev: &ReservationEvent) -> Result<bool, redis::RedisError> {
-        let mut conn = self.redis.clone();
-        let due_ms = due_ms(ev.expires_at);
-        let payload = serde_json::to_string(ev).expect("events serialize");
-        let added: i64 = Script::new(SCHEDULE)
-            .key(schedule_keys(&self.keys, shard, ev.reservation_id))
-            .arg(ev.reservation_id.to_string())
-            .arg(due_ms)
-            .arg(payload)
-            .invoke_async(&mut conn)
-            .await?;
-        if added == 1 {
-            if let Some(w) = self.wake(shard) {
-                w.offer(due_ms);
-            }
-        }
-        Ok(added == 1)
+        Ok(self.schedule_many(shard, std::slice::from_ref(ev)).await? == 1)
     }
 
     /// Removes a paid or cancelled hold from every shard and leaves a tombstone in each (a
     /// shard's script can only read keys of its own slot).
     pub async fn cancel(&self, reservation: Uuid) -> Result<bool, redis::RedisError> {
-        let mut conn = self.redis.clone();
-        let mut removed = false;
-        for shard in 0..PARTITIONS {
-            let r: i64 = Script::new(CANCEL)
-                .key(schedule_keys(&self.keys, shard, reservation))
-                .arg(reservation.to_string())
-                .arg(TOMBSTONE_TTL_SECS)
-                .invoke_async(&mut conn)
-                .await?;
-            removed |= r == 1;
-        }
-        if removed {
-            metrics::counter!("scheduler_cancelled_total").increment(1);
-        }
-        Ok(removed)
+        Ok(self.cancel_many(&[reservation]).await? == 1)
     }
 
-    /// Adds many holds of one shard in one round trip (`REARM`: [`Scheduler::schedule`]'s rule
-    /// for each); returns how many were added. The shard's loop is woken for the earliest.
+    /// Adds holds of one shard in one round trip (`REARM`, [`Scheduler::schedule`]'s rule for
+    /// each); returns how many were added. The shard's loop is woken for the earliest.
     pub async fn schedule_many(&self, shard: i32, evs: &[ReservationEvent]) -> Result<usize, redis::RedisError> {
         if evs.is_empty() {
             return Ok(0);
@@ -360,10 +322,8 @@ impl Scheduler {
     /// one slot, so a cluster sends it to one node) instead of one round trip per hold and
     /// shard. Returns how many were pending.
     pub async fn cancel_many(&self, reservations: &[Uuid]) -> Result<usize, redis::RedisError> {
-        match reservations {
-            [] => return Ok(0),
-            [one] => return Ok(usize::from(self.cancel(*one).await?)),
-            _ => {}
+        if reservations.is_empty() {
+            return Ok(0);
         }
         let mut removed: HashMap<Uuid, bool> = HashMap::new();
         for shard in 0..PARTITIONS {

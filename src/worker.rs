@@ -520,11 +520,7 @@ impl PaymentHandler {
                 }
             }
         }
-        let counted = match payments.as_slice() {
-            [] => 0,
-            [(payment, schedule, paid_at)] => usize::from(crate::ranking::record(&self.redis, &self.keys, *payment, *schedule, *paid_at).await?),
-            many => crate::ranking::record_many(&self.redis, &self.keys, many).await?,
-        };
+        let counted = crate::ranking::record_many(&self.redis, &self.keys, &payments).await?;
         metrics::counter!("ranking_increments_total").increment(counted as u64);
         Ok(())
     }
