@@ -436,3 +436,19 @@ async fn a_failed_transaction_start_does_not_poison_its_connection() {
     let balance: Result<i64, _> = sqlx::query_scalar("SELECT count(*) FROM notifications WHERE user_id = $1").bind(user).fetch_one(&worker_pool).await;
     assert_eq!(balance.ok(), Some(1), "a plain read on the pool works");
 }
+
+/// The pool checks a borrowed connection only if it sat idle (`db::connect`: a check on every
+/// borrow was one more round trip per request under a spike). A connection the server ended
+/// while it sat in the pool, as a restart of PostgreSQL or a proxy's idle timeout would, must
+/// still not reach a caller: after a quiet moment the next statement runs on a fresh one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_ended_while_idle_in_the_pool_is_replaced_before_use() {
+    let env = TestEnv::new().await;
+    let pool = booking::db::connect(&env.db_url, 1).await.unwrap();
+    let first: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&pool).await.unwrap();
+    let ended: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)").bind(first).fetch_one(&env.pool).await.unwrap();
+    assert!(ended, "the server ended the pooled connection");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let next: Result<i32, _> = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&pool).await;
+    assert!(matches!(next, Ok(pid) if pid != first), "the next statement ran on a new connection: {next:?}");
+}
