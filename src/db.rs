@@ -98,9 +98,19 @@ pub async fn begin_with(pool: &PgPool, statement: impl Into<Cow<'static, str>>) 
     Tx::open(pool, Some(statement.into())).await
 }
 
+/// Opens a transaction with `statement`, as [`begin_with`] does, on a connection already borrowed
+/// (a read before the transaction on the same connection saves the pool a return and a borrow).
+pub async fn begin_on(conn: PoolConnection<Postgres>, statement: impl Into<Cow<'static, str>>) -> Result<Tx, sqlx::Error> {
+    Tx::open_on(conn, Some(statement.into())).await
+}
+
 impl Tx {
     async fn open(pool: &PgPool, statement: Option<Cow<'static, str>>) -> Result<Tx, sqlx::Error> {
-        let mut tx = Tx { conn: Some(pool.acquire().await?), state: TxState::Opening };
+        Tx::open_on(pool.acquire().await?, statement).await
+    }
+
+    async fn open_on(conn: PoolConnection<Postgres>, statement: Option<Cow<'static, str>>) -> Result<Tx, sqlx::Error> {
+        let mut tx = Tx { conn: Some(conn), state: TxState::Opening };
         PgTransactionManager::begin(&mut tx, statement).await?;
         tx.state = TxState::Open;
         Ok(tx)

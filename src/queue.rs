@@ -17,7 +17,7 @@
 //! - An active place lapses `--queue-idle-timeout` after activation or after the last
 //!   *successful* hold ([`Queue::touch`], called by the hold handler only after a 201), and in any
 //!   case `--queue-active-limit` after activation (a hard deadline the idle extension never
-//!   passes). Failed attempts do not extend it ([`Queue::require_active`] only reads), so a bot
+//!   passes). Failed attempts do not extend it ([`Queue::active_schedule`] only reads), so a bot
 //!   cannot camp in the active set. Paying frees the place at once. A lapsed user queues again.
 //! - `QUEUE_ACTIVATED` cannot be lost (issue 15 item 4): the admission script itself appends
 //!   `user:activation` to the schedule's pending-activations list, in the same atomic step that
@@ -420,15 +420,15 @@ impl Queue {
         Ok(self.place(state, pos, until))
     }
 
-    /// Requires an ACTIVE token for `schedule` (403 otherwise).
-    pub async fn require_active(&self, token: Option<&str>, user: Uuid, schedule: Uuid) -> Result<()> {
-        let token_schedule = self.verify(token, user)?;
-        if token_schedule != schedule {
-            return Err(Error::QueueTokenMismatch);
-        }
+    /// Requires an ACTIVE token (403 otherwise) and returns the schedule it is for: a hold checks
+    /// that its seat is in that schedule (`QUEUE_TOKEN_MISMATCH` otherwise). The schedule comes
+    /// from the signed token, so this needs no database read and a hold asks Redis before it
+    /// borrows a database connection, never while it holds one.
+    pub async fn active_schedule(&self, token: Option<&str>, user: Uuid) -> Result<Uuid> {
+        let schedule = self.verify(token, user)?;
         // Only reads: a failed attempt must not keep the place alive (issue 12).
         match self.place_of(schedule, user).await?.status {
-            "ACTIVE" => Ok(()),
+            "ACTIVE" => Ok(schedule),
             _ => Err(Error::QueueTokenNotActive),
         }
     }

@@ -29,7 +29,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use sqlx::{PgConnection, PgPool, Row as _};
+use sqlx::pool::PoolConnection;
+use sqlx::{PgConnection, PgPool, Postgres, Row as _};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
@@ -123,7 +124,8 @@ pub fn check_payable(status: &str, expires_at: DateTime<Utc>, now: DateTime<Utc>
     }
 }
 
-/// A seat as a hold first sees it: one read, outside any transaction, before the queue check.
+/// A seat as a hold first sees it: one read, outside any transaction, after the queue check and on
+/// the connection the hold then uses.
 #[derive(Debug, Clone, Copy)]
 pub struct SeatLook {
     pub seat: Uuid,
@@ -137,8 +139,8 @@ pub struct SeatLook {
 }
 
 /// Looks at a seat for a hold (its schedule, price and state) in one round trip: `NOT_FOUND`
-/// when it does not exist.
-pub async fn look(pool: &PgPool, seat: Uuid) -> Result<SeatLook> {
+/// when it does not exist. The api reads it on the connection the hold then uses.
+pub async fn look(db: impl sqlx::PgExecutor<'_>, seat: Uuid) -> Result<SeatLook> {
     let row: Option<(Uuid, i64, bool, bool)> = sqlx::query_as(
         // The seat's live reservation, if any, through the live-seat index (its predicate is
         // the join's status test: see `status_is` for why no other index may serve it).
@@ -149,7 +151,7 @@ pub async fn look(pool: &PgPool, seat: Uuid) -> Result<SeatLook> {
          WHERE s.id = $1",
     )
     .bind(seat)
-    .fetch_optional(pool)
+    .fetch_optional(db)
     .await?;
     let (schedule, price, taken, stale) = row.ok_or(Error::NotFound("seat"))?;
     Ok(SeatLook { seat, schedule, price, taken, stale })
@@ -174,14 +176,15 @@ pub struct Held {
     pub fresh: Option<Reservation>,
 }
 
-/// Holds the seat of `look` for `user` for `ttl`, or fails with `SEAT_UNAVAILABLE` or
-/// `SEAT_LIMIT_REACHED`.
+/// Holds the seat of `look` for `user` for `ttl`, on `conn`, or fails with `SEAT_UNAVAILABLE`
+/// or `SEAT_LIMIT_REACHED`.
 ///
 /// Round trips are what a hold costs under a spike (the api's profile is mostly task switches),
-/// so the seat's schedule, price and state come from [`look`], read once before the queue check,
+/// so the seat's schedule, price and state come from [`look`], read once (on the same
+/// connection: sqlx pings every connection it takes back, so each borrow costs a round trip),
 /// and the transaction only does what must be atomic: the seat limit's lock, ending a stale hold
 /// (rare), then the count, the insert and its outbox row in one statement.
-pub async fn hold(pool: &PgPool, topics: &Topics, req: HoldRequest<'_>, look: &SeatLook) -> Result<Held> {
+pub async fn hold(conn: PoolConnection<Postgres>, topics: &Topics, req: HoldRequest<'_>, look: &SeatLook) -> Result<Held> {
     let HoldRequest { user, seat, ttl, max_seats, key } = req;
     debug_assert_eq!(seat, look.seat);
     // Fast path: most losers of a seat fight see the winner's committed row and leave at once,
@@ -201,7 +204,7 @@ pub async fn hold(pool: &PgPool, topics: &Topics, req: HoldRequest<'_>, look: &S
     // was granted, so it sees every hold committed before. Taken before the key's claim, by
     // every hold, so a keyed retry and its original take the two in the same order.
     let lock = seat_limit_lock(user, schedule);
-    let mut tx = crate::db::begin_with(pool, format!("BEGIN; SELECT pg_advisory_xact_lock({lock})")).await?;
+    let mut tx = crate::db::begin_on(conn, format!("BEGIN; SELECT pg_advisory_xact_lock({lock})")).await?;
     if let Some(key) = key {
         let fp = idempotency::fingerprint(&[b"reservation", seat.as_bytes()]);
         if let Claim::Replay { body, .. } = idempotency::claim(&mut tx, user, "reservation", key, &fp).await? {

@@ -130,9 +130,10 @@ async fn lookups_by_key_read_a_handful_of_rows_while_the_statistics_say_no_hold_
     // A hold on a free seat: the look, the seat limit's count, the insert.
     let free = w.seats[LIVE as usize];
     let hold = |seat: Uuid| async move {
-        let look = reservation::look(pool, seat).await?;
+        let mut conn = pool.acquire().await?;
+        let look = reservation::look(&mut *conn, seat).await?;
         let req = HoldRequest { user: w.buyer, seat, ttl: Duration::from_secs(300), max_seats: 4, key: None };
-        reservation::hold(pool, topics, req, &look).await
+        reservation::hold(conn, topics, req, &look).await
     };
     let (read, held) = rows_read(pool, hold(free)).await;
     let held = held.expect("hold").fresh.expect("a new hold");

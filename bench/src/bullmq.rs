@@ -142,8 +142,9 @@ async fn ours(ctx: &Ctx, cfg: &Config) -> Result<Ours> {
             {
                 // No seat limit in the way of the benchmark's bookers.
                 let req = booking::reservation::HoldRequest { user: users[i % users.len()], seat: seats[i], ttl, max_seats: u32::MAX, key: None };
-                let look = booking::reservation::look(&db, seats[i]).await.ok()?;
-                booking::reservation::hold(&db, &topics, req, &look).await.ok().and_then(|h| h.fresh).map(|r| (r.reservation_id, r.expires_at))
+                let mut conn = db.acquire().await.ok()?;
+                let look = booking::reservation::look(&mut *conn, seats[i]).await.ok()?;
+                booking::reservation::hold(conn, &topics, req, &look).await.ok().and_then(|h| h.fresh).map(|r| (r.reservation_id, r.expires_at))
             }
         }
     })
