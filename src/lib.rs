@@ -46,5 +46,6 @@ pub mod sequencer;
 pub mod shutdown;
 pub mod telemetry;
 pub mod user;
+pub mod vacuum;
 pub mod webhook;
 pub mod worker;

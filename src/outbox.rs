@@ -38,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::kafka::{partition_for, Envelope, PARTITIONS};
+use crate::vacuum::QueueVacuum;
 
 /// Advisory lock key held by the publishing relay ("outbox" in ASCII).
 const RELAY_LOCK: i64 = 0x6f7574626f78;
@@ -242,6 +243,8 @@ pub struct Relay {
     batch: i64,
     poll: Duration,
     set_aside_observed: Arc<Mutex<Option<Instant>>>,
+    /// Published and set-aside rows leave `outbox_pending`; their old entries go with VACUUM.
+    vacuum: Arc<QueueVacuum>,
 }
 
 impl Relay {
@@ -253,6 +256,7 @@ impl Relay {
             batch,
             poll,
             set_aside_observed: Arc::new(Mutex::new(None)),
+            vacuum: Arc::new(QueueVacuum::new("outbox", crate::vacuum::DEFAULT_ROWS)),
         }
     }
 
@@ -366,6 +370,7 @@ impl Relay {
         }
         self.observe_set_aside(&mut tx, !aside_ids.is_empty()).await?;
         tx.commit().await?;
+        self.vacuum.done(&self.pool, (done.len() + aside_ids.len()) as u64);
         // What is still waiting: the rest of this batch (after a failure), plus, when the batch
         // was full, every id after it (an estimate: ids of rolled-back inserts are gaps).
         let waiting = first_waiting.map_or(0, |i| rows.len() - i);

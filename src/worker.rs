@@ -19,6 +19,7 @@ use crate::keys::Keys;
 use crate::notification::NotificationRequest;
 use crate::payment::PaymentCompleted;
 use crate::refund::PaymentRefunded;
+use crate::vacuum::QueueVacuum;
 
 const KNOWN_TYPES: &[&str] = &["PAYMENT_CONFIRMED", "RESERVATION_EXPIRED", "QUEUE_POSITION", "QUEUE_ACTIVATED", "PAYMENT_REFUNDED"];
 
@@ -238,6 +239,11 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// Delivered rows leave `notification_deliveries_pending`; their old entries go with VACUUM
+/// (`vacuum`). One count per process, whatever the number of deliverers.
+static DELIVERIES_VACUUM: std::sync::LazyLock<QueueVacuum> =
+    std::sync::LazyLock::new(|| QueueVacuum::new("notification_deliveries", crate::vacuum::DEFAULT_ROWS));
+
 /// Delivers stored notifications that are still PENDING, oldest first.
 pub struct Deliverer {
     pub pool: PgPool,
@@ -374,6 +380,7 @@ impl Deliverer {
                 .execute(&self.pool)
                 .await?;
         }
+        DELIVERIES_VACUUM.done(&self.pool, delivered as u64);
         metrics::counter!("notifications_delivered_total").increment(delivered as u64);
         metrics::counter!("notifications_delivery_failures_total").increment(failed as u64);
         Ok((delivered, failed))
