@@ -28,9 +28,9 @@ pub async fn connect(url: &str, max: u32) -> Result<PgPool, sqlx::Error> {
         .max_connections(max)
         .acquire_timeout(Duration::from_secs(5))
         // sqlx pings every idle connection it hands out by default: one more round trip per
-        // borrow, and under a spike round trips are what the database's CPU goes on (a hold
-        // borrows twice, a payment once; sqlx also pings each connection it takes back, which
-        // no option turns off). A connection that was in use a moment ago is alive, so only one
+        // borrow, and under a spike round trips are what the database's CPU goes on (a hold or
+        // a payment borrows once; sqlx also pings each connection it takes back, which no
+        // option turns off). A connection that was in use a moment ago is alive, so only one
         // that sat idle for a while is checked; one that broke since then fails its statement,
         // that request gets a 503 like any other during an outage, and sqlx's ping on return
         // discards the connection.

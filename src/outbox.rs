@@ -256,7 +256,7 @@ impl Relay {
             batch,
             poll,
             set_aside_observed: Arc::new(Mutex::new(None)),
-            vacuum: Arc::new(QueueVacuum::new("outbox", crate::vacuum::DEFAULT_ROWS)),
+            vacuum: Arc::new(QueueVacuum::new("outbox")),
         }
     }
 

@@ -242,7 +242,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// Delivered rows leave `notification_deliveries_pending`; their old entries go with VACUUM
 /// (`vacuum`). One count per process, whatever the number of deliverers.
 static DELIVERIES_VACUUM: std::sync::LazyLock<QueueVacuum> =
-    std::sync::LazyLock::new(|| QueueVacuum::new("notification_deliveries", crate::vacuum::DEFAULT_ROWS));
+    std::sync::LazyLock::new(|| QueueVacuum::new("notification_deliveries"));
 
 /// Delivers stored notifications that are still PENDING, oldest first.
 pub struct Deliverer {

@@ -160,7 +160,7 @@ async fn pending_scan_pages(env: &TestEnv) -> i64 {
 async fn after_a_burst_the_relay_vacuums_the_outbox_and_its_scan_is_short_again() {
     let env = TestEnv::new().await;
     let topic = env.topics().notification_request.clone();
-    let burst = booking::vacuum::DEFAULT_ROWS as i64 + 500;
+    let burst = booking::vacuum::AFTER_ROWS as i64 + 500;
     sqlx::query(
         "INSERT INTO outbox (topic, message_key, event_id, envelope)
          SELECT $1, 'k' || (n % 10), gen_random_uuid(), jsonb_build_object('n', n) FROM generate_series(1, $2) AS n",
