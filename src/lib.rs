@@ -23,6 +23,7 @@ pub mod db;
 pub mod error;
 pub mod expiry;
 pub mod export;
+pub mod floor;
 pub mod health;
 pub mod hold_gate;
 pub mod http;

@@ -12,9 +12,11 @@
 //! - One poison row does not stop the others: a row Kafka refuses for good (message too large,
 //!   unknown topic) is set aside, not retried forever: `set_aside_at` and `last_error` are set,
 //!   `published_at` stays NULL (migration `0050_outbox_set_aside.sql`), the `outbox_set_aside`
-//!   gauge and the `OutboxRowsSetAside` alert report it, and the relay goes on. Clearing
-//!   `set_aside_at` (`bookingctl outbox retry <id>`) sends it again. See [`Relay::step`] for what
+//!   gauge and the `OutboxRowsSetAside` alert report it, and the relay goes on. `bookingctl
+//!   outbox retry <id>` sends it again, from the end of the line. See [`Relay::step`] for what
 //!   that means for order per key.
+//! - The relay never walks what it published long ago: its scan starts at a floor below which
+//!   nothing can be pending (`floor`; migration 0170 is the writers' side of the argument).
 //! - A fatal error of the idempotent producer replaces the producer ([`Relay::rebuild_with`]).
 //! - At least once, not exactly once at the wire: a crash between the broker's ack and the
 //!   `published_at` commit resends the row; every consumer de-duplicates by `eventId`.
@@ -38,10 +40,16 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::kafka::{partition_for, Envelope, PARTITIONS};
-use crate::vacuum::QueueVacuum;
+use crate::floor::{Floor, Look};
 
 /// Advisory lock key held by the publishing relay ("outbox" in ASCII).
 const RELAY_LOCK: i64 = 0x6f7574626f78;
+
+/// How often a relay scans for pending rows from the lowest id instead of from its floor: a
+/// safety net for a row put back below the floor by hand (`UPDATE outbox SET set_aside_at =
+/// NULL`), which the floor's argument does not cover (`bookingctl outbox retry` gives the row a
+/// new id instead). One scan from the lowest id costs what every step cost before the floor.
+pub const FULL_SCAN_EVERY: Duration = Duration::from_secs(30);
 
 /// How soon a relay that found the lock taken looks again.
 const BUSY_RETRY: Duration = Duration::from_millis(20);
@@ -243,8 +251,9 @@ pub struct Relay {
     batch: i64,
     poll: Duration,
     set_aside_observed: Arc<Mutex<Option<Instant>>>,
-    /// Published and set-aside rows leave `outbox_pending`; their old entries go with VACUUM.
-    vacuum: Arc<QueueVacuum>,
+    /// Where the scan for pending rows starts (`floor`), and when it last started at the lowest id.
+    floor: Arc<Mutex<(Floor, Option<Instant>)>>,
+    full_scan_every: Duration,
 }
 
 impl Relay {
@@ -256,7 +265,31 @@ impl Relay {
             batch,
             poll,
             set_aside_observed: Arc::new(Mutex::new(None)),
-            vacuum: Arc::new(QueueVacuum::new("outbox")),
+            floor: Arc::new(Mutex::new((Floor::default(), None))),
+            full_scan_every: FULL_SCAN_EVERY,
+        }
+    }
+
+    /// How often a step scans from the lowest id instead of the floor (default [`FULL_SCAN_EVERY`]).
+    pub fn full_scan_every(mut self, every: Duration) -> Self {
+        self.full_scan_every = every;
+        self
+    }
+
+    /// The lowest id this relay may still find pending (its scan starts there).
+    pub fn floor(&self) -> i64 {
+        self.floor.lock().expect("floor lock").0.get()
+    }
+
+    /// Where this step's scan starts: the floor, or the lowest id once per `full_scan_every`.
+    fn scan_from(&self) -> i64 {
+        let mut state = self.floor.lock().expect("floor lock");
+        match state.1 {
+            Some(at) if at.elapsed() < self.full_scan_every => state.0.get(),
+            _ => {
+                state.1 = Some(Instant::now());
+                0
+            }
         }
     }
 
@@ -296,17 +329,37 @@ impl Relay {
         if !locked {
             return Ok(RelayTick::Busy);
         }
-        // The newest id rides along (an index lookup, evaluated once) for the backlog gauge, so a
-        // step never counts the unpublished rows (a scan as long as the backlog).
-        let rows: Vec<(i64, String, String, String, f64, i64)> = sqlx::query_as(
-            "SELECT id, topic, message_key, envelope::text,
-                    EXTRACT(EPOCH FROM now() - created_at)::float8, (SELECT max(id) FROM outbox)
-             FROM outbox WHERE published_at IS NULL AND set_aside_at IS NULL ORDER BY id LIMIT $1",
+        // The scan starts at the floor (`floor`): below it nothing can be pending, and the
+        // entries of published rows there are never walked again. The snapshot's bounds ride
+        // along for the floor, in a row of their own so that a step that finds nothing still
+        // reports them; so does the newest id (an index lookup, evaluated once) for the backlog
+        // gauge, so a step never counts the unpublished rows (a scan as long as the backlog).
+        let from = self.scan_from();
+        type Pending = (Option<i64>, Option<String>, Option<String>, Option<String>, Option<f64>, Option<i64>, i64, i64);
+        let found: Vec<Pending> = sqlx::query_as(
+            "SELECT o.id, o.topic, o.message_key, o.envelope, o.age, o.newest, snap.xmin, snap.xmax
+             FROM (SELECT pg_snapshot_xmin(s)::text::bigint AS xmin, pg_snapshot_xmax(s)::text::bigint AS xmax
+                   FROM pg_current_snapshot() AS s) AS snap
+             LEFT JOIN LATERAL (
+                 SELECT id, topic, message_key, envelope::text AS envelope,
+                        EXTRACT(EPOCH FROM now() - created_at)::float8 AS age, (SELECT max(id) FROM outbox) AS newest
+                 FROM outbox WHERE published_at IS NULL AND set_aside_at IS NULL AND id >= $2 ORDER BY id LIMIT $1
+             ) AS o ON true",
         )
         .bind(self.batch)
+        .bind(from)
         .fetch_all(&mut *tx)
         .await?;
+        let (xmin, xmax) = found.first().map(|r| (r.6, r.7)).unwrap_or_default();
+        let rows: Vec<(i64, String, String, String, f64, i64)> = found
+            .into_iter()
+            .filter_map(|r| Some((r.0?, r.1?, r.2?, r.3?, r.4.unwrap_or(0.0), r.5.unwrap_or(0))))
+            .collect();
+        // Every writer of an id below the last one read held its transaction id before this
+        // snapshot (migration 0170), so below its xmax.
+        let read = rows.last().map(|r| (r.0 + 1, xmax - 1));
         if rows.is_empty() {
+            self.floor.lock().expect("floor lock").0.after(&Look { read, xmin, done_below: i64::MAX });
             observe_backlog(0, 0.0);
             self.observe_set_aside(&mut tx, false).await?;
             return Ok(RelayTick::Idle);
@@ -370,7 +423,14 @@ impl Relay {
         }
         self.observe_set_aside(&mut tx, !aside_ids.is_empty()).await?;
         tx.commit().await?;
-        self.vacuum.done(&self.pool, (done.len() + aside_ids.len()) as u64);
+        // Done below: the first row left pending by a failure; or, after a full batch, the end
+        // of what was read; or everything this step could see.
+        let done_below = match first_waiting {
+            Some(i) => rows[i].0,
+            None if rows.len() as i64 >= self.batch => rows.last().map_or(i64::MIN, |r| r.0 + 1),
+            None => i64::MAX,
+        };
+        self.floor.lock().expect("floor lock").0.after(&Look { read, xmin, done_below });
         // What is still waiting: the rest of this batch (after a failure), plus, when the batch
         // was full, every id after it (an estimate: ids of rolled-back inserts are gaps).
         let waiting = first_waiting.map_or(0, |i| rows.len() - i);

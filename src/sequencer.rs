@@ -38,6 +38,7 @@ use std::time::Duration;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+use crate::floor::{Floor, Look};
 use crate::notification::NotificationHub;
 use crate::seat_map::SeatHub;
 
@@ -132,59 +133,16 @@ pub async fn stamp(pool: &PgPool, stream: Stream, limit: i64, from: i64) -> Resu
     Ok(Stamp { stamped, head, next_id, xid, xmin })
 }
 
-/// A lower bound on the ids of seat events that can still be waiting for a position, so that the
-/// feed's probe and the stamper look only above it.
-///
-/// Why: a stamped row leaves the partial index `seat_events_unstamped` only when VACUUM comes by
-/// (autovacuum, about once a minute at best during a sale); until then every probe and every
-/// stamp walk, from the lowest id, the entries of everything stamped since, checking each one
-/// killed entry at a time (the spike's profile: 0.6 ms a probe, 50 probes a second).
-///
-/// Why it is safe — nothing below the floor is ever left unstamped. Seat events are written only
-/// by the statement triggers on `reservations`, after the statement wrote its reservations (any
-/// other INSERT is refused, migration 0160), so a writer has its transaction id *before* it
-/// takes a seat-event id. Take stamp `k`, which
-/// stamped ids up to `next_id - 1`. Every lower id was taken before `k`'s snapshot (the sequence
-/// hands ids out in order and `next_id - 1` was already committed), by a transaction whose id
-/// is below `k`'s own `xid` (assigned after that snapshot). A later stamp `j` whose snapshot's
-/// `xmin` is past `k`'s `xid` sees every one of those writers ended; if `j` also stamped all it
-/// found (fewer rows than its limit), no row below `k`'s `next_id` is unstamped after `j`
-/// commits, nor can one appear. Only then does the floor move there. A long-running writing
-/// transaction anywhere on the server holds `xmin` back and with it the floor: the walk is then
-/// as long as it was without one, never wrong.
-#[derive(Debug, Default)]
-pub struct Floor {
-    floor: i64,
-    /// `(next_id, xid)` of stamps whose writers may still be running, oldest first.
-    candidates: std::collections::VecDeque<(i64, i64)>,
-}
-
-impl Floor {
-    /// Candidates kept at most (beyond this, while `xmin` is held back, the oldest are dropped:
-    /// the floor then moves less, never wrongly).
-    const MAX_CANDIDATES: usize = 256;
-
-    /// The lowest id that may still be unstamped.
-    pub fn get(&self) -> i64 {
-        self.floor
-    }
-
-    /// Takes a stamp of `limit` rows at most into account.
-    pub fn after(&mut self, s: &Stamp, limit: i64) {
-        if s.stamped < limit {
-            while let Some(&(next_id, xid)) = self.candidates.front() {
-                if s.xmin <= xid {
-                    break;
-                }
-                self.floor = self.floor.max(next_id);
-                self.candidates.pop_front();
-            }
-        }
-        if let (Some(next_id), Some(xid)) = (s.next_id, s.xid) {
-            if self.candidates.len() == Self::MAX_CANDIDATES {
-                self.candidates.pop_front();
-            }
-            self.candidates.push_back((next_id, xid));
+impl Stamp {
+    /// What this stamp of at most `limit` rows showed, for the seat events' [`Floor`] (its
+    /// argument is in `floor`). The stamping transaction's own id bounds the writers of every
+    /// row below those it stamped: it was assigned after its snapshot, which saw them committed.
+    /// A stamp that hit its limit is taken to prove nothing about what is left.
+    pub fn look(&self, limit: i64) -> Look {
+        Look {
+            read: self.next_id.zip(self.xid),
+            xmin: self.xmin,
+            done_below: if self.stamped < limit { i64::MAX } else { i64::MIN },
         }
     }
 }
@@ -305,7 +263,7 @@ impl Feed {
         // A stamp returns the head after its commit: no second probe needed.
         if p.seat_pending {
             let s = stamp(&self.pool, Stream::Seat, self.settings.stamp_batch, self.seat_floor.get()).await?;
-            self.seat_floor.after(&s, self.settings.stamp_batch);
+            self.seat_floor.after(&s.look(self.settings.stamp_batch));
             out.stamped += s.stamped;
             p.seat_head = p.seat_head.max(s.head);
         }
@@ -387,44 +345,5 @@ impl Feed {
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{Floor, Stamp};
-
-    fn stamp(stamped: i64, next_id: Option<i64>, xid: i64, xmin: i64) -> Stamp {
-        Stamp { stamped, head: 0, next_id, xid: next_id.map(|_| xid), xmin }
-    }
-
-    #[test]
-    fn the_floor_moves_only_once_every_writer_older_than_a_stamp_ended_and_a_later_stamp_drained() {
-        let mut f = Floor::default();
-        f.after(&stamp(10, Some(101), 500, 490), 100);
-        assert_eq!(f.get(), 0, "a stamp's own rows wait for a later stamp");
-        // Transaction 499 (older than stamp 500) still runs: it may hold an id below 101.
-        f.after(&stamp(1, Some(103), 510, 499), 100);
-        assert_eq!(f.get(), 0);
-        // Everything below 510 ended, but this stamp hit its limit: rows may be left below 103.
-        f.after(&stamp(100, Some(300), 520, 515), 100);
-        assert_eq!(f.get(), 0);
-        // Drained, and every writer older than stamps 500 and 510 ended; 520's may still run.
-        f.after(&stamp(3, Some(310), 530, 520), 100);
-        assert_eq!(f.get(), 103);
-        f.after(&stamp(0, None, 540, 531), 100);
-        assert_eq!(f.get(), 310, "a stamp that found nothing still proves the older ones");
-    }
-
-    #[test]
-    fn a_held_back_xmin_keeps_a_bounded_list_and_the_floor_where_it_was() {
-        let mut f = Floor::default();
-        for i in 0..1000 {
-            f.after(&stamp(1, Some(i + 2), 1000 + i, 999), 100);
-        }
-        assert_eq!(f.get(), 0);
-        assert_eq!(f.candidates.len(), Floor::MAX_CANDIDATES);
-        f.after(&stamp(1, None, 5000, 4000), 100);
-        assert_eq!(f.get(), 1001, "the newest candidates kept");
     }
 }

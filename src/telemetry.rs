@@ -113,7 +113,7 @@ pub fn describe_metrics(daemon: Daemon, topic_prefix: &str) {
     describe_counter!("outbox_publish_failures_total", "Outbox relay batches in which a publish failed");
     describe_gauge!("outbox_set_aside", "Outbox events set aside because Kafka refused them for good (message too large, unknown topic); counted up to 10,000");
     describe_counter!("outbox_set_aside_total", "Outbox events set aside because Kafka refused them for good");
-    describe_counter!("queue_vacuums_total", "VACUUMs of a table read as a queue (outbox, notification_deliveries) run by the process that marked its rows done, by table");
+    describe_counter!("queue_vacuums_total", "VACUUMs of a table read as a queue (notification_deliveries) run by the process that marked its rows done, by table");
     describe_histogram!("outbox_group_commit_rows", "Outbox rows written by one group commit (new entrants' QUEUE_POSITION)");
     describe_histogram!("outbox_relay_step_seconds", Unit::Seconds, "Time of one relay step that held the relay lock, by outcome (published: read, send, Kafka's acks, mark, commit; idle: found nothing; failed: Kafka refused or timed out)");
     describe_counter!("outbox_producer_rebuilds_total", "Outbox producers replaced after a fatal error of the idempotent producer");
@@ -192,7 +192,6 @@ pub fn describe_metrics(daemon: Daemon, topic_prefix: &str) {
             zero("outbox_publish_failures_total");
             zero("outbox_set_aside_total");
             zero("outbox_producer_rebuilds_total");
-            metrics::counter!("queue_vacuums_total", "table" => "outbox").increment(0);
             metrics::counter!("expiry_transitions_total", "path" => "hold_takeover").increment(0);
             for start in ["snapshot", "resume"] {
                 metrics::counter!("seat_map_streams_opened_total", "start" => start).increment(0);
@@ -221,7 +220,6 @@ pub fn describe_metrics(daemon: Daemon, topic_prefix: &str) {
             zero("outbox_publish_failures_total");
             zero("outbox_set_aside_total");
             zero("outbox_producer_rebuilds_total");
-            metrics::counter!("queue_vacuums_total", "table" => "outbox").increment(0);
             zero("sweeper_caught_total");
             zero("expiry_early_total");
             for path in EXPIRY_PATHS {

@@ -1,29 +1,25 @@
-//! Prompt VACUUM of the tables the product reads as queues.
+//! Prompt VACUUM of the table the worker reads as a queue, `notification_deliveries`.
 //!
-//! The relay reads the outbox's unpublished rows, and the worker the due notification
-//! deliveries, oldest first, from the start of a partial index (`outbox_pending`,
-//! `notification_deliveries_pending`), on every step. Marking a row done takes it out of the
+//! The worker reads the due deliveries, oldest first, from the start of a partial index
+//! (`notification_deliveries_pending`), on every poll. Marking a row delivered takes it out of the
 //! partial index only for new snapshots: its old entry stays in the index until VACUUM removes
-//! it, and every later step walks past it. After the benchmark's queue spike (40,000 entrants,
-//! 40,000 outbox rows and deliveries, all done) a relay step that found nothing read 67 index
-//! pages in 0.45 ms, and a delivery poll 129 pages in 0.7 ms; after `VACUUM` of the two tables
-//! (74 ms) they read 1 and 4 pages. Those steps run hundreds of times a second while the sale
-//! goes on: part of why the holds and payments after the spike cost PostgreSQL about 30 % more
-//! CPU than the same holds on clean tables. Autovacuum comes too late: it looks at a database once a
-//! minute at most, and by then the spike is over.
+//! it, and every later poll walks past it. After the benchmark's queue spike (40,000 deliveries,
+//! all done) a delivery poll read 129 index pages in 0.7 ms; after `VACUUM` of the table, 4.
+//! Autovacuum comes too late: it looks at a database once a minute at most, and by then the
+//! spike is over.
 //!
-//! So the process that marks the rows vacuums the table once enough of them have been marked
-//! ([`QueueVacuum::done`]), in the background, not more often than [`MIN_INTERVAL`]. VACUUM
-//! removes only what no transaction can see any more; it never blocks writers, and
-//! `SKIP_LOCKED` makes it give up rather than wait if another vacuum (autovacuum's) has the
-//! table. `INDEX_CLEANUP ON` because cleaning the index is the point: by default,
-//! PostgreSQL skips it when few pages have dead rows, and with days of published rows kept
-//! (`retention`) a spike's rows are few.
+//! So the worker vacuums the table once enough rows have been marked ([`QueueVacuum::done`]), in
+//! the background, not more often than [`MIN_INTERVAL`]. VACUUM removes only what no transaction
+//! can see any more; it never blocks writers, and `SKIP_LOCKED` makes it give up rather than wait
+//! if another vacuum (autovacuum's) has the table. `INDEX_CLEANUP ON` because cleaning the index
+//! is the point: by default, PostgreSQL skips it when few pages have dead rows, and with days of
+//! delivered rows kept (`retention`) a spike's rows are few.
 //!
-//! The cost grows with the table: every vacuum reads all of the table's indexes. With the
-//! default retention (3 days of published outbox rows) and a very large sale that can be seconds
-//! of database time per vacuum; [`MIN_INTERVAL`] bounds how often that is paid. A pending-rows
-//! table of its own per queue, kept small, would make it cheap at any size (not done yet).
+//! The cost grows with the table: every vacuum reads all of the table's indexes (66 ms of
+//! database time per vacuum after the benchmark's spike). The outbox was vacuumed the same way
+//! until its relay started its scan at a floor (`floor`), which needs no vacuum at all, at any
+//! size; the deliveries could too, with the same argument, but a delivery waiting for a retry
+//! stays pending below the newest ones, which the floor would have to account for (not done).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;

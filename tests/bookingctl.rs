@@ -417,6 +417,12 @@ async fn outbox_stuck_lists_set_aside_rows_and_retry_puts_one_back_in_line_once(
     assert!(!refused.ok && refused.stderr.contains("--yes"), "{}", refused.stderr);
     let r = ctl(&flags, &["--yes", "--json", "outbox", "retry", &id.to_string()]).await.json();
     assert_eq!(r["id"], id);
+    // Back in line at the end, under a new id (below the relay's floor the relay would look
+    // for it only now and then); the event is the same one.
+    let new_id = r["newId"].as_i64().unwrap_or_default();
+    assert!(new_id > id, "{r}");
+    let moved: (bool, bool) = sqlx::query_as("SELECT set_aside_at IS NULL, published_at IS NULL FROM outbox WHERE id = $1").bind(new_id).fetch_one(&env.pool).await.unwrap();
+    assert_eq!(moved, (true, true));
     let st = ctl(&flags, &["--json", "outbox", "status"]).await.json();
     assert_eq!((st["setAside"].as_i64(), st["backlog"].as_i64()), (Some(0), Some(1)), "back in line: {st}");
     let again = ctl(&flags, &["--yes", "outbox", "retry", &id.to_string()]).await;

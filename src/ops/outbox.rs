@@ -2,8 +2,10 @@
 //! set aside because Kafka refused them for good (`set_aside_at`, `last_error`: see `outbox.rs`
 //! and migration 0050).
 //!
-//! `outbox retry` only clears `set_aside_at`: the row goes back in line in its place (`id` order)
-//! and the relay publishes it like any other, or sets it aside again with Kafka's new answer.
+//! `outbox retry` clears `set_aside_at` and gives the row a new id: it goes back in line at the
+//! end (the relay publishes it like any other, or sets it aside again with Kafka's new answer).
+//! Back in its old place it would sit below the relay's floor (`floor`), where the relay looks
+//! only now and then. Its event id, and so every consumer's de-duplication, is unchanged.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -90,6 +92,8 @@ pub async fn stuck(ops: &Ops, limit: i64) -> Result<Stuck, OpsError> {
 #[serde(rename_all = "camelCase")]
 pub struct Retried {
     pub id: i64,
+    /// The row's id from now on: its place at the end of the line.
+    pub new_id: i64,
     pub topic: String,
     /// Kafka's answer when the row was set aside.
     pub last_error: Option<String>,
@@ -97,20 +101,28 @@ pub struct Retried {
 
 impl Report for Retried {
     fn table(&self) -> String {
-        format!("outbox row {} ({}) is back in line; it was set aside with: {}\n", self.id, self.topic, self.last_error.as_deref().unwrap_or("-"))
+        format!(
+            "outbox row {} ({}) is back in line as row {}; it was set aside with: {}\n",
+            self.id,
+            self.topic,
+            self.new_id,
+            self.last_error.as_deref().unwrap_or("-")
+        )
     }
 }
 
-/// Puts set-aside row `id` back in line for the relay.
+/// Puts set-aside row `id` back in line for the relay, at the end, under a new id (the
+/// statement trigger of migration 0170 takes the transaction id before the new id is drawn).
 pub async fn retry(ops: &Ops, id: i64) -> Result<Retried, OpsError> {
-    let row: Option<(String, Option<String>)> = sqlx::query_as(
-        "UPDATE outbox SET set_aside_at = NULL WHERE id = $1 AND set_aside_at IS NOT NULL AND published_at IS NULL
-         RETURNING topic, last_error",
+    let row: Option<(i64, String, Option<String>)> = sqlx::query_as(
+        "UPDATE outbox SET id = nextval(pg_get_serial_sequence('outbox', 'id')), set_aside_at = NULL
+         WHERE id = $1 AND set_aside_at IS NOT NULL AND published_at IS NULL
+         RETURNING id, topic, last_error",
     )
     .bind(id)
     .fetch_optional(&ops.pool)
     .await?;
-    let (topic, last_error) = row.ok_or_else(|| OpsError::NotFound(format!("outbox row {id} is not set aside (see `bookingctl outbox stuck`)")))?;
-    ops.audit("outbox retry", serde_json::json!({"id": id, "topic": topic, "lastError": last_error})).await;
-    Ok(Retried { id, topic, last_error })
+    let (new_id, topic, last_error) = row.ok_or_else(|| OpsError::NotFound(format!("outbox row {id} is not set aside (see `bookingctl outbox stuck`)")))?;
+    ops.audit("outbox retry", serde_json::json!({"id": id, "newId": new_id, "topic": topic, "lastError": last_error})).await;
+    Ok(Retried { id, new_id, topic, last_error })
 }
