@@ -35,8 +35,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use hmac::{Hmac, Mac};
-use crate::redis_conn::RedisConn;
-use redis::Script;
+use crate::redis_conn::{Lua, RedisConn};
 use serde::Serialize;
 use serde_json::json;
 use sha2::Sha256;
@@ -122,7 +121,7 @@ pub struct Stored {
 /// Reads [`Stored`] for `schedule`.
 pub async fn stored(redis: &RedisConn, keys: &Keys, schedule: Uuid) -> Result<Stored, redis::RedisError> {
     let (waiting, active, paused, batch, max_active, admitted): (u64, u64, i64, i64, i64, u64) =
-        Script::new(STATE).key(state_keys(keys, schedule)).invoke_async(&mut redis.clone()).await?;
+        STATE.script().key(state_keys(keys, schedule)).invoke_async(&mut redis.clone()).await?;
     Ok(Stored { waiting, active, paused: paused == 1, batch: u32::try_from(batch).ok(), max_active: u32::try_from(max_active).ok(), admitted })
 }
 
@@ -146,7 +145,7 @@ pub struct Admitted {
 
 // KEYS: waiting, active, seq, opens, early, active-limit. ARGV: user, opens (ms).
 // Returns {state, position, until-or-opens, new sequence}: state 1 active, 0 waiting, 3 early.
-const ENTER: &str = r#"
+static ENTER: Lua = Lua::new(r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local a = redis.call('ZSCORE', KEYS[2], ARGV[1])
@@ -168,13 +167,13 @@ if now < opens then
 end
 redis.call('ZADD', KEYS[1], s, ARGV[1])
 return {0, early + redis.call('ZRANK', KEYS[1], ARGV[1]) + 1, 0, s}
-"#;
+"#);
 
 // Reads a user's place. With ARGV[2] > 0 an active user's idle deadline is pushed back, never
 // past the hard deadline: a successful hold is activity; asking for one's place, or a failed
 // attempt, is not (or polling would keep a place forever).
 // KEYS: waiting, active, early, active-limit, opens. Returns {state, position, until-or-opens}.
-const TOUCH: &str = r#"
+static TOUCH: Lua = Lua::new(r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local a = redis.call('ZSCORE', KEYS[2], ARGV[1])
@@ -196,13 +195,13 @@ if redis.call('ZSCORE', KEYS[3], ARGV[1]) then
   return {3, 0, tonumber(redis.call('GET', KEYS[5]) or '0')}
 end
 return {2, 0, 0}
-"#;
+"#);
 
 // One admission step for one schedule.
 // KEYS: waiting, active, opens, early, active-limit, admission, pending-activations.
 // ARGV: batch, max active (flag defaults), idle ms, active limit ms, shuffle (1/0), seed.
 // Returns {paused, admitted}.
-const ADMIT: &str = r#"
+static ADMIT: Lua = Lua::new(r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local opens = tonumber(redis.call('GET', KEYS[3]) or '0')
@@ -244,12 +243,12 @@ for i = 1, #popped, 2 do
   count = count + 1
 end
 return {0, count}
-"#;
+"#);
 
 // A schedule's admission state, counted by Redis's clock.
 // KEYS: waiting, active, early, admission. Returns {waiting, active, paused, batch, maxActive, admitted}
 // (batch and maxActive -1 when the flags apply).
-const STATE: &str = r#"
+static STATE: Lua = Lua::new(r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local cfg = redis.call('HMGET', KEYS[4], 'paused', 'batch', 'maxActive', 'admitted')
@@ -261,17 +260,17 @@ return {
   tonumber(cfg[3] or '-1'),
   tonumber(cfg[4] or '0'),
 }
-"#;
+"#);
 
 // Takes or renews the admission lease if free or already ours.
-const LEASE: &str = r#"
+static LEASE: Lua = Lua::new(r#"
 local cur = redis.call('GET', KEYS[1])
 if cur == false or cur == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   return 1
 end
 return 0
-"#;
+"#);
 
 // KEYS of each script, built in one place so `keys::tests` can prove each set lies in one slot.
 fn enter_keys(k: &Keys, schedule: Uuid) -> Vec<String> {
@@ -371,7 +370,7 @@ impl Queue {
     /// token, the place, and the arrival number when this call created the entry.
     pub async fn enter(&self, schedule: Uuid, opens_at: DateTime<Utc>, user: Uuid) -> Result<(String, Place, Option<u64>)> {
         let mut conn = self.redis.clone();
-        let (state, pos, until, seq): (i64, u64, i64, u64) = Script::new(ENTER)
+        let (state, pos, until, seq): (i64, u64, i64, u64) = ENTER.script()
             .key(enter_keys(&self.keys, schedule))
             .arg(user.to_string())
             .arg(opens_at.timestamp_millis())
@@ -411,7 +410,7 @@ impl Queue {
 
     async fn read_place(&self, schedule: Uuid, user: Uuid, idle_ms: u64) -> Result<Place> {
         let mut conn = self.redis.clone();
-        let (state, pos, until): (i64, u64, i64) = Script::new(TOUCH)
+        let (state, pos, until): (i64, u64, i64) = TOUCH.script()
             .key(touch_keys(&self.keys, schedule))
             .arg(user.to_string())
             .arg(idle_ms)
@@ -447,7 +446,7 @@ impl Queue {
     /// Tries to take or keep the admission lease for `holder`.
     pub async fn acquire_lease(&self, holder: &str, lease: Duration) -> Result<bool> {
         let mut conn = self.redis.clone();
-        let got: i64 = Script::new(LEASE)
+        let got: i64 = LEASE.script()
             .key(self.keys.queue_admission_lock())
             .arg(holder)
             .arg(lease.as_millis() as u64)
@@ -461,7 +460,7 @@ impl Queue {
     pub async fn admit(&self, schedule: Uuid) -> Result<Admitted> {
         let mut conn = self.redis.clone();
         let seed = u32::from_le_bytes(Uuid::new_v4().as_bytes()[..4].try_into().expect("4 bytes"));
-        let (paused, admitted): (i64, u64) = Script::new(ADMIT)
+        let (paused, admitted): (i64, u64) = ADMIT.script()
             .key(admit_keys(&self.keys, schedule))
             .arg(self.cfg.batch)
             .arg(self.cfg.max_active)

@@ -13,9 +13,8 @@
 
 use std::time::Duration;
 
-use crate::redis_conn::RedisConn;
+use crate::redis_conn::{Lua, RedisConn};
 use chrono::{DateTime, Utc};
-use redis::Script;
 use serde::Serialize;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -25,7 +24,7 @@ use crate::keys::Keys;
 
 // KEYS: ranking, counted, refunded (ZSETs payment id -> ms). ARGV: payment, schedule, paid at
 // (ms). A payment refunded before it was counted is never counted.
-const COUNT_ONCE: &str = r#"
+static COUNT_ONCE: Lua = Lua::new(r#"
 if redis.call('ZADD', KEYS[2], 'NX', ARGV[3], ARGV[1]) == 1 then
   if not redis.call('ZSCORE', KEYS[3], ARGV[1]) then
     redis.call('ZINCRBY', KEYS[1], 1, ARGV[2])
@@ -33,12 +32,12 @@ if redis.call('ZADD', KEYS[2], 'NX', ARGV[3], ARGV[1]) == 1 then
   return 1
 end
 return 0
-"#;
+"#);
 
 // KEYS: ranking, counted, refunded. ARGV: payment, schedule, refunded at (ms), paid at (ms, or -1
 // when unknown), horizon (ms). Only a counted payment is taken off the score; one paid before the
 // horizon was counted long ago and its member pruned (see `prune`), so it counts as counted.
-const UNCOUNT_ONCE: &str = r#"
+static UNCOUNT_ONCE: Lua = Lua::new(r#"
 if redis.call('ZADD', KEYS[3], 'NX', ARGV[3], ARGV[1]) == 1 then
   local paid = tonumber(ARGV[4])
   if redis.call('ZSCORE', KEYS[2], ARGV[1]) or (paid >= 0 and paid < tonumber(ARGV[5])) then
@@ -50,7 +49,7 @@ if redis.call('ZADD', KEYS[3], 'NX', ARGV[3], ARGV[1]) == 1 then
   return 1
 end
 return 0
-"#;
+"#);
 
 /// The keys of both scripts: ranking, counted, refunded.
 fn count_once_keys(keys: &Keys) -> Vec<String> {
@@ -101,7 +100,7 @@ pub async fn record_many(redis: &RedisConn, keys: &Keys, payments: &[(Uuid, Uuid
     for chunk in payments.chunks(500) {
         let mut pipe = redis::pipe();
         for (payment, schedule, paid_at) in chunk {
-            pipe.cmd("EVAL").arg(COUNT_ONCE).arg(3).arg(count_once_keys(keys))
+            pipe.cmd("EVAL").arg(COUNT_ONCE.text()).arg(3).arg(count_once_keys(keys))
                 .arg(payment.to_string()).arg(schedule.to_string()).arg(paid_at.timestamp_millis());
         }
         let done: Vec<i64> = pipe.query_async(&mut redis.clone()).await?;
@@ -123,7 +122,7 @@ pub async fn unrecord(
     paid_at: Option<DateTime<Utc>>,
 ) -> Result<bool, redis::RedisError> {
     let mut conn = redis.clone();
-    let removed: i64 = Script::new(UNCOUNT_ONCE)
+    let removed: i64 = UNCOUNT_ONCE.script()
         .key(count_once_keys(keys))
         .arg(payment.to_string())
         .arg(schedule.to_string())
@@ -221,7 +220,7 @@ async fn reapply(redis: &RedisConn, keys: &Keys, pool: &PgPool, retention: &Rete
     for chunk in refunds.chunks(500) {
         let mut pipe = redis::pipe();
         for (payment, schedule, paid_at, refunded_at) in chunk {
-            pipe.cmd("EVAL").arg(UNCOUNT_ONCE).arg(3).arg(count_once_keys(keys))
+            pipe.cmd("EVAL").arg(UNCOUNT_ONCE.text()).arg(3).arg(count_once_keys(keys))
                 .arg(payment.to_string()).arg(schedule.to_string()).arg(refunded_at.timestamp_millis()).arg(paid_at.timestamp_millis()).arg(horizon);
         }
         let done: Vec<i64> = pipe.query_async(&mut redis.clone()).await?;

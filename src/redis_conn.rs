@@ -16,6 +16,29 @@ use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
 
+/// A Lua script whose SHA1 is computed once: `redis::Script::new` hashes the text on every call,
+/// and the queue's entry script runs once per entrant.
+pub struct Lua {
+    text: &'static str,
+    script: std::sync::OnceLock<redis::Script>,
+}
+
+impl Lua {
+    pub const fn new(text: &'static str) -> Self {
+        Self { text, script: std::sync::OnceLock::new() }
+    }
+
+    /// The script, to invoke (`EVALSHA`, then `EVAL` if Redis does not know it yet).
+    pub fn script(&self) -> &redis::Script {
+        self.script.get_or_init(|| redis::Script::new(self.text))
+    }
+
+    /// The text, for an `EVAL` queued in a pipeline.
+    pub fn text(&self) -> &'static str {
+        self.text
+    }
+}
+
 /// The URL scheme that selects Redis Cluster.
 pub const CLUSTER_SCHEME: &str = "redis+cluster://";
 

@@ -43,8 +43,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use crate::redis_conn::RedisConn;
-use redis::Script;
+use crate::redis_conn::{Lua, RedisConn};
 use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -84,7 +83,7 @@ pub struct Claimed {
 }
 
 // KEYS: due, inflight, payload. ARGV: batch, lease_ms.
-const CLAIM: &str = r#"
+static CLAIM: Lua = Lua::new(r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local batch = tonumber(ARGV[1])
@@ -112,23 +111,23 @@ local next = false
 if nd[2] then next = nd[2] end
 if nl[2] and (not next or tonumber(nl[2]) < tonumber(next)) then next = nl[2] end
 return {now, reclaimed, out, payloads, next, redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[2])}
-"#;
+"#);
 
 // KEYS: inflight, payload, due. ARGV: members. A member the expirer put back in the due set
 // meanwhile ([`put_back_early`]) keeps its payload.
-const ACK: &str = r#"
+static ACK: Lua = Lua::new(r#"
 for _, m in ipairs(ARGV) do
   redis.call('ZREM', KEYS[1], m)
   if not redis.call('ZSCORE', KEYS[3], m) then redis.call('HDEL', KEYS[2], m) end
 end
 return #ARGV
-"#;
+"#);
 
 // Members whose publish failed go straight back to the due set (with their due score), so the
 // next claim retries them instead of waiting for the lease. Only members still in flight: a
 // cancellation meanwhile removed them for good.
 // KEYS: due, inflight. ARGV: member, score pairs. Returns how many went back.
-const RELEASE: &str = r#"
+static RELEASE: Lua = Lua::new(r#"
 local n = 0
 for i = 1, #ARGV, 2 do
   if redis.call('ZREM', KEYS[2], ARGV[i]) == 1 then
@@ -137,7 +136,7 @@ for i = 1, #ARGV, 2 do
   end
 end
 return n
-"#;
+"#);
 
 // A hold whose expiration reached the expirer before its expiresAt by PostgreSQL's clock, put
 // back on Redis's clock: score = expiresAt + (Redis TIME - PostgreSQL's now), so it is claimed
@@ -145,7 +144,7 @@ return n
 // read, can only overstate it (later, never earlier).
 // KEYS: due, inflight, payload, tombstone. ARGV: member, expiresAt ms, PostgreSQL now ms, payload.
 // Returns the score, or -1 when the hold was paid or cancelled meanwhile.
-const PUT_BACK: &str = r#"
+static PUT_BACK: Lua = Lua::new(r#"
 if redis.call('EXISTS', KEYS[4]) == 1 then return -1 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -154,25 +153,25 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZADD', KEYS[1], score, ARGV[1])
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
 return score
-"#;
+"#);
 
 // KEYS: due, inflight, payload, tombstone. ARGV: member, tombstone TTL (s). Returns 1 if it was
 // pending. The tombstone is written in the same script, so no scheduling (`REARM`) of this shard can slip in
 // between the removal and the marker.
-const CANCEL: &str = r#"
+static CANCEL: Lua = Lua::new(r#"
 redis.call('SET', KEYS[4], 1, 'EX', ARGV[2])
 local a = redis.call('ZREM', KEYS[1], ARGV[1])
 local b = redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[3], ARGV[1])
 if a + b > 0 then return 1 end
 return 0
-"#;
+"#);
 
 // Schedules holds of one shard (one, a consumer's batch, or a chunk of a re-arm): each is added
 // to the due set unless it was paid or cancelled (its tombstone) or is in flight; its payload is
 // kept. KEYS: due, inflight, payload, then one tombstone per member. ARGV: member, score, payload per
 // member. Returns {added, earliest added score or false}.
-const REARM: &str = r#"
+static REARM: Lua = Lua::new(r#"
 local added, earliest = 0, false
 for i = 1, #KEYS - 3 do
   local m, score = ARGV[3 * i - 2], tonumber(ARGV[3 * i - 1])
@@ -185,7 +184,7 @@ for i = 1, #KEYS - 3 do
   end
 end
 return {added, earliest}
-"#;
+"#);
 
 /// Holds read from PostgreSQL per page of a re-arm; each page becomes one `REARM` call per shard.
 const REARM_PAGE: i64 = 3000;
@@ -306,7 +305,7 @@ impl Scheduler {
             return Ok(0);
         }
         let ids: Vec<Uuid> = evs.iter().map(|e| e.reservation_id).collect();
-        let script = Script::new(REARM);
+        let script = REARM.script();
         let mut inv = script.key(rearm_keys(&self.keys, shard, &ids));
         for ev in evs {
             inv.arg(ev.reservation_id.to_string()).arg(due_ms(ev.expires_at)).arg(serde_json::to_string(ev).expect("events serialize"));
@@ -330,7 +329,7 @@ impl Scheduler {
             let mut pipe = redis::pipe();
             for r in reservations {
                 // EVAL with the text: a pipeline cannot answer NOSCRIPT by loading the script.
-                pipe.cmd("EVAL").arg(CANCEL).arg(4).arg(schedule_keys(&self.keys, shard, *r)).arg(r.to_string()).arg(TOMBSTONE_TTL_SECS);
+                pipe.cmd("EVAL").arg(CANCEL.text()).arg(4).arg(schedule_keys(&self.keys, shard, *r)).arg(r.to_string()).arg(TOMBSTONE_TTL_SECS);
             }
             let done: Vec<i64> = pipe.query_async(&mut self.redis.clone()).await?;
             for (r, d) in reservations.iter().zip(done) {
@@ -346,7 +345,7 @@ impl Scheduler {
     pub async fn claim(&self, shard: i32) -> Result<Claimed, redis::RedisError> {
         let mut conn = self.redis.clone();
         type Raw = (i64, i64, Vec<String>, Vec<Option<String>>, Option<String>, u64, u64);
-        let (now_ms, reclaimed, members, payloads, next, due_size, inflight_size): Raw = Script::new(CLAIM)
+        let (now_ms, reclaimed, members, payloads, next, due_size, inflight_size): Raw = CLAIM.script()
             .key(shard_keys(&self.keys, shard))
             .arg(self.cfg.batch_size)
             .arg(self.cfg.lease.as_millis() as u64)
@@ -369,7 +368,7 @@ impl Scheduler {
             return Ok(());
         }
         let mut conn = self.redis.clone();
-        let script = Script::new(RELEASE);
+        let script = RELEASE.script();
         let mut inv = script.key(release_keys(&self.keys, shard));
         for (member, score) in members {
             inv.arg(member).arg(*score);
@@ -384,7 +383,7 @@ impl Scheduler {
             return Ok(());
         }
         let mut conn = self.redis.clone();
-        let _: i64 = Script::new(ACK)
+        let _: i64 = ACK.script()
             .key(ack_keys(&self.keys, shard))
             .arg(members)
             .invoke_async(&mut conn)
@@ -601,7 +600,7 @@ impl Scheduler {
 /// milliseconds of Redis `TIME`) is never a fraction of a millisecond early.
 pub fn due_ms(expires_at: DateTime<Utc>) -> i64 {
     let ms = expires_at.timestamp_millis();
-    if expires_at.timestamp_subsec_micros() % 1000 == 0 { ms } else { ms + 1 }
+    if expires_at.timestamp_subsec_micros().is_multiple_of(1000) { ms } else { ms + 1 }
 }
 
 /// Puts a hold back into its shard's due set to be expired when PostgreSQL's clock reaches its
@@ -612,7 +611,7 @@ pub async fn put_back_early(redis: &RedisConn, keys: &Keys, ev: &ReservationEven
     let member = ev.reservation_id.to_string();
     let shard = partition_for(&member, PARTITIONS);
     let mut conn = redis.clone();
-    let score: i64 = Script::new(PUT_BACK)
+    let score: i64 = PUT_BACK.script()
         .key(schedule_keys(keys, shard, ev.reservation_id))
         .arg(&member)
         .arg(due_ms(ev.expires_at))
