@@ -27,6 +27,28 @@ pub fn var(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run the tests through scripts/test.sh"))
 }
 
+/// Test databases older than this are dropped by the next test that starts (a test keeps its
+/// database afterwards, for a look after a failure; a developer's PostgreSQL would otherwise
+/// collect hundreds, each visited by autovacuum).
+const KEEP_TEST_DATABASES_FOR: u64 = 2 * 3600;
+
+/// Drops `test_<created>_<id>` databases older than [`KEEP_TEST_DATABASES_FOR`], once per test
+/// binary. Best effort: another binary may be dropping the same ones.
+async fn drop_old_test_databases(admin: &PgPool, now: u64) {
+    static SWEPT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if SWEPT.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        return;
+    }
+    let names: Vec<String> = sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE 'test\\_%'").fetch_all(admin).await.unwrap_or_default();
+    for name in names {
+        // Older databases of this suite were named `test_<id>`, without their creation time.
+        let created = name.strip_prefix("test_").and_then(|rest| rest.split_once('_')).and_then(|(t, _)| t.parse::<u64>().ok()).unwrap_or(0);
+        if now.saturating_sub(created) > KEEP_TEST_DATABASES_FOR {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).execute(admin).await;
+        }
+    }
+}
+
 /// One isolated world on the shared services.
 #[derive(Clone)]
 pub struct TestEnv {
@@ -52,8 +74,11 @@ impl TestEnv {
     pub async fn on(redis_url: String, brokers: String, replication_factor: i32) -> Self {
         let base = var("DATABASE_URL");
         let id = Uuid::new_v4().simple().to_string()[..12].to_string();
-        let db = format!("test_{id}");
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs();
+        // The creation time in the name lets a later run drop what this one leaves behind.
+        let db = format!("test_{now}_{id}");
         let admin = PgPoolOptions::new().max_connections(1).connect(&base).await.expect("admin connection");
+        drop_old_test_databases(&admin, now).await;
         sqlx::query(&format!("CREATE DATABASE {db}")).execute(&admin).await.expect("create database");
         admin.close().await;
         let (head, _) = base.rsplit_once('/').expect("database url has a path");
