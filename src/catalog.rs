@@ -179,6 +179,9 @@ pub async fn seats(pool: &PgPool, schedule: Uuid) -> Result<Vec<Seat>> {
     Ok(seats)
 }
 
+/// Per schedule, its booking opening time and the instant this process read it.
+type KnownOpenings = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<Uuid, (DateTime<Utc>, std::time::Instant)>>>;
+
 /// Whether a schedule exists, and when its booking opens.
 /// Booking opening times recently read by this process: the queue entry, the busiest route of a
 /// sale, reads a schedule's `booking_opens_at` for every entrant. No route changes it, but an
@@ -187,7 +190,7 @@ pub async fn seats(pool: &PgPool, schedule: Uuid) -> Result<Vec<Seat>> {
 /// entrant, and a moved opening reaches every replica within that second.
 #[derive(Clone, Default)]
 pub struct OpeningTimes {
-    known: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<Uuid, (DateTime<Utc>, std::time::Instant)>>>,
+    known: KnownOpenings,
 }
 
 /// How long a read opening time is trusted.

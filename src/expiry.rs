@@ -14,6 +14,7 @@
 //!   last net when Redis, Kafka or the scheduler lost something (§8-1 "fallback scheduler");
 //! - the design document's old way ([`legacy_scan`], `--mode before`), kept for comparison and
 //!   as the §9-2 rollback.
+//!
 //! The seat is freed by the same statement: a seat's status is derived from its reservations.
 
 use std::time::Duration;
@@ -67,7 +68,9 @@ pub async fn expire(pool: &PgPool, topics: &Topics, ids: &[Uuid], path: &'static
     // looked (the time is the only condition left). Not asked when every id just expired (the
     // burst's case: one round trip less per batch).
     let distinct = ids.iter().collect::<std::collections::HashSet<_>>().len();
-    let early: Vec<(Uuid, Uuid, Uuid, Uuid, DateTime<Utc>, DateTime<Utc>)> = if rows.len() == distinct {
+    /// A hold still HELD: id, user, seat, schedule, `expires_at`, and PostgreSQL's clock.
+    type Early = (Uuid, Uuid, Uuid, Uuid, DateTime<Utc>, DateTime<Utc>);
+    let early: Vec<Early> = if rows.len() == distinct {
         Vec::new()
     } else {
         sqlx::query_as(&format!(

@@ -334,13 +334,16 @@ pub async fn users_between(pool: &sqlx::PgPool, after: i64, upto: i64) -> Result
         .await
 }
 
+/// A user's `watch` of the latest position, and how many streams of that user are open.
+type UserStreams = (tokio::sync::watch::Sender<i64>, usize);
+
 /// Fan-out by user: one `watch` per user with open streams on this api, holding the latest
 /// position the feed saw for that user. A stream wakes only for its own user's news, a `watch`
 /// cannot lag (it keeps the latest value), and the entry is removed with the user's last stream.
 /// The per-user cap on open streams is counted here.
 #[derive(Clone, Default)]
 pub struct NotificationHub {
-    users: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<Uuid, (tokio::sync::watch::Sender<i64>, usize)>>>,
+    users: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<Uuid, UserStreams>>>,
 }
 
 /// Why a notification stream was refused.

@@ -40,6 +40,10 @@ pub struct Paid {
     pub schedule_id: Option<Uuid>,
 }
 
+/// The claim row of [`pay`]: whether the key was fresh, the hold's status and `expires_at`,
+/// PostgreSQL's clock, the hold's price, schedule and seat, and `now()` (the payment time).
+type ClaimRow = (bool, Option<String>, Option<DateTime<Utc>>, DateTime<Utc>, Option<i64>, Option<Uuid>, Option<Uuid>, DateTime<Utc>);
+
 /// Pays `reservation` for `user`, once per `key`.
 ///
 /// Under a spike a payment costs its round trips, and the hold's row lock is held across them,
@@ -54,7 +58,7 @@ pub async fn pay(pool: &PgPool, topics: &Topics, user: Uuid, key: &str, reservat
     // concurrent retry with this key waits on the lock too, then finds the key taken and replays.
     // The claim reads the locked row (`lockfirst`), so every payment takes the two in the same
     // order and two of them cannot deadlock. `now()` is the transaction's timestamp: `paid_at`.
-    let row: (bool, Option<String>, Option<DateTime<Utc>>, DateTime<Utc>, Option<i64>, Option<Uuid>, Option<Uuid>, DateTime<Utc>) = sqlx::query_as(&format!(
+    let row: ClaimRow = sqlx::query_as(&format!(
         "WITH r AS MATERIALIZED (SELECT status, expires_at, price, schedule_id, seat_id FROM reservations
                                  WHERE id = $4 AND user_id = $1 FOR UPDATE),
               k AS ({claim})

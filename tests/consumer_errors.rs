@@ -25,7 +25,7 @@ async fn worker(env: &TestEnv, sink: Sink) -> (CancellationToken, tokio::task::J
     let settings = WorkerSettings {
         sink,
         ranking_reconcile: booking::worker::ReconcileEvery { window: Duration::from_secs(3600), full: Duration::from_secs(3600) },
-        ..common::inproc::worker_settings(&env)
+        ..common::inproc::worker_settings(env)
     };
     let (res, gp, sd) = (env.res.clone(), format!("{}worker-", env.prefix), t.clone());
     let ops = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

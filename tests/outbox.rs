@@ -197,7 +197,7 @@ async fn a_row_committed_after_a_later_one_was_published_is_still_published() {
     let topic = env.topics().notification_request.clone();
     let relay = Relay::new(env.pool.clone(), env.res.producer.clone(), 100, Duration::from_millis(100)).full_scan_every(Duration::from_secs(3600));
     let late_envelope = Envelope::new(EventType::NotificationRequest, json!({"n": "late"}));
-    let mut late = env.pool.begin().await.unwrap();
+    let mut late = booking::db::begin(&env.pool).await.unwrap();
     outbox::enqueue(&mut late, &topic, "one-key", &late_envelope).await.unwrap();
     let late_id: i64 = sqlx::query_scalar("SELECT id FROM outbox WHERE event_id = $1").bind(late_envelope.event_id).fetch_one(&mut *late).await.unwrap();
 
@@ -229,7 +229,7 @@ async fn an_outbox_writer_holds_its_transaction_id_before_its_rows_take_ids() {
     // Three transactions: drawing from the sequence also takes a transaction id, but only on
     // the one draw in 32 that writes the sequence to the WAL.
     for _ in 0..3 {
-        let mut tx = env.pool.begin().await.unwrap();
+        let mut tx = booking::db::begin(&env.pool).await.unwrap();
         let seen: Option<String> = sqlx::query_scalar(
             "INSERT INTO outbox (topic, message_key, event_id, envelope)
              VALUES ('t', 'k', gen_random_uuid(), jsonb_build_object('xid', pg_current_xact_id_if_assigned()::text))

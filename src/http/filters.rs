@@ -62,7 +62,7 @@ pub fn routes(api: Api) -> BoxedFilter<(Response,)> {
     all.recover(recover)
         .unify()
         .with(super::with_metrics())
-        .map(|r| Reply::into_response(r))
+        .map(Reply::into_response)
         .boxed()
 }
 

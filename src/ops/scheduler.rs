@@ -271,13 +271,16 @@ pub struct ShardStatus {
     pub next_due: Option<DateTime<Utc>>,
 }
 
+/// A shard's pipeline reply: due count, in-flight count, and the first due member with its score.
+type ShardCounts = (u64, u64, Vec<(String, f64)>);
+
 /// Due, in flight and next due of every shard (counts are `None` when Redis is unreachable).
 pub async fn shards(ops: &Ops) -> Vec<ShardStatus> {
     let mut out = Vec::new();
     for shard in 0..PARTITIONS {
         let mut st = ShardStatus { shard, due: None, in_flight: None, next_due: None };
         if let Ok(mut conn) = ops.redis() {
-            let r: Result<(u64, u64, Vec<(String, f64)>), _> = redis::pipe()
+            let r: Result<ShardCounts, _> = redis::pipe()
                 .zcard(ops.keys.sched_due(shard))
                 .zcard(ops.keys.sched_inflight(shard))
                 .zrange_withscores(ops.keys.sched_due(shard), 0, 0)

@@ -85,7 +85,7 @@ impl Daemon {
     /// its log (the consumer logs its whole set on every rebalance), if any.
     pub fn assigned(&self, topic: &str, from: usize) -> Option<BTreeSet<i32>> {
         let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let line = log.get(from..)?.lines().filter(|l| l.contains("partitions assigned")).last()?;
+        let line = log.get(from..)?.lines().rev().find(|l| l.contains("partitions assigned"))?;
         let needle = format!("\"{topic}\", ");
         Some(line.match_indices(&needle).filter_map(|(i, _)| line[i + needle.len()..].split(')').next()?.trim().parse().ok()).collect())
     }
