@@ -182,7 +182,6 @@ pub async fn seats(pool: &PgPool, schedule: Uuid) -> Result<Vec<Seat>> {
 /// Per schedule, its booking opening time and the instant this process read it.
 type KnownOpenings = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<Uuid, (DateTime<Utc>, std::time::Instant)>>>;
 
-/// Whether a schedule exists, and when its booking opens.
 /// Booking opening times recently read by this process: the queue entry, the busiest route of a
 /// sale, reads a schedule's `booking_opens_at` for every entrant. No route changes it, but an
 /// operator may move an opening in the database during an incident, so a read is trusted for
