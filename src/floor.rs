@@ -14,7 +14,8 @@
 //! **Why it is safe — nothing below the floor is ever left pending.** It needs one rule from
 //! the table's writers: *a writer holds its transaction id before it takes a row id.* (Seat
 //! events are written by the statement triggers on `reservations`, after those wrote their rows:
-//! migration 0160. Outbox rows are written by statements whose `BEFORE` statement trigger takes
+//! migration 0160, whose error message still names `sequencer::Floor`, where this type lived
+//! until issue 11's twelfth pass. Outbox rows are written by statements whose `BEFORE` statement trigger takes
 //! the transaction id first: migration 0170.)
 //!
 //! Take a look `k` (a scan) that read committed pending rows up to id `next_id - 1`. Every lower

@@ -218,7 +218,7 @@ async fn unstamped_index_pages_so_far(pool: &PgPool) -> i64 {
 /// The live streams' feed finds unstamped seat events above a floor of what it knows stamped,
 /// instead of walking, on every poll, the index entries of everything stamped since the last
 /// VACUUM; and the floor never passes a seat event whose transaction took its id before a stamp
-/// and committed after it (`sequencer::Floor`).
+/// and committed after it (`floor::Floor`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_seat_feed_looks_above_what_it_stamped_and_never_skips_a_late_commit() {
     const SEATS: i64 = 9_000;
