@@ -303,7 +303,7 @@ async fn under_faults_nothing_is_lost_and_nothing_is_double_sold() {
     // publish. It must be set aside without holding back any later event.
     let poison = {
         let envelope = booking::kafka::Envelope::new(booking::kafka::EventType::NotificationRequest, json!({"blob": "x".repeat(2 << 20)}));
-        let mut tx = env.pool.begin().await.unwrap();
+        let mut tx = booking::db::begin(&env.pool).await.unwrap();
         booking::outbox::enqueue(&mut tx, &env.topics().notification_request, "poison", &envelope).await.unwrap();
         tx.commit().await.unwrap();
         envelope.event_id
@@ -311,13 +311,13 @@ async fn under_faults_nothing_is_lost_and_nothing_is_double_sold() {
 
     let mut faults: Vec<(String, Duration)> = Vec::new();
     tokio::time::sleep(between).await;
-    for i in 0..daemons.len() {
+    for daemon in daemons.iter_mut() {
         let started = Instant::now();
-        daemons[i].kill9();
+        daemon.kill9();
         tokio::time::sleep(Duration::from_millis(500)).await;
-        daemons[i].start();
-        daemons[i].healthy(Duration::from_secs(60)).await;
-        faults.push((format!("SIGKILL {} and restart", daemons[i].name), started.elapsed()));
+        daemon.start();
+        daemon.healthy(Duration::from_secs(60)).await;
+        faults.push((format!("SIGKILL {} and restart", daemon.name), started.elapsed()));
         tokio::time::sleep(between).await;
     }
     let started = Instant::now();

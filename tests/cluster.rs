@@ -251,7 +251,9 @@ async fn the_cluster_topology_survives_a_broker_a_redis_master_and_one_of_each_d
     let probes = probe(booking::kafka::producer(&brokers, "probe").unwrap(), probe_topic, probe_stop.clone());
 
     let mut phases: Vec<Phase> = Vec::new();
-    let mut verdicts_all: Vec<(String, Vec<(&'static str, bool, String)>, usize)> = Vec::new();
+    // Per phase: its name, each check (what, passed, detail), and the dead letters it left.
+    type PhaseVerdicts = (String, Vec<(&'static str, bool, String)>, usize);
+    let mut verdicts_all: Vec<PhaseVerdicts> = Vec::new();
     let settle = |name: String| {
         let (env, client, export) = (&env, clients[1].clone(), export.clone());
         async move {

@@ -21,11 +21,14 @@ use warp::Filter;
 
 const SECRET: &str = "whsec-test";
 
+/// One request the receiver got: event id, signature header, body.
+type Received = (String, String, Vec<u8>);
+
 /// A webhook receiver: records every request (event id, signature header, body), answers with
 /// `status()` and, when `gate` is set, holds each request until the test releases a permit.
 #[derive(Clone, Default)]
 struct Receiver {
-    got: Arc<Mutex<Vec<(String, String, Vec<u8>)>>>,
+    got: Arc<Mutex<Vec<Received>>>,
     in_flight: Arc<AtomicUsize>,
     most_in_flight: Arc<AtomicUsize>,
     gate: Option<Arc<Semaphore>>,

@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 async fn enqueue(env: &TestEnv, topic: &str, payload: serde_json::Value) -> Uuid {
     let envelope = Envelope::new(EventType::NotificationRequest, payload);
-    let mut tx = env.pool.begin().await.unwrap();
+    let mut tx = booking::db::begin(&env.pool).await.unwrap();
     // One key for every row: order is promised per key.
     outbox::enqueue(&mut tx, topic, "one-key", &envelope).await.unwrap();
     tx.commit().await.unwrap();

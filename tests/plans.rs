@@ -254,7 +254,7 @@ async fn the_seat_feed_looks_above_what_it_stamped_and_never_skips_a_late_commit
     };
 
     // A late writer takes its seat event's id first and stays open…
-    let mut late = pool.begin().await.expect("begin");
+    let mut late = booking::db::begin(pool).await.expect("begin");
     sqlx::query(&hold_seats(SEATS + 1, SEATS + 1)).execute(&mut *late).await.expect("late hold");
     // …while a sale's worth of seat events (higher ids) commit and are stamped, round after round.
     sqlx::query(&hold_seats(1, SEATS)).execute(pool).await.expect("holds");

@@ -384,8 +384,8 @@ fn a_notification(user: uuid::Uuid) -> (uuid::Uuid, booking::notification::Notif
 
 /// Another session holds the notification stream's row lock (what a concurrent store holds while
 /// it writes) until the returned transaction ends.
-async fn hold_the_notification_stream(env: &TestEnv) -> sqlx::Transaction<'static, sqlx::Postgres> {
-    let mut blocker = env.pool.begin().await.unwrap();
+async fn hold_the_notification_stream(env: &TestEnv) -> booking::db::Tx {
+    let mut blocker = booking::db::begin(&env.pool).await.unwrap();
     sqlx::query("SELECT 1 FROM stream_heads WHERE stream = 'notification' FOR UPDATE").execute(&mut *blocker).await.unwrap();
     blocker
 }

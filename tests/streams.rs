@@ -253,7 +253,7 @@ async fn two_watchers_see_every_change_of_a_seat_in_order_even_across_a_reconnec
     assert_eq!(missing.status(), 404);
     a.task.abort();
     b.task.abort();
-    stop(tasks.drain(..).collect()).await;
+    stop(std::mem::take(&mut tasks)).await;
     api.stop().await;
 }
 
@@ -300,7 +300,7 @@ async fn a_user_gets_429_too_many_streams_beyond_the_per_user_cap_and_a_place_ba
 /// Opens and commits a notification for `user` directly in PostgreSQL, holding the transaction
 /// open for `hold` so that later inserts commit first (what another writer would do).
 async fn slow_notification(pool: sqlx::PgPool, user: String, hold: Duration) {
-    let mut tx = pool.begin().await.unwrap();
+    let mut tx = booking::db::begin(&pool).await.unwrap();
     sqlx::query(
         "INSERT INTO notifications (event_id, user_id, type, title, message)
          VALUES (gen_random_uuid(), $1::uuid, 'QUEUE_POSITION', '대기 순번', 'slow writer')",
@@ -384,7 +384,7 @@ async fn notifications_stored_by_concurrent_writers_become_visible_in_position_o
                 i += 1;
                 let mut batch: Vec<(uuid::Uuid, NotificationRequest)> =
                     (0..(i % 20 + 1)).map(|_| (uuid::Uuid::new_v4(), NotificationRequest::new(Kind::QueuePosition(w), user, serde_json::json!({})))).collect();
-                if let (Some(again), true) = (last, i % 3 == 0) {
+                if let (Some(again), true) = (last, i.is_multiple_of(3)) {
                     batch.insert(0, (again, NotificationRequest::new(Kind::QueuePosition(w), user, serde_json::json!({}))));
                 }
                 last = batch.last().map(|b| b.0);
@@ -485,7 +485,7 @@ async fn shopper(api: Arc<TestApi>, schedule: String, seats: Vec<String>, n: usi
 async fn slow_canceller(pool: sqlx::PgPool, schedule: String, stop: CancellationToken) -> usize {
     let mut n = 0;
     while !stop.is_cancelled() {
-        let mut tx = pool.begin().await.unwrap();
+        let mut tx = booking::db::begin(&pool).await.unwrap();
         let hit: Option<uuid::Uuid> = sqlx::query_scalar(
             "UPDATE reservations SET status = 'CANCELLED', cancelled_at = clock_timestamp()
              WHERE id = (SELECT id FROM reservations WHERE schedule_id = $1::uuid AND status = 'HELD'
@@ -579,7 +579,7 @@ async fn with_two_apis_and_two_expirers_each_watcher_ends_in_postgresqls_state_w
     eprintln!("{total_holds} holds, {expired} expired, {slow_cancels} slow cancels, {changes} seat changes, hopper reconnected {} times", hopper.reconnects.lock().unwrap());
     steady.task.abort();
     hopper.task.abort();
-    stop(tasks.drain(..).collect()).await;
+    stop(std::mem::take(&mut tasks)).await;
     for a in [api1, api2] {
         if let Ok(a) = Arc::try_unwrap(a) {
             a.stop().await;
