@@ -362,6 +362,10 @@ impl Relay {
             self.floor.lock().expect("floor lock").0.after(&Look { read, xmin, done_below: i64::MAX });
             observe_backlog(0, 0.0);
             self.observe_set_aside(&mut tx, false).await?;
+            // Ended here, not by the drop: a dropped transaction's ROLLBACK is only sent when its
+            // connection is next used, and until then it keeps the relay lock, turning this
+            // relay's next step (and every other relay's) away as Busy.
+            tx.rollback().await?;
             return Ok(RelayTick::Idle);
         }
         let producer = self.producer();
