@@ -13,6 +13,13 @@ use sqlx::{Connection as _, Postgres, TransactionManager};
 /// The migrations in `migrations/`, compiled into the binaries.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// The SQL timestamp `expr` as JSON text in the RFC 3339 form chrono writes (UTC, `Z`, to the
+/// microsecond), for an answer or an event whose time only the statement knows (`now()`, an
+/// `expires_at` it computed).
+pub fn rfc3339_sql(expr: &str) -> String {
+    format!("to_jsonb(to_char({expr} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'))")
+}
+
 /// Connects a pool of at most `max` connections. Each connection carries the program's name as
 /// `application_name` (unless the URL sets one), so `pg_stat_activity` and the server's logs say
 /// which process a session belongs to: what an operator looks at first when the database is

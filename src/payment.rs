@@ -8,7 +8,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use sqlx::{PgPool, Row as _};
+use sqlx::{FromRow as _, PgPool};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
@@ -40,97 +40,108 @@ pub struct Paid {
     pub schedule_id: Option<Uuid>,
 }
 
-/// The claim row of [`pay`]: whether the key was fresh, the hold's status and `expires_at`,
-/// PostgreSQL's clock, the hold's price, schedule and seat, and `now()` (the payment time).
-type ClaimRow = (bool, Option<String>, Option<DateTime<Utc>>, DateTime<Utc>, Option<i64>, Option<Uuid>, Option<Uuid>, DateTime<Utc>);
+/// The row of [`pay`]'s statement: the hold's status and `expires_at` (none: no such hold of this
+/// user), PostgreSQL's clock once the hold was locked, and, when it paid, the schedule and the
+/// answer it stored for the key.
+type PayRow = (Option<String>, Option<DateTime<Utc>>, Option<DateTime<Utc>>, Option<Uuid>, Option<Value>);
 
 /// Pays `reservation` for `user`, once per `key`.
 ///
-/// Under a spike a payment costs its round trips, and the hold's row lock is held across them,
-/// so the transaction is four: `BEGIN`; the key's claim with the hold's lock; one statement that
-/// writes everything; `COMMIT` (it was eight, one per step).
+/// Under a spike a payment costs its round trips and its row writes, so it is one statement,
+/// committed on its own (it was `BEGIN`, the key's claim with the hold's lock, the writes and
+/// `COMMIT`; the key's row was written twice, claimed and then completed). The statement locks
+/// the hold, checks THE RULE on the locked row against PostgreSQL's clock
+/// ([`reservation::payable_sql`]), and only then takes the points, writes the payment, confirms
+/// the hold, stores the key with its answer and writes the outbox rows of `payment.completed` and
+/// the `PAYMENT_CONFIRMED` notification. Everything after the check hangs on the points' update
+/// (`u`): a balance that does not cover the price writes nothing.
+///
+/// What makes the key safe without a claim first, each case ending in one answer:
+/// - the same key for the same hold, at once: the second waits on the hold's lock, then finds it
+///   CONFIRMED, writes nothing, and replays the answer the first stored (read after its wait);
+/// - the same key for another hold: the key's insert waits on the first request's uncommitted row
+///   (the primary key), then fails with a unique violation once that commits: the whole
+///   statement is undone, and the stored answer says `IDEMPOTENCY_KEY_REUSED`;
+/// - a failed payment stores no key, so its retry runs afresh.
+///
+/// No lock is taken in another order by any path, so none of these can deadlock: a payment locks
+/// the hold, then the user's balance, then the key.
 pub async fn pay(pool: &PgPool, topics: &Topics, user: Uuid, key: &str, reservation: Uuid) -> Result<Paid> {
     let fp = idempotency::fingerprint(&[b"payment", reservation.as_bytes()]);
-    let mut tx = crate::db::begin(pool).await?;
-
-    // Lock the hold, then claim the key (see `idempotency`), in one statement: a concurrent
-    // payment of this hold with another key waits on the lock and then sees CONFIRMED; a
-    // concurrent retry with this key waits on the lock too, then finds the key taken and replays.
-    // The claim reads the locked row (`lockfirst`), so every payment takes the two in the same
-    // order and two of them cannot deadlock. `now()` is the transaction's timestamp: `paid_at`.
-    let row: ClaimRow = sqlx::query_as(&format!(
-        "WITH r AS MATERIALIZED (SELECT status, expires_at, price, schedule_id, seat_id FROM reservations
-                                 WHERE id = $4 AND user_id = $1 FOR UPDATE),
-              k AS ({claim})
-         SELECT EXISTS (SELECT 1 FROM k), r.status, r.expires_at, clock_timestamp(), r.price, r.schedule_id, r.seat_id, now()
-         FROM (SELECT 1) AS one LEFT JOIN r ON true",
-        claim = idempotency::claim_sql("$1", "'payment'", "$2", "$3", "(SELECT count(*) FROM r) AS lockfirst"),
-    ))
-    .bind(user)
-    .bind(key)
-    .bind(&fp)
-    .bind(reservation)
-    .fetch_one(&mut *tx)
-    .await?;
-    let (fresh, status, expires_at, now, price, schedule_id, seat_id, paid_at) = row;
-    if !fresh {
-        let (status, body) = idempotency::stored(&mut tx, user, "payment", key, &fp).await?;
-        return Ok(Paid { status, body, schedule_id: None });
-    }
-    let (Some(status), Some(expires_at), Some(price), Some(schedule_id), Some(seat_id)) = (status, expires_at, price, schedule_id, seat_id) else {
-        return Err(Error::NotFound("reservation"));
-    };
-    if let Err(e) = check_payable(&status, expires_at, now) {
-        metrics::counter!("payments_total", "outcome" => e.code()).increment(1);
-        return Err(e);
-    }
-
     let payment_id = Uuid::new_v4();
-    let event = PaymentCompleted { payment_id, reservation_id: reservation, user_id: user, schedule_id, seat_id, amount: price, paid_at };
     let key_str = reservation.to_string();
-    let note = NotificationRequest::new(
-        Kind::PaymentConfirmed,
-        user,
-        json!({"reservationId": reservation, "paymentId": payment_id, "scheduleId": schedule_id, "seatId": seat_id, "amount": price}),
-    );
+    // The price, schedule, seat and time are only known inside the statement, which writes them
+    // into the answer and both envelopes (the values here are placeholders it replaces).
+    let event = PaymentCompleted {
+        payment_id,
+        reservation_id: reservation,
+        user_id: user,
+        schedule_id: Uuid::nil(),
+        seat_id: Uuid::nil(),
+        amount: 0,
+        paid_at: DateTime::<Utc>::UNIX_EPOCH,
+    };
+    let note = NotificationRequest::new(Kind::PaymentConfirmed, user, json!({"reservationId": reservation, "paymentId": payment_id}));
     let events = [
         outbox::Row::new(&topics.payment_completed, &key_str, &Envelope::new(EventType::PaymentCompleted, event)),
         notification::outbox_row(topics, notification::event_id(Kind::PaymentConfirmed, &key_str), note),
     ];
-    // The balance is only known inside the statement: the stored answer gets it there.
-    let mut body = json!({
-        "paymentId": payment_id,
-        "reservationId": reservation,
-        "amount": price,
-        "status": "CONFIRMED",
-        "balance": 0,
-        "paidAt": paid_at,
-    });
-
-    // Everything else in one statement, each part only if the balance covered the price (`u`
-    // has its row): the points and their ledger line (`points::apply_sql`), the payment, the
-    // hold's confirmation, the outbox rows of `payment.completed` and the notification, and the
-    // key's stored answer.
+    let body = json!({"paymentId": payment_id, "reservationId": reservation, "status": "CONFIRMED"});
+    let facts = "'scheduleId', ok.schedule_id, 'seatId', ok.seat_id, 'amount', ok.price";
     let sql = format!(
-        "WITH {points},
-              p AS (INSERT INTO payments (id, reservation_id, user_id, amount, paid_at) SELECT $3, $4, $1, $2, $5 FROM u),
-              c AS (UPDATE reservations SET status = 'CONFIRMED', confirmed_at = $5 WHERE id = $4 AND EXISTS (SELECT 1 FROM u)),
-              i AS ({stored}),
+        "WITH r AS MATERIALIZED (SELECT status, expires_at, price, schedule_id, seat_id FROM reservations
+                                 WHERE id = $4 AND user_id = $1 FOR UPDATE),
+              t AS MATERIALIZED (SELECT r.*, clock_timestamp() AS at FROM r),
+              ok AS MATERIALIZED (SELECT price, schedule_id, seat_id, {paid_at} AS paid FROM t WHERE {payable}),
+              {points},
+              p AS (INSERT INTO payments (id, reservation_id, user_id, amount, paid_at) SELECT $3, $4, $1, ok.price, now() FROM ok, u),
+              c AS (UPDATE reservations SET status = 'CONFIRMED', confirmed_at = now() WHERE id = $4 AND EXISTS (SELECT 1 FROM u)),
+              k AS (INSERT INTO idempotency_keys (user_id, scope, key, request_hash, status_code, response)
+                    SELECT $1, 'payment', $2, $5, 201, $6::jsonb || jsonb_build_object('amount', ok.price, 'balance', u.balance, 'paidAt', ok.paid)
+                    FROM ok, u RETURNING response),
               o AS ({outbox})
-         SELECT balance FROM u",
-        points = points::apply_sql(Movement::Use, "$1", "$2"),
-        stored = idempotency::complete_sql("$1", "'payment'", "$7", "201", "jsonb_set($6::jsonb, '{balance}', to_jsonb(u.balance))", "u"),
-        outbox = outbox::insert_sql(8, "WHERE EXISTS (SELECT 1 FROM u)"),
+         SELECT t.status, t.expires_at, t.at, ok.schedule_id, k.response
+         FROM (SELECT 1) AS one LEFT JOIN t ON true LEFT JOIN ok ON true LEFT JOIN k ON true",
+        paid_at = crate::db::rfc3339_sql("now()"),
+        payable = crate::reservation::payable_sql("status", "expires_at", "at"),
+        points = points::apply_sql(Movement::Use, "$1", "(SELECT price FROM ok)"),
+        // Rows in the order of `events`: the event's payload and the notification's data get
+        // what the statement read.
+        outbox = outbox::insert_sql_joined(
+            7,
+            ", ok, u",
+            "",
+            &format!(
+                "CASE WHEN n = 1 THEN jsonb_set(v, '{{payload}}', (v -> 'payload') || jsonb_build_object({facts}, 'paidAt', ok.paid))
+                      ELSE jsonb_set(v, '{{payload,data}}', (v #> '{{payload,data}}') || jsonb_build_object({facts})) END"
+            ),
+        ),
     );
-    let query = sqlx::query(&sql).bind(user).bind(price).bind(payment_id).bind(reservation).bind(paid_at).bind(&body).bind(key);
-    let balance: Option<i64> = outbox::bind_rows(query, &events).fetch_optional(&mut *tx).await?.map(|r| r.get(0));
-    let Some(balance) = balance else {
-        metrics::counter!("payments_total", "outcome" => "INSUFFICIENT_POINTS").increment(1);
-        return Err(Error::InsufficientPoints);
+    let query = sqlx::query(&sql).bind(user).bind(key).bind(payment_id).bind(reservation).bind(&fp).bind(&body);
+    let row: PayRow = match outbox::bind_rows(query, &events).fetch_one(pool).await {
+        Ok(row) => PayRow::from_row(&row)?,
+        // The key was stored meanwhile by a request for another hold (see above).
+        Err(e) if crate::error::is_unique_violation(&e, "idempotency_keys_pkey") => (None, None, None, None, None),
+        Err(e) => return Err(e.into()),
     };
-    body["balance"] = json!(balance);
-    tx.commit().await?;
-    outbox::committed();
-    metrics::counter!("payments_total", "outcome" => "confirmed").increment(1);
-    Ok(Paid { status: 201, body, schedule_id: Some(schedule_id) })
+    let (status, expires_at, now, schedule_id, answer) = row;
+    if let (Some(body), Some(schedule_id)) = (answer, schedule_id) {
+        outbox::committed();
+        metrics::counter!("payments_total", "outcome" => "confirmed").increment(1);
+        return Ok(Paid { status: 201, body, schedule_id: Some(schedule_id) });
+    }
+    // Nothing was written. A key already used answers as it did the first time (read now, after
+    // any wait on the hold's lock or the key); otherwise say what stopped this payment.
+    if let Some((code, body)) = idempotency::answered(pool, user, "payment", key, &fp).await? {
+        return Ok(Paid { status: code, body, schedule_id: None });
+    }
+    let (Some(status), Some(expires_at), Some(now)) = (status, expires_at, now) else {
+        return Err(Error::NotFound("reservation"));
+    };
+    let outcome = match check_payable(&status, expires_at, now) {
+        Err(e) => e,
+        Ok(()) => Error::InsufficientPoints,
+    };
+    metrics::counter!("payments_total", "outcome" => outcome.code()).increment(1);
+    Err(outcome)
 }

@@ -124,6 +124,12 @@ pub fn check_payable(status: &str, expires_at: DateTime<Utc>, now: DateTime<Utc>
     }
 }
 
+/// THE RULE as an SQL condition, for a statement that pays only if it holds ([`check_payable`]
+/// then names what failed): `status`, `expires_at` and `now` are SQL expressions.
+pub fn payable_sql(status: &str, expires_at: &str, now: &str) -> String {
+    format!("({status} = 'HELD' AND {expires_at} > {now})")
+}
+
 /// A seat as a hold first sees it: one read, outside any transaction, after the queue check and on
 /// the connection the hold then uses.
 #[derive(Debug, Clone, Copy)]
@@ -254,7 +260,7 @@ pub async fn hold(conn: PoolConnection<Postgres>, topics: &Topics, req: HoldRequ
             8,
             ", r",
             "",
-            "jsonb_set(v, '{payload,expiresAt}', to_jsonb(to_char(r.expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')))"
+            &format!("jsonb_set(v, '{{payload,expiresAt}}', {})", crate::db::rfc3339_sql("r.expires_at")),
         ),
         confirmed = status_is("CONFIRMED"),
         held = status_is("HELD"),

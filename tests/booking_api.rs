@@ -97,7 +97,7 @@ async fn a_hold_past_its_expiry_cannot_be_paid_and_the_seat_can_be_held_by_someo
 async fn a_payment_retried_with_its_idempotency_key_charges_once_and_answers_the_same() {
     let env = TestEnv::new().await;
     let api = env.api(TTL, QueueSettings::default()).await;
-    let (schedule, seats) = api.concert(3, 300).await;
+    let (schedule, seats) = api.concert(5, 300).await;
     let u = api.user("payer").await;
     api.charge(&u, 1000).await;
     let t = api.active_token(&u, &schedule).await;
@@ -138,6 +138,29 @@ async fn a_payment_retried_with_its_idempotency_key_charges_once_and_answers_the
     assert_eq!(r.status(), 422);
     assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], "IDEMPOTENCY_KEY_REUSED");
 
+    // The same key for two other holds at once: one is paid, the other told the key is taken.
+    let t = api.active_token(&u, &schedule).await;
+    let (ha, hb) = (api.hold(&u, &t, &seats[2]).await, api.hold(&u, &t, &seats[3]).await);
+    let ha = ha.json::<Value>().await.unwrap()["reservationId"].as_str().unwrap().to_string();
+    let hb = hb.json::<Value>().await.unwrap()["reservationId"].as_str().unwrap().to_string();
+    let (a, b) = tokio::join!(api.pay(&u, "key-E", &ha), api.pay(&u, "key-E", &hb));
+    let mut answers = vec![(a.status().as_u16(), a.json::<Value>().await.unwrap()), (b.status().as_u16(), b.json::<Value>().await.unwrap())];
+    answers.sort_by_key(|(status, _)| *status);
+    assert_eq!((answers[0].0, answers[1].0), (201, 422), "{answers:?}");
+    assert_eq!(answers[1].1["error"]["code"], "IDEMPOTENCY_KEY_REUSED");
+    assert_eq!(api.balance(&u).await, 400, "charged once");
+    let statuses: Vec<String> = sqlx::query_scalar("SELECT status FROM reservations WHERE id = ANY($1::uuid[]) ORDER BY status")
+        .bind(vec![ha.clone(), hb.clone()])
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(statuses, vec!["CONFIRMED", "HELD"]);
+    api.charge(&u, 300).await;
+    for id in [&ha, &hb] {
+        // The unpaid one goes, so the seat limit leaves room for the holds below.
+        api.http.delete(api.url(&format!("/v1/reservations/{id}"))).bearer_auth(&u.token).send().await.unwrap();
+    }
+
     // Two different keys for one hold: one 201, one 409.
     let (a, b) = tokio::join!(api.pay(&u, "key-B", &id2), api.pay(&u, "key-C", &id2));
     let mut statuses = vec![a.status().as_u16(), b.status().as_u16()];
@@ -147,7 +170,7 @@ async fn a_payment_retried_with_its_idempotency_key_charges_once_and_answers_the
 
     // Insufficient points: 409 and nothing changes.
     let t = api.active_token(&u, &schedule).await;
-    let held3: Value = api.hold(&u, &t, &seats[2]).await.json().await.unwrap();
+    let held3: Value = api.hold(&u, &t, &seats[4]).await.json().await.unwrap();
     let id3 = held3["reservationId"].as_str().unwrap().to_string();
     sqlx::query("UPDATE users SET balance = 100 WHERE id = $1::uuid").bind(&u.id).execute(&env.pool).await.unwrap();
     let r = api.pay(&u, "key-D", &id3).await;
@@ -156,6 +179,63 @@ async fn a_payment_retried_with_its_idempotency_key_charges_once_and_answers_the
     assert_eq!(api.balance(&u).await, 100);
     let still: Value = api.reservation(&u, &id3).await.json().await.unwrap();
     assert_eq!(still["status"], "HELD");
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_payment_whose_key_another_request_is_storing_waits_for_it_and_changes_nothing() {
+    let env = TestEnv::new().await;
+    let api = env.api(TTL, QueueSettings::default()).await;
+    let (schedule, seats) = api.concert(1, 300).await;
+    let u = api.user("racer").await;
+    api.charge(&u, 1000).await;
+    let t = api.active_token(&u, &schedule).await;
+    let held: Value = api.hold(&u, &t, &seats[0]).await.json().await.unwrap();
+    let id = held["reservationId"].as_str().unwrap().to_string();
+
+    // Another request (for something else) has stored the key and not committed yet.
+    let mut other = booking::db::begin(&env.pool).await.unwrap();
+    sqlx::query("INSERT INTO idempotency_keys (user_id, scope, key, request_hash, status_code, response) VALUES ($1::uuid, 'payment', 'key-R', 'other', 201, '{}')")
+        .bind(&u.id)
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    let pay = {
+        let (http, url, token, id) = (api.http.clone(), api.url("/v1/payments"), u.token.clone(), id.clone());
+        tokio::spawn(async move {
+            let r = http.post(url).bearer_auth(token).header("Idempotency-Key", "key-R").json(&json!({"reservationId": id})).send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        })
+    };
+    // The payment waits on that key: a backend waits for the other transaction to end.
+    let other_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *other).await.unwrap();
+    let pool = env.pool.clone();
+    common::eventually(Duration::from_secs(10), || {
+        let pool = pool.clone();
+        async move {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_locks w JOIN pg_locks h ON h.locktype = 'transactionid' AND h.transactionid = w.transactionid
+                 WHERE h.pid = $1 AND h.granted AND NOT w.granted",
+            )
+            .bind(other_pid)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            waiting > 0
+        }
+    })
+    .await;
+    other.commit().await.unwrap();
+    let (status, body) = pay.await.unwrap();
+    assert_eq!((status, body["error"]["code"].as_str()), (422, Some("IDEMPOTENCY_KEY_REUSED")), "{body}");
+    assert_eq!(api.balance(&u).await, 1000, "no points were taken");
+    let r: Value = api.reservation(&u, &id).await.json().await.unwrap();
+    assert_eq!(r["status"], "HELD");
+    let written: (i64, i64) = sqlx::query_as("SELECT (SELECT count(*) FROM payments), (SELECT count(*) FROM outbox WHERE topic LIKE '%payment%')")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(written, (0, 0), "nothing of the payment was written");
     api.stop().await;
 }
 
@@ -349,7 +429,9 @@ async fn every_event_of_a_booking_leaves_through_the_outbox_once() {
     let t = api.active_token(&u, &schedule).await;
     let h1: Value = api.hold(&u, &t, &seats[0]).await.json().await.unwrap();
     let h2: Value = api.hold(&u, &t, &seats[1]).await.json().await.unwrap();
-    assert_eq!(api.pay(&u, "p", h1["reservationId"].as_str().unwrap()).await.status(), 201);
+    let r = api.pay(&u, "p", h1["reservationId"].as_str().unwrap()).await;
+    assert_eq!(r.status(), 201);
+    let answer: Value = r.json().await.unwrap();
     let r = api.http.delete(api.url(&format!("/v1/reservations/{}", h2["reservationId"].as_str().unwrap()))).bearer_auth(&u.token).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let topics = env.topics().clone();
@@ -372,8 +454,20 @@ async fn every_event_of_a_booking_leaves_through_the_outbox_once() {
     }
     let paid = env.read_topic_settled(&topics.payment_completed, 1, Duration::from_secs(20), Duration::from_millis(500)).await;
     assert_eq!(paid.len(), 1);
-    assert_eq!(paid[0]["payload"]["reservationId"], h1["reservationId"]);
-    assert_eq!(paid[0]["payload"]["amount"], 50);
+    // The event says what the payment answered and what PostgreSQL stored.
+    let event = &paid[0]["payload"];
+    assert_eq!(event["reservationId"], h1["reservationId"]);
+    for field in ["seatId", "scheduleId"] {
+        assert_eq!(event[field], h1[field], "{field}");
+    }
+    for field in ["paymentId", "amount", "paidAt"] {
+        assert_eq!(event[field], answer[field], "{field}");
+    }
+    assert_eq!(event["amount"], 50);
+    let at = |v: &Value| chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap()).unwrap();
+    let stored: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT paid_at FROM payments WHERE id = $1").bind(Uuid::parse_str(answer["paymentId"].as_str().unwrap()).unwrap()).fetch_one(&env.pool).await.unwrap();
+    assert_eq!(at(&event["paidAt"]), stored, "the event's paidAt is the payment's");
     let cancelled = env.read_topic_settled(&topics.reservation_cancelled, 1, Duration::from_secs(20), Duration::from_millis(500)).await;
     assert_eq!(cancelled.len(), 1);
     // QUEUE_POSITION (entry), QUEUE_ACTIVATED (admission), PAYMENT_CONFIRMED.
@@ -381,6 +475,11 @@ async fn every_event_of_a_booking_leaves_through_the_outbox_once() {
     let mut types: Vec<&str> = notes.iter().map(|n| n["payload"]["type"].as_str().unwrap()).collect();
     types.sort();
     assert_eq!(types, vec!["PAYMENT_CONFIRMED", "QUEUE_ACTIVATED", "QUEUE_POSITION"]);
+    let confirmed = &notes.iter().find(|n| n["payload"]["type"] == "PAYMENT_CONFIRMED").unwrap()["payload"]["data"];
+    for field in ["reservationId", "seatId", "scheduleId"] {
+        assert_eq!(confirmed[field], h1[field], "{field}");
+    }
+    assert_eq!((&confirmed["paymentId"], &confirmed["amount"]), (&answer["paymentId"], &answer["amount"]));
     let unpublished: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetch_one(&env.pool).await.unwrap();
     assert_eq!(unpublished, 0);
     api.stop().await;
