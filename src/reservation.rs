@@ -7,7 +7,8 @@
 //!
 //! **A user holds or owns at most `--max-seats-per-user` seats of one schedule** (issue 12), also
 //! enforced by PostgreSQL in the hold's transaction: [`hold`] takes a transaction-scoped advisory
-//! lock on (user, schedule), then counts that user's live seats (HELD and unexpired, or
+//! lock on (user, schedule) (the function `hold_seat`, `migrations/0180_hold_in_one_statement.sql`),
+//! then counts that user's live seats (HELD and unexpired, or
 //! CONFIRMED) before inserting. Concurrent holds by one user, on any api replica, queue on that
 //! lock for the few milliseconds of the insert, so they cannot overshoot; other users never wait
 //! on it. Expired, cancelled (and refunded) reservations are not counted.
@@ -188,8 +189,9 @@ pub struct Held {
 /// Round trips are what a hold costs under a spike (the api's profile is mostly task switches),
 /// so the seat's schedule, price and state come from [`look`], read once (on the same
 /// connection: sqlx pings every connection it takes back, so each borrow costs a round trip),
-/// and the transaction only does what must be atomic: the seat limit's lock, ending a stale hold
-/// (rare), then the count, the insert and its outbox row in one statement.
+/// and the hold itself is one call of `hold_seat`, committed on its own: the seat limit's lock,
+/// then the count, the insert and its outbox row. Only a hold with a key, or one that must end a
+/// stale hold first (rare), opens a transaction around that call.
 pub async fn hold(conn: PoolConnection<Postgres>, topics: &Topics, req: HoldRequest<'_>, look: &SeatLook) -> Result<Held> {
     let HoldRequest { user, seat, ttl, max_seats, key } = req;
     debug_assert_eq!(seat, look.seat);
@@ -202,14 +204,43 @@ pub async fn hold(conn: PoolConnection<Postgres>, topics: &Topics, req: HoldRequ
     }
 
     let (schedule, price) = (look.schedule, look.price);
-    // The seat limit's lock, taken by the transaction's first round trip (sent with `BEGIN`, its
-    // answer dropped: a failure aborts the transaction and the next statement reports it). It
-    // serialises this user's holds in this schedule (and only those) until commit, so the count
-    // below cannot be raced by a concurrent hold of the same user: the count is in a later
-    // statement, and READ COMMITTED takes a statement's snapshot when it starts, after the lock
-    // was granted, so it sees every hold committed before. Taken before the key's claim, by
-    // every hold, so a keyed retry and its original take the two in the same order.
     let lock = seat_limit_lock(user, schedule);
+    // The seat limit, the insert and its `reservation.created` are the function `hold_seat`
+    // (migrations/0180_hold_in_one_statement.sql): it takes the seat limit's lock, then counts
+    // this user's live seats in this schedule with a snapshot taken after the lock was granted,
+    // so a concurrent hold of the same user cannot race the count, and inserts only below the
+    // limit. PostgreSQL's clock stamps the hold: `createdAt` is `now()` and `expiresAt` that plus
+    // the TTL, and the function writes it into the event (`payload.expiresAt`; the placeholder
+    // bound here is replaced).
+    let id = Uuid::new_v4();
+    let placeholder = ReservationEvent { reservation_id: id, user_id: user, seat_id: seat, schedule_id: schedule, expires_at: DateTime::<Utc>::UNIX_EPOCH };
+    let events = [outbox::Row::new(&topics.reservation_created, &id.to_string(), &Envelope::new(EventType::ReservationCreated, placeholder))];
+    let query = sqlx::query("SELECT live, created_at, expires_at FROM hold_seat($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)")
+        .bind(id)
+        .bind(user)
+        .bind(seat)
+        .bind(schedule)
+        .bind(price)
+        .bind(i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX))
+        .bind(i64::from(max_seats))
+        .bind(lock);
+    let query = outbox::bind_rows(query, &events);
+
+    // The common case of a sale, no key and no stale hold to end, is that one call, committed on
+    // its own: one round trip.
+    if key.is_none() && !look.stale {
+        let mut conn = conn;
+        let row = query.fetch_one(&mut *conn).await?;
+        let r = held(&row, id, user, seat, schedule, price, max_seats)?;
+        outbox::committed();
+        metrics::counter!("holds_total", "outcome" => "held").increment(1);
+        return Ok(Held { body: serde_json::to_value(&r).expect("reservations serialize"), fresh: Some(r) });
+    }
+
+    // Otherwise a transaction, which takes the same lock first (sent with `BEGIN`, its answer
+    // dropped: a failure aborts the transaction and the next statement reports it), before the
+    // key's claim, so that a keyed retry and its original take the two in the same order.
+    // `hold_seat` takes it again, at no cost.
     let mut tx = crate::db::begin_on(conn, format!("BEGIN; SELECT pg_advisory_xact_lock({lock})")).await?;
     if let Some(key) = key {
         let fp = idempotency::fingerprint(&[b"reservation", seat.as_bytes()]);
@@ -222,7 +253,7 @@ pub async fn hold(conn: PoolConnection<Postgres>, topics: &Topics, req: HoldRequ
     // when `look` saw one (or for a keyed retry, which skipped the look's verdict): a hold taken
     // after the look cannot be stale yet unless this transaction outlived its whole TTL, and then
     // the insert below finds it live and answers SEAT_UNAVAILABLE, the safe side.
-    let stale: Vec<Reservation> = if !(look.stale || key.is_some()) { Vec::new() } else { sqlx::query_as(&format!(
+    let stale: Vec<Reservation> = sqlx::query_as(&format!(
         "UPDATE reservations SET status = 'EXPIRED', expired_at = clock_timestamp()
          WHERE id = (SELECT id FROM reservations WHERE seat_id = $1 AND status IN ('HELD', 'CONFIRMED'))
            AND {held} AND expires_at <= clock_timestamp()
@@ -231,49 +262,25 @@ pub async fn hold(conn: PoolConnection<Postgres>, topics: &Topics, req: HoldRequ
     ))
     .bind(seat)
     .fetch_all(&mut *tx)
-    .await? };
+    .await?;
     for r in &stale {
         expired_effects(&mut tx, topics, r).await?;
         metrics::counter!("expiry_transitions_total", "path" => "hold_takeover").increment(1);
     }
+    let row = query.fetch_one(&mut *tx).await?;
+    let r = held(&row, id, user, seat, schedule, price, max_seats)?;
+    let body = serde_json::to_value(&r).expect("reservations serialize");
+    if let Some(key) = key {
+        idempotency::complete(&mut tx, user, "reservation", key, 201, &body).await?;
+    }
+    tx.commit().await?;
+    outbox::committed();
+    metrics::counter!("holds_total", "outcome" => "held").increment(1);
+    Ok(Held { body, fresh: Some(r) })
+}
 
-    // The seat limit, the insert and its `reservation.created`, in one statement: one round trip
-    // (it was two, the count first). The count reads a snapshot taken when the statement starts,
-    // after the lock above was granted, so it sees every hold of this user committed before.
-    // PostgreSQL's clock stamps the hold: `createdAt` is `now()` (the transaction's timestamp)
-    // and `expiresAt` is that plus the TTL, so the event's `expiresAt` is only known inside the
-    // statement, which writes it into the envelope (`payload.expiresAt`; the placeholder bound
-    // below is replaced). Same RFC 3339 form as chrono's, to the microsecond.
-    let id = Uuid::new_v4();
-    let placeholder = ReservationEvent { reservation_id: id, user_id: user, seat_id: seat, schedule_id: schedule, expires_at: DateTime::<Utc>::UNIX_EPOCH };
-    let events = [outbox::Row::new(&topics.reservation_created, &id.to_string(), &Envelope::new(EventType::ReservationCreated, placeholder))];
-    let sql = format!(
-        "WITH lim AS (SELECT count(*) AS live FROM reservations WHERE user_id = $2 AND schedule_id = $4
-                      AND ({confirmed} OR ({held} AND expires_at > clock_timestamp()))),
-              r AS (INSERT INTO reservations (id, user_id, seat_id, schedule_id, price, status, created_at, expires_at)
-                    SELECT $1, $2, $3, $4, $5, 'HELD', now(), now() + $6::bigint * interval '1 microsecond' FROM lim WHERE live < $7
-                    ON CONFLICT (seat_id) WHERE status IN ('HELD', 'CONFIRMED') DO NOTHING
-                    RETURNING created_at, expires_at),
-              o AS ({})
-         SELECT lim.live, r.created_at, r.expires_at FROM lim LEFT JOIN r ON true",
-        outbox::insert_sql_joined(
-            8,
-            ", r",
-            "",
-            &format!("jsonb_set(v, '{{payload,expiresAt}}', {})", crate::db::rfc3339_sql("r.expires_at")),
-        ),
-        confirmed = status_is("CONFIRMED"),
-        held = status_is("HELD"),
-    );
-    let query = sqlx::query(&sql)
-        .bind(id)
-        .bind(user)
-        .bind(seat)
-        .bind(schedule)
-        .bind(price)
-        .bind(i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX))
-        .bind(i64::from(max_seats));
-    let row = outbox::bind_rows(query, &events).fetch_one(&mut *tx).await?;
+/// The reservation `hold_seat` took, from its row, or why it took none.
+fn held(row: &sqlx::postgres::PgRow, id: Uuid, user: Uuid, seat: Uuid, schedule: Uuid, price: i64, max_seats: u32) -> Result<Reservation> {
     let (live, created_at, expires_at): (i64, Option<DateTime<Utc>>, Option<DateTime<Utc>>) = (row.get(0), row.get(1), row.get(2));
     if live >= i64::from(max_seats) {
         metrics::counter!("holds_total", "outcome" => "limit").increment(1);
@@ -283,7 +290,7 @@ pub async fn hold(conn: PoolConnection<Postgres>, topics: &Topics, req: HoldRequ
         metrics::counter!("holds_total", "outcome" => "unavailable").increment(1);
         return Err(Error::SeatUnavailable);
     };
-    let r = Reservation {
+    Ok(Reservation {
         reservation_id: id,
         user_id: user,
         seat_id: seat,
@@ -296,15 +303,7 @@ pub async fn hold(conn: PoolConnection<Postgres>, topics: &Topics, req: HoldRequ
         confirmed_at: None,
         cancelled_at: None,
         refunded_at: None,
-    };
-    let body = serde_json::to_value(&r).expect("reservations serialize");
-    if let Some(key) = key {
-        idempotency::complete(&mut tx, user, "reservation", key, 201, &body).await?;
-    }
-    tx.commit().await?;
-    outbox::committed();
-    metrics::counter!("holds_total", "outcome" => "held").increment(1);
-    Ok(Held { body, fresh: Some(r) })
+    })
 }
 
 /// The answer a hold with `key` already got, if one committed: a retry whose first answer was
