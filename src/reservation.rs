@@ -183,64 +183,65 @@ pub struct Held {
     pub fresh: Option<Reservation>,
 }
 
-/// Holds the seat of `look` for `user` for `ttl`, on `conn`, or fails with `SEAT_UNAVAILABLE`
-/// or `SEAT_LIMIT_REACHED`.
+/// Holds `req.seat` for `user` for `ttl`, on `conn`, in `schedule` (the queue token's), or fails
+/// with `NOT_FOUND`, `QUEUE_TOKEN_MISMATCH`, `SEAT_UNAVAILABLE` or `SEAT_LIMIT_REACHED`.
 ///
 /// Round trips are what a hold costs under a spike (the api's profile is mostly task switches),
-/// so the seat's schedule, price and state come from [`look`], read once (on the same
-/// connection: sqlx pings every connection it takes back, so each borrow costs a round trip),
-/// and the hold itself is one call of `hold_seat`, committed on its own: the seat limit's lock,
-/// then the count, the insert and its outbox row. Only a hold with a key, or one that must end a
-/// stale hold first (rare), opens a transaction around that call.
-pub async fn hold(conn: PoolConnection<Postgres>, topics: &Topics, req: HoldRequest<'_>, look: &SeatLook) -> Result<Held> {
+/// so a hold without a key is one call of `hold_seat` (migrations/0180_hold_in_one_statement.sql),
+/// committed on its own: the seat's look (most losers of a seat fight leave there, without any
+/// lock), then the seat limit's lock, and the count, the insert and its outbox row. The count
+/// reads a snapshot taken after the lock was granted, so a concurrent hold of the same user cannot
+/// race it. PostgreSQL's clock stamps the hold: `createdAt` is `now()` and `expiresAt` that plus
+/// the TTL, which the function writes into the event (`payload.expiresAt`; the placeholder bound
+/// here is replaced).
+///
+/// A hold with a key, or one whose seat is still blocked by a hold past its expiry (rare), reads
+/// the seat ([`look`]) and opens a transaction for the key's claim or the stale hold's end, then
+/// calls the same function inside it.
+pub async fn hold(mut conn: PoolConnection<Postgres>, topics: &Topics, req: HoldRequest<'_>, schedule: Uuid) -> Result<Held> {
     let HoldRequest { user, seat, ttl, max_seats, key } = req;
-    debug_assert_eq!(seat, look.seat);
-    // Fast path: most losers of a seat fight see the winner's committed row and leave at once,
-    // without touching any lock. The unique index below stays the actual guarantee. A retry with
-    // a key skips it: its own earlier hold would look like someone else's.
-    if key.is_none() && look.taken {
-        metrics::counter!("holds_total", "outcome" => "unavailable").increment(1);
-        return Err(Error::SeatUnavailable);
-    }
-
-    let (schedule, price) = (look.schedule, look.price);
     let lock = seat_limit_lock(user, schedule);
-    // The seat limit, the insert and its `reservation.created` are the function `hold_seat`
-    // (migrations/0180_hold_in_one_statement.sql): it takes the seat limit's lock, then counts
-    // this user's live seats in this schedule with a snapshot taken after the lock was granted,
-    // so a concurrent hold of the same user cannot race the count, and inserts only below the
-    // limit. PostgreSQL's clock stamps the hold: `createdAt` is `now()` and `expiresAt` that plus
-    // the TTL, and the function writes it into the event (`payload.expiresAt`; the placeholder
-    // bound here is replaced).
     let id = Uuid::new_v4();
     let placeholder = ReservationEvent { reservation_id: id, user_id: user, seat_id: seat, schedule_id: schedule, expires_at: DateTime::<Utc>::UNIX_EPOCH };
     let events = [outbox::Row::new(&topics.reservation_created, &id.to_string(), &Envelope::new(EventType::ReservationCreated, placeholder))];
-    let query = sqlx::query("SELECT live, created_at, expires_at FROM hold_seat($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)")
-        .bind(id)
-        .bind(user)
-        .bind(seat)
-        .bind(schedule)
-        .bind(price)
-        .bind(i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX))
-        .bind(i64::from(max_seats))
-        .bind(lock);
-    let query = outbox::bind_rows(query, &events);
+    let call = |price: Option<i64>| {
+        let query = sqlx::query("SELECT outcome, live, price, created_at, expires_at FROM hold_seat($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)")
+            .bind(id)
+            .bind(user)
+            .bind(seat)
+            .bind(schedule)
+            .bind(price)
+            .bind(i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX))
+            .bind(i64::from(max_seats))
+            .bind(lock);
+        outbox::bind_rows(query, &events)
+    };
 
-    // The common case of a sale, no key and no stale hold to end, is that one call, committed on
-    // its own: one round trip.
-    if key.is_none() && !look.stale {
-        let mut conn = conn;
-        let row = query.fetch_one(&mut *conn).await?;
-        let r = held(&row, id, user, seat, schedule, price, max_seats)?;
-        outbox::committed();
-        metrics::counter!("holds_total", "outcome" => "held").increment(1);
-        return Ok(Held { body: serde_json::to_value(&r).expect("reservations serialize"), fresh: Some(r) });
+    if key.is_none() {
+        let row = call(None).fetch_one(&mut *conn).await?;
+        match row.get::<&str, _>(0) {
+            "no_seat" => return Err(Error::NotFound("seat")),
+            "other_schedule" => return Err(Error::QueueTokenMismatch),
+            "stale" => {} // the slow path below ends it first
+            _ => {
+                let r = held(&row, id, user, seat, schedule, max_seats)?;
+                outbox::committed();
+                metrics::counter!("holds_total", "outcome" => "held").increment(1);
+                return Ok(Held { body: serde_json::to_value(&r).expect("reservations serialize"), fresh: Some(r) });
+            }
+        }
     }
 
-    // Otherwise a transaction, which takes the same lock first (sent with `BEGIN`, its answer
-    // dropped: a failure aborts the transaction and the next statement reports it), before the
-    // key's claim, so that a keyed retry and its original take the two in the same order.
-    // `hold_seat` takes it again, at no cost.
+    // The slow path. A retry with a key does not stop at the seat's look: its own earlier hold
+    // would look like someone else's.
+    let look = look(&mut *conn, seat).await?;
+    if look.schedule != schedule {
+        return Err(Error::QueueTokenMismatch);
+    }
+    // The transaction takes the seat limit's lock first (sent with `BEGIN`, its answer dropped: a
+    // failure aborts the transaction and the next statement reports it), before the key's claim,
+    // so that a keyed retry and its original take the two in the same order. `hold_seat` takes it
+    // again, at no cost.
     let mut tx = crate::db::begin_on(conn, format!("BEGIN; SELECT pg_advisory_xact_lock({lock})")).await?;
     if let Some(key) = key {
         let fp = idempotency::fingerprint(&[b"reservation", seat.as_bytes()]);
@@ -249,10 +250,7 @@ pub async fn hold(conn: PoolConnection<Postgres>, topics: &Topics, req: HoldRequ
             return Ok(Held { body, fresh: None });
         }
     }
-    // A hold past its expiry no longer blocks the seat: end it here, as the expirer would. Only
-    // when `look` saw one (or for a keyed retry, which skipped the look's verdict): a hold taken
-    // after the look cannot be stale yet unless this transaction outlived its whole TTL, and then
-    // the insert below finds it live and answers SEAT_UNAVAILABLE, the safe side.
+    // A hold past its expiry no longer blocks the seat: end it here, as the expirer would.
     let stale: Vec<Reservation> = sqlx::query_as(&format!(
         "UPDATE reservations SET status = 'EXPIRED', expired_at = clock_timestamp()
          WHERE id = (SELECT id FROM reservations WHERE seat_id = $1 AND status IN ('HELD', 'CONFIRMED'))
@@ -267,8 +265,8 @@ pub async fn hold(conn: PoolConnection<Postgres>, topics: &Topics, req: HoldRequ
         expired_effects(&mut tx, topics, r).await?;
         metrics::counter!("expiry_transitions_total", "path" => "hold_takeover").increment(1);
     }
-    let row = query.fetch_one(&mut *tx).await?;
-    let r = held(&row, id, user, seat, schedule, price, max_seats)?;
+    let row = call(Some(look.price)).fetch_one(&mut *tx).await?;
+    let r = held(&row, id, user, seat, schedule, max_seats)?;
     let body = serde_json::to_value(&r).expect("reservations serialize");
     if let Some(key) = key {
         idempotency::complete(&mut tx, user, "reservation", key, 201, &body).await?;
@@ -280,15 +278,13 @@ pub async fn hold(conn: PoolConnection<Postgres>, topics: &Topics, req: HoldRequ
 }
 
 /// The reservation `hold_seat` took, from its row, or why it took none.
-fn held(row: &sqlx::postgres::PgRow, id: Uuid, user: Uuid, seat: Uuid, schedule: Uuid, price: i64, max_seats: u32) -> Result<Reservation> {
-    let (live, created_at, expires_at): (i64, Option<DateTime<Utc>>, Option<DateTime<Utc>>) = (row.get(0), row.get(1), row.get(2));
-    if live >= i64::from(max_seats) {
-        metrics::counter!("holds_total", "outcome" => "limit").increment(1);
-        return Err(Error::SeatLimitReached);
-    }
-    let (Some(created_at), Some(expires_at)) = (created_at, expires_at) else {
-        metrics::counter!("holds_total", "outcome" => "unavailable").increment(1);
-        return Err(Error::SeatUnavailable);
+fn held(row: &sqlx::postgres::PgRow, id: Uuid, user: Uuid, seat: Uuid, schedule: Uuid, max_seats: u32) -> Result<Reservation> {
+    let (outcome, live, price, created_at, expires_at): (&str, Option<i64>, Option<i64>, Option<DateTime<Utc>>, Option<DateTime<Utc>>) =
+        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    let (Some(price), Some(created_at), Some(expires_at)) = (price, created_at, expires_at) else {
+        let limit = outcome == "limit" || live.is_some_and(|n| n >= i64::from(max_seats));
+        metrics::counter!("holds_total", "outcome" => if limit { "limit" } else { "unavailable" }).increment(1);
+        return Err(if limit { Error::SeatLimitReached } else { Error::SeatUnavailable });
     };
     Ok(Reservation {
         reservation_id: id,

@@ -402,6 +402,34 @@ async fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_on_an_unknown_seat_or_a_seat_of_another_schedule_is_refused_and_holds_nothing() {
+    let env = TestEnv::new().await;
+    let api = env.api(TTL, QueueSettings::default()).await;
+    let (schedule, _) = api.concert(1, 10).await;
+    let (_, elsewhere) = api.concert(1, 10).await;
+    let u = api.user("lost").await;
+    let t = api.active_token(&u, &schedule).await;
+    let code = |r: reqwest::Response| async move { (r.status().as_u16(), r.json::<Value>().await.unwrap()["error"]["code"].as_str().unwrap_or("").to_string()) };
+    for key in [None, Some("k")] {
+        let hold = |seat: String| {
+            let mut b = api.http.post(api.url("/v1/reservations")).bearer_auth(&u.token).header("X-Queue-Token", &t);
+            if let Some(k) = key {
+                b = b.header("Idempotency-Key", k);
+            }
+            b.json(&json!({"seatId": seat})).send()
+        };
+        assert_eq!(code(hold(Uuid::new_v4().to_string()).await.unwrap()).await, (404, "NOT_FOUND".into()), "unknown seat, key {key:?}");
+        assert_eq!(code(hold(elsewhere[0].clone()).await.unwrap()).await, (403, "QUEUE_TOKEN_MISMATCH".into()), "another schedule's seat, key {key:?}");
+    }
+    let written: (i64, i64) = sqlx::query_as("SELECT (SELECT count(*) FROM reservations), (SELECT count(*) FROM outbox WHERE topic LIKE '%reservation%')")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(written, (0, 0));
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_charge_retried_with_its_key_credits_once() {
     let env = TestEnv::new().await;
     let api = env.api(TTL, QueueSettings::default()).await;

@@ -31,6 +31,8 @@ struct World {
     crowd: Uuid,
     /// A user with nothing yet.
     buyer: Uuid,
+    /// The schedule of every seat.
+    schedule: Uuid,
     /// Seats 1..=LIVE carry the live holds; the rest are free.
     seats: Vec<Uuid>,
     /// The live holds, in seat order.
@@ -69,7 +71,7 @@ async fn world() -> World {
     .await
     .expect("holds");
     assert_eq!(holds.len() as i64, LIVE);
-    World { env, pool, crowd, buyer, seats, holds }
+    World { env, pool, crowd, buyer, schedule, seats, holds }
 }
 
 /// A cumulative statistic (`sql`, one bigint) of this connection's backend, its own latest work
@@ -130,10 +132,9 @@ async fn lookups_by_key_read_a_handful_of_rows_while_the_statistics_say_no_hold_
     // A hold on a free seat: the look, the seat limit's count, the insert.
     let free = w.seats[LIVE as usize];
     let hold = |seat: Uuid| async move {
-        let mut conn = pool.acquire().await?;
-        let look = reservation::look(&mut *conn, seat).await?;
+        let conn = pool.acquire().await?;
         let req = HoldRequest { user: w.buyer, seat, ttl: Duration::from_secs(300), max_seats: 4, key: None };
-        reservation::hold(conn, topics, req, &look).await
+        reservation::hold(conn, topics, req, w.schedule).await
     };
     let (read, held) = rows_read(pool, hold(free)).await;
     let held = held.expect("hold").fresh.expect("a new hold");

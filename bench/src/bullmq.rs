@@ -114,7 +114,7 @@ async fn ours(ctx: &Ctx, cfg: &Config) -> Result<Ours> {
     let schedules = ctx.api.create_schedules(&format!("bench {} versus-bullmq {n}", ctx.run_id), n.div_ceil(per), per as i32, 1000).await?;
     let mut seats = Vec::with_capacity(n);
     for s in &schedules {
-        seats.extend(ctx.api.seat_ids(*s).await?);
+        seats.extend(ctx.api.seat_ids(*s).await?.into_iter().map(|seat| (seat, *s)));
     }
     seats.truncate(n);
     // Holders: a few users (the library's hold has no per-user limit; the queue token is HTTP's).
@@ -141,10 +141,10 @@ async fn ours(ctx: &Ctx, cfg: &Config) -> Result<Ours> {
             let ttl = (due - Utc::now()).to_std().unwrap_or(Duration::from_millis(1));
             {
                 // No seat limit in the way of the benchmark's bookers.
-                let req = booking::reservation::HoldRequest { user: users[i % users.len()], seat: seats[i], ttl, max_seats: u32::MAX, key: None };
-                let mut conn = db.acquire().await.ok()?;
-                let look = booking::reservation::look(&mut *conn, seats[i]).await.ok()?;
-                booking::reservation::hold(conn, &topics, req, &look).await.ok().and_then(|h| h.fresh).map(|r| (r.reservation_id, r.expires_at))
+                let (seat, schedule) = seats[i];
+                let req = booking::reservation::HoldRequest { user: users[i % users.len()], seat, ttl, max_seats: u32::MAX, key: None };
+                let conn = db.acquire().await.ok()?;
+                booking::reservation::hold(conn, &topics, req, schedule).await.ok().and_then(|h| h.fresh).map(|r| (r.reservation_id, r.expires_at))
             }
         }
     })

@@ -168,16 +168,12 @@ pub async fn hold(api: Api, auth: Option<String>, token: Option<String>, key: Op
             return Ok(json_reply(StatusCode::CREATED, &body));
         }
     }
-    // The queue place first (Redis; the signed token names its schedule), then the seat's look
-    // and the hold on one borrowed connection: one borrow, and no connection waits on Redis.
+    // The queue place first (Redis; the signed token names its schedule), then the hold, which
+    // checks that the seat is in that schedule: no connection waits on Redis.
     let schedule = api.queue.active_schedule(token.as_deref(), user).await?;
-    let mut conn = api.pool.acquire().await?;
-    let look = reservation::look(&mut *conn, b.seat_id).await?;
-    if look.schedule != schedule {
-        return Err(Error::QueueTokenMismatch);
-    }
+    let conn = api.pool.acquire().await?;
     let req = reservation::HoldRequest { user, seat: b.seat_id, ttl: api.hold_ttl, max_seats: api.max_seats_per_user, key: key.as_deref() };
-    let held = reservation::hold(conn, &api.topics, req, &look).await?;
+    let held = reservation::hold(conn, &api.topics, req, schedule).await?;
     if let (Some(c), true) = (contender.as_mut(), held.fresh.is_some()) {
         c.held();
     }
