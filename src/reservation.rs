@@ -279,8 +279,8 @@ pub async fn hold(mut conn: PoolConnection<Postgres>, topics: &Topics, req: Hold
 
 /// The reservation `hold_seat` took, from its row, or why it took none.
 fn held(row: &sqlx::postgres::PgRow, id: Uuid, user: Uuid, seat: Uuid, schedule: Uuid, max_seats: u32) -> Result<Reservation> {
-    let (outcome, live, price, created_at, expires_at): (&str, Option<i64>, Option<i64>, Option<DateTime<Utc>>, Option<DateTime<Utc>>) =
-        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    let (outcome, live): (&str, Option<i64>) = (row.get(0), row.get(1));
+    let (price, created_at, expires_at): (Option<i64>, Option<DateTime<Utc>>, Option<DateTime<Utc>>) = (row.get(2), row.get(3), row.get(4));
     let (Some(price), Some(created_at), Some(expires_at)) = (price, created_at, expires_at) else {
         let limit = outcome == "limit" || live.is_some_and(|n| n >= i64::from(max_seats));
         metrics::counter!("holds_total", "outcome" => if limit { "limit" } else { "unavailable" }).increment(1);
