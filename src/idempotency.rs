@@ -2,6 +2,9 @@
 //! that does the work: a concurrent request with the same key blocks on the primary key until the
 //! first one commits, then replays its stored answer. If the first one fails, its transaction (key
 //! included) rolls back and the retry runs afresh, so nothing is ever half-written.
+//!
+//! A payment is one statement and writes its key once, with its answer (`payment::pay` says why
+//! that is as safe); it reads a used key's answer with [`answered`].
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -61,8 +64,8 @@ pub async fn claim(
 }
 
 /// The answer stored for a key someone else claimed: `IDEMPOTENCY_KEY_REUSED` if it was claimed
-/// for another request. For a path that claims the key inside a statement of its own.
-pub async fn stored(tx: &mut PgConnection, user: Uuid, scope: &str, key: &str, request_hash: &[u8]) -> Result<(u16, Value)> {
+/// for another request.
+async fn stored(tx: &mut PgConnection, user: Uuid, scope: &str, key: &str, request_hash: &[u8]) -> Result<(u16, Value)> {
     // The claim conflicted, so the other request committed its row (with its answer) first.
     read(&mut *tx, user, scope, key, request_hash).await?.ok_or_else(|| Error::Database(sqlx::Error::RowNotFound))
 }
@@ -112,10 +115,8 @@ pub async fn complete(
 }
 
 /// The claim of [`claim`] as SQL (an `INSERT … RETURNING 1` that returns a row only for a fresh
-/// key), for a statement that claims inside a larger one (a payment: the claim rides on the
-/// hold's lock). The arguments are SQL expressions (`$n` or literals); one row of `from` is
-/// inserted, so `from` can make the claim wait for something else in the statement.
-pub fn claim_sql(user: &str, scope: &str, key: &str, request_hash: &str, from: &str) -> String {
+/// key). The arguments are SQL expressions (`$n` or literals); one row of `from` is inserted.
+fn claim_sql(user: &str, scope: &str, key: &str, request_hash: &str, from: &str) -> String {
     format!(
         "INSERT INTO idempotency_keys (user_id, scope, key, request_hash, status_code, response)
          SELECT {user}, {scope}, {key}, {request_hash}, 0, 'null' FROM {from}
@@ -123,9 +124,9 @@ pub fn claim_sql(user: &str, scope: &str, key: &str, request_hash: &str, from: &
     )
 }
 
-/// The update of [`complete`] as SQL; `response` may use the columns of `from` (a payment stores
-/// the balance its own statement computed), and nothing is stored when `from` has no row.
-pub fn complete_sql(user: &str, scope: &str, key: &str, status: &str, response: &str, from: &str) -> String {
+/// The update of [`complete`] as SQL; `response` may use the columns of `from`, and nothing is
+/// stored when `from` has no row.
+fn complete_sql(user: &str, scope: &str, key: &str, status: &str, response: &str, from: &str) -> String {
     format!(
         "UPDATE idempotency_keys k SET status_code = {status}, response = {response} FROM {from}
          WHERE k.user_id = {user} AND k.scope = {scope} AND k.key = {key}"
