@@ -10,18 +10,19 @@
 -- a fresh snapshot for each statement in it, so the statement after `pg_advisory_xact_lock` sees
 -- what the lock waited for, and the lock is held until the call's transaction ends.
 --
--- `reservation::hold` calls it on every path, so the rule lives here once (`reservation.rs` says
--- where). A hold with a key, or one that must first end a stale hold, reads the seat itself
--- (`p_price` given), opens its own transaction with the same lock, claims the key or ends the
--- stale hold, and then calls this inside it (taking the lock again is free). The status tests are
--- written as `reservation::status_is` writes them (see there), the look as `reservation::look`,
--- the outbox insert as `outbox::insert_sql`.
+-- `reservation::hold` calls it on every path, so the rule and the seat's look live here once
+-- (`reservation.rs` says where). A hold with a key, or one that must first end a stale hold,
+-- opens its own transaction with the same lock, claims the key or ends the stale hold, and then
+-- calls this inside it (taking the lock again is free) with `p_stop_if_taken` false: a keyed
+-- retry's own earlier hold would look like someone else's, and the unique index on live
+-- reservations decides anyway. The status tests are written as `reservation::status_is` writes
+-- them (see there), the outbox insert as `outbox::insert_sql`.
 --
--- `outcome`: 'held' (`price`, `created_at`, `expires_at` set), 'limit' (`live` seats already), 'taken'
--- (someone holds or owns the seat), and, only when it looked at the seat itself (`p_price` NULL):
--- 'no_seat', 'other_schedule' (the seat is not in `p_schedule`, the queue token's), 'stale' (a
--- hold past its expiry still blocks the seat: nothing was done, the caller takes the slow path).
-CREATE FUNCTION hold_seat(p_id uuid, p_user uuid, p_seat uuid, p_schedule uuid, p_price bigint,
+-- `outcome`: 'held' (`price`, `created_at`, `expires_at` set), 'limit' (`live` seats already),
+-- 'taken' (someone holds or owns the seat), 'no_seat', 'other_schedule' (the seat is not in
+-- `p_schedule`, the queue token's), and, only with `p_stop_if_taken`, 'stale' (a hold past its
+-- expiry still blocks the seat: nothing was done, the caller takes the slow path).
+CREATE FUNCTION hold_seat(p_id uuid, p_user uuid, p_seat uuid, p_schedule uuid, p_stop_if_taken boolean,
                           p_ttl_us bigint, p_max_live bigint, p_lock bigint,
                           p_topics text[], p_keys text[], p_event_ids uuid[], p_envelopes jsonb[])
 RETURNS TABLE (outcome text, live bigint, price bigint, created_at timestamptz, expires_at timestamptz)
@@ -29,34 +30,31 @@ LANGUAGE plpgsql VOLATILE AS $$
 #variable_conflict use_column
 DECLARE
     v_schedule uuid;
-    v_price bigint := p_price;
+    v_price bigint;
     v_taken boolean;
     v_stale boolean;
-    v_live bigint;
 BEGIN
-    IF v_price IS NULL THEN
-        -- The seat's live reservation, if any, through the live-seat index (its predicate is the
-        -- join's status test). Most losers of a seat fight leave here, without any lock; the
-        -- unique index on live reservations stays what decides.
-        SELECT s.schedule_id, s.price,
-               COALESCE(r.status = 'CONFIRMED' OR r.expires_at > now(), false),
-               COALESCE(r.status = 'HELD' AND r.expires_at <= now(), false)
-          INTO v_schedule, v_price, v_taken, v_stale
-          FROM seats s LEFT JOIN reservations r ON r.seat_id = s.id AND r.status IN ('HELD', 'CONFIRMED')
-         WHERE s.id = p_seat;
-        IF NOT FOUND THEN
-            RETURN QUERY SELECT 'no_seat'::text, NULL::bigint, NULL::bigint, NULL::timestamptz, NULL::timestamptz;
-            RETURN;
-        ELSIF v_schedule <> p_schedule THEN
-            RETURN QUERY SELECT 'other_schedule'::text, NULL::bigint, NULL::bigint, NULL::timestamptz, NULL::timestamptz;
-            RETURN;
-        ELSIF v_taken THEN
-            RETURN QUERY SELECT 'taken'::text, NULL::bigint, NULL::bigint, NULL::timestamptz, NULL::timestamptz;
-            RETURN;
-        ELSIF v_stale THEN
-            RETURN QUERY SELECT 'stale'::text, NULL::bigint, NULL::bigint, NULL::timestamptz, NULL::timestamptz;
-            RETURN;
-        END IF;
+    -- The seat's live reservation, if any, through the live-seat index (its predicate is the
+    -- join's status test). Most losers of a seat fight leave here, without any lock; the unique
+    -- index on live reservations stays what decides.
+    SELECT s.schedule_id, s.price,
+           COALESCE(r.status = 'CONFIRMED' OR r.expires_at > now(), false),
+           COALESCE(r.status = 'HELD' AND r.expires_at <= now(), false)
+      INTO v_schedule, v_price, v_taken, v_stale
+      FROM seats s LEFT JOIN reservations r ON r.seat_id = s.id AND r.status IN ('HELD', 'CONFIRMED')
+     WHERE s.id = p_seat;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT 'no_seat'::text, NULL::bigint, NULL::bigint, NULL::timestamptz, NULL::timestamptz;
+        RETURN;
+    ELSIF v_schedule <> p_schedule THEN
+        RETURN QUERY SELECT 'other_schedule'::text, NULL::bigint, NULL::bigint, NULL::timestamptz, NULL::timestamptz;
+        RETURN;
+    ELSIF p_stop_if_taken AND v_taken THEN
+        RETURN QUERY SELECT 'taken'::text, NULL::bigint, NULL::bigint, NULL::timestamptz, NULL::timestamptz;
+        RETURN;
+    ELSIF p_stop_if_taken AND v_stale THEN
+        RETURN QUERY SELECT 'stale'::text, NULL::bigint, NULL::bigint, NULL::timestamptz, NULL::timestamptz;
+        RETURN;
     END IF;
 
     -- The seat limit's lock: this user's holds in this schedule, and only those, one at a time.

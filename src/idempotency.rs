@@ -114,14 +114,27 @@ pub async fn complete(
     Ok(())
 }
 
-/// The claim of [`claim`] as SQL (an `INSERT … RETURNING 1` that returns a row only for a fresh
-/// key). The arguments are SQL expressions (`$n` or literals); one row of `from` is inserted.
-fn claim_sql(user: &str, scope: &str, key: &str, request_hash: &str, from: &str) -> String {
+/// A key stored with its answer, as SQL: an `INSERT` of one row per row of `from` (none when
+/// `from` has none). The arguments are SQL expressions (`$n`, literals, columns of `from`). A
+/// key already stored, or being stored by a transaction still open, makes it wait for that one
+/// and then fail with the violation [`is_taken`] recognises, for a statement that must do all of
+/// its work or none (a payment).
+pub fn store_sql(user: &str, scope: &str, key: &str, request_hash: &str, status: &str, response: &str, from: &str) -> String {
     format!(
         "INSERT INTO idempotency_keys (user_id, scope, key, request_hash, status_code, response)
-         SELECT {user}, {scope}, {key}, {request_hash}, 0, 'null' FROM {from}
-         ON CONFLICT DO NOTHING RETURNING 1"
+         SELECT {user}, {scope}, {key}, {request_hash}, {status}, {response} FROM {from}"
     )
+}
+
+/// The error of a [`store_sql`] whose key was already taken.
+pub fn is_taken(e: &sqlx::Error) -> bool {
+    crate::error::is_unique_violation(e, "idempotency_keys_pkey")
+}
+
+/// The claim of [`claim`] as SQL: [`store_sql`] without an answer yet, returning a row only for a
+/// fresh key.
+fn claim_sql(user: &str, scope: &str, key: &str, request_hash: &str, from: &str) -> String {
+    format!("{} ON CONFLICT DO NOTHING RETURNING 1", store_sql(user, scope, key, request_hash, "0", "'null'", from))
 }
 
 /// The update of [`complete`] as SQL; `response` may use the columns of `from`, and nothing is

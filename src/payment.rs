@@ -96,15 +96,22 @@ pub async fn pay(pool: &PgPool, topics: &Topics, user: Uuid, key: &str, reservat
               {points},
               p AS (INSERT INTO payments (id, reservation_id, user_id, amount, paid_at) SELECT $3, $4, $1, ok.price, now() FROM ok, u),
               c AS (UPDATE reservations SET status = 'CONFIRMED', confirmed_at = now() WHERE id = $4 AND EXISTS (SELECT 1 FROM u)),
-              k AS (INSERT INTO idempotency_keys (user_id, scope, key, request_hash, status_code, response)
-                    SELECT $1, 'payment', $2, $5, 201, $6::jsonb || jsonb_build_object('amount', ok.price, 'balance', u.balance, 'paidAt', ok.paid)
-                    FROM ok, u RETURNING response),
+              k AS ({stored} RETURNING response),
               o AS ({outbox})
          SELECT t.status, t.expires_at, t.at, ok.schedule_id, k.response
          FROM (SELECT 1) AS one LEFT JOIN t ON true LEFT JOIN ok ON true LEFT JOIN k ON true",
         paid_at = crate::db::rfc3339_sql("now()"),
         payable = crate::reservation::payable_sql("status", "expires_at", "at"),
         points = points::apply_sql(Movement::Use, "$1", "(SELECT price FROM ok)"),
+        stored = idempotency::store_sql(
+            "$1",
+            "'payment'",
+            "$2",
+            "$5",
+            "201",
+            "$6::jsonb || jsonb_build_object('amount', ok.price, 'balance', u.balance, 'paidAt', ok.paid)",
+            "ok, u"
+        ),
         // Rows in the order of `events`: the event's payload and the notification's data get
         // what the statement read.
         outbox = outbox::insert_sql_joined(
@@ -121,7 +128,7 @@ pub async fn pay(pool: &PgPool, topics: &Topics, user: Uuid, key: &str, reservat
     let row: PayRow = match outbox::bind_rows(query, &events).fetch_one(pool).await {
         Ok(row) => PayRow::from_row(&row)?,
         // The key was stored meanwhile by a request for another hold (see above).
-        Err(e) if crate::error::is_unique_violation(&e, "idempotency_keys_pkey") => (None, None, None, None, None),
+        Err(e) if idempotency::is_taken(&e) => (None, None, None, None, None),
         Err(e) => return Err(e.into()),
     };
     let (status, expires_at, now, schedule_id, answer) = row;

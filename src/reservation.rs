@@ -131,39 +131,6 @@ pub fn payable_sql(status: &str, expires_at: &str, now: &str) -> String {
     format!("({status} = 'HELD' AND {expires_at} > {now})")
 }
 
-/// A seat as a hold first sees it: one read, outside any transaction, after the queue check and on
-/// the connection the hold then uses.
-#[derive(Debug, Clone, Copy)]
-pub struct SeatLook {
-    pub seat: Uuid,
-    pub schedule: Uuid,
-    pub price: i64,
-    /// Paid, or held and not expired: the hold would lose (an optimisation only: the unique index
-    /// on live reservations is what decides).
-    pub taken: bool,
-    /// Held but past its expiry and not ended yet: the hold ends it first.
-    pub stale: bool,
-}
-
-/// Looks at a seat for a hold (its schedule, price and state) in one round trip: `NOT_FOUND`
-/// when it does not exist. The api reads it on the connection the hold then uses.
-pub async fn look(db: impl sqlx::PgExecutor<'_>, seat: Uuid) -> Result<SeatLook> {
-    let row: Option<(Uuid, i64, bool, bool)> = sqlx::query_as(
-        // The seat's live reservation, if any, through the live-seat index (its predicate is
-        // the join's status test: see `status_is` for why no other index may serve it).
-        "SELECT s.schedule_id, s.price,
-                COALESCE(r.status = 'CONFIRMED' OR r.expires_at > now(), false),
-                COALESCE(r.status = 'HELD' AND r.expires_at <= now(), false)
-         FROM seats s LEFT JOIN reservations r ON r.seat_id = s.id AND r.status IN ('HELD', 'CONFIRMED')
-         WHERE s.id = $1",
-    )
-    .bind(seat)
-    .fetch_optional(db)
-    .await?;
-    let (schedule, price, taken, stale) = row.ok_or(Error::NotFound("seat"))?;
-    Ok(SeatLook { seat, schedule, price, taken, stale })
-}
-
 /// How a hold is asked for.
 #[derive(Debug, Clone, Copy)]
 pub struct HoldRequest<'a> {
@@ -195,22 +162,22 @@ pub struct Held {
 /// the TTL, which the function writes into the event (`payload.expiresAt`; the placeholder bound
 /// here is replaced).
 ///
-/// A hold with a key, or one whose seat is still blocked by a hold past its expiry (rare), reads
-/// the seat ([`look`]) and opens a transaction for the key's claim or the stale hold's end, then
-/// calls the same function inside it.
+/// A hold with a key, or one whose seat is still blocked by a hold past its expiry (rare), opens a
+/// transaction for the key's claim or the stale hold's end, then calls the same function inside
+/// it.
 pub async fn hold(mut conn: PoolConnection<Postgres>, topics: &Topics, req: HoldRequest<'_>, schedule: Uuid) -> Result<Held> {
     let HoldRequest { user, seat, ttl, max_seats, key } = req;
     let lock = seat_limit_lock(user, schedule);
     let id = Uuid::new_v4();
     let placeholder = ReservationEvent { reservation_id: id, user_id: user, seat_id: seat, schedule_id: schedule, expires_at: DateTime::<Utc>::UNIX_EPOCH };
     let events = [outbox::Row::new(&topics.reservation_created, &id.to_string(), &Envelope::new(EventType::ReservationCreated, placeholder))];
-    let call = |price: Option<i64>| {
+    let call = |stop_if_taken: bool| {
         let query = sqlx::query("SELECT outcome, live, price, created_at, expires_at FROM hold_seat($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)")
             .bind(id)
             .bind(user)
             .bind(seat)
             .bind(schedule)
-            .bind(price)
+            .bind(stop_if_taken)
             .bind(i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX))
             .bind(i64::from(max_seats))
             .bind(lock);
@@ -218,27 +185,17 @@ pub async fn hold(mut conn: PoolConnection<Postgres>, topics: &Topics, req: Hold
     };
 
     if key.is_none() {
-        let row = call(None).fetch_one(&mut *conn).await?;
-        match row.get::<&str, _>(0) {
-            "no_seat" => return Err(Error::NotFound("seat")),
-            "other_schedule" => return Err(Error::QueueTokenMismatch),
-            "stale" => {} // the slow path below ends it first
-            _ => {
-                let r = held(&row, id, user, seat, schedule, max_seats)?;
-                outbox::committed();
-                metrics::counter!("holds_total", "outcome" => "held").increment(1);
-                return Ok(Held { body: serde_json::to_value(&r).expect("reservations serialize"), fresh: Some(r) });
-            }
+        let row = call(true).fetch_one(&mut *conn).await?;
+        // A stale hold takes the slow path below, which ends it first.
+        if row.get::<&str, _>(0) != "stale" {
+            let r = held(&row, id, user, seat, schedule)?;
+            outbox::committed();
+            metrics::counter!("holds_total", "outcome" => "held").increment(1);
+            return Ok(Held { body: serde_json::to_value(&r).expect("reservations serialize"), fresh: Some(r) });
         }
     }
 
-    // The slow path. A retry with a key does not stop at the seat's look: its own earlier hold
-    // would look like someone else's.
-    let look = look(&mut *conn, seat).await?;
-    if look.schedule != schedule {
-        return Err(Error::QueueTokenMismatch);
-    }
-    // The transaction takes the seat limit's lock first (sent with `BEGIN`, its answer dropped: a
+    // The slow path. The transaction takes the seat limit's lock first (sent with `BEGIN`, its answer dropped: a
     // failure aborts the transaction and the next statement reports it), before the key's claim,
     // so that a keyed retry and its original take the two in the same order. `hold_seat` takes it
     // again, at no cost.
@@ -265,8 +222,10 @@ pub async fn hold(mut conn: PoolConnection<Postgres>, topics: &Topics, req: Hold
         expired_effects(&mut tx, topics, r).await?;
         metrics::counter!("expiry_transitions_total", "path" => "hold_takeover").increment(1);
     }
-    let row = call(Some(look.price)).fetch_one(&mut *tx).await?;
-    let r = held(&row, id, user, seat, schedule, max_seats)?;
+    // A retry with a key does not stop at the seat's state: its own earlier hold would look like
+    // someone else's.
+    let row = call(false).fetch_one(&mut *tx).await?;
+    let r = held(&row, id, user, seat, schedule)?;
     let body = serde_json::to_value(&r).expect("reservations serialize");
     if let Some(key) = key {
         idempotency::complete(&mut tx, user, "reservation", key, 201, &body).await?;
@@ -277,15 +236,20 @@ pub async fn hold(mut conn: PoolConnection<Postgres>, topics: &Topics, req: Hold
     Ok(Held { body, fresh: Some(r) })
 }
 
-/// The reservation `hold_seat` took, from its row, or why it took none.
-fn held(row: &sqlx::postgres::PgRow, id: Uuid, user: Uuid, seat: Uuid, schedule: Uuid, max_seats: u32) -> Result<Reservation> {
-    let (outcome, live): (&str, Option<i64>) = (row.get(0), row.get(1));
-    let (price, created_at, expires_at): (Option<i64>, Option<DateTime<Utc>>, Option<DateTime<Utc>>) = (row.get(2), row.get(3), row.get(4));
-    let (Some(price), Some(created_at), Some(expires_at)) = (price, created_at, expires_at) else {
-        let limit = outcome == "limit" || live.is_some_and(|n| n >= i64::from(max_seats));
-        metrics::counter!("holds_total", "outcome" => if limit { "limit" } else { "unavailable" }).increment(1);
-        return Err(if limit { Error::SeatLimitReached } else { Error::SeatUnavailable });
+/// The reservation `hold_seat` took, from its row, or why it took none (see its `outcome`).
+fn held(row: &sqlx::postgres::PgRow, id: Uuid, user: Uuid, seat: Uuid, schedule: Uuid) -> Result<Reservation> {
+    let refused = match row.get::<&str, _>(0) {
+        "no_seat" => return Err(Error::NotFound("seat")),
+        "other_schedule" => return Err(Error::QueueTokenMismatch),
+        "limit" => Some(("limit", Error::SeatLimitReached)),
+        "held" => None,
+        _ => Some(("unavailable", Error::SeatUnavailable)),
     };
+    if let Some((outcome, e)) = refused {
+        metrics::counter!("holds_total", "outcome" => outcome).increment(1);
+        return Err(e);
+    }
+    let (price, created_at, expires_at): (i64, DateTime<Utc>, DateTime<Utc>) = (row.try_get(2)?, row.try_get(3)?, row.try_get(4)?);
     Ok(Reservation {
         reservation_id: id,
         user_id: user,
