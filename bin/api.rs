@@ -107,7 +107,7 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let (metrics, shutdown) = booking::telemetry::start(booking::telemetry::Daemon::Api, cli.common.log_json, &cli.common.topic_prefix);
-    let res = Resources::connect(&cli.common, "api").await.context("connecting")?;
+    let res = Resources::connect_warmed(&cli.common, "api", app::API_WARM).await.context("connecting")?;
     let listener = tokio::net::TcpListener::bind(cli.listen).await.context("binding --listen")?;
     let ops = booking::telemetry::bind(cli.metrics_addr).await.context("binding --metrics-addr")?;
     tracing::info!(listen = %cli.listen, metrics = %cli.metrics_addr, "api started");

@@ -49,7 +49,13 @@ pub struct Resources {
 impl Resources {
     /// Connects everything named by the common flags and applies pending migrations.
     pub async fn connect(c: &Common, client_id: &str) -> Result<Self, StartError> {
-        let pool = crate::db::connect(&c.database_url, c.db_max_connections).await?;
+        Self::connect_warmed(c, client_id, &[]).await
+    }
+
+    /// Like [`Resources::connect`], and each PostgreSQL connection runs `warm` when opened (see
+    /// [`crate::db::connect_warmed`]).
+    pub async fn connect_warmed(c: &Common, client_id: &str, warm: &'static [crate::db::Warm]) -> Result<Self, StartError> {
+        let pool = crate::db::connect_warmed(&c.database_url, c.db_max_connections, warm).await?;
         crate::db::migrate(&pool).await?;
         let redis = RedisConn::connect(&c.redis_url).await?;
         let producer = kafka::producer(&c.kafka_brokers, client_id)?;
@@ -107,6 +113,10 @@ impl Resources {
         }
     }
 }
+
+/// What each of the api's PostgreSQL connections runs once when opened: the statements of a
+/// sale's spike, the hold and the payment (see [`crate::db::connect_warmed`]).
+pub const API_WARM: &[crate::db::Warm] = &[crate::reservation::warm, crate::payment::warm];
 
 /// Settings of the api daemon.
 #[derive(Clone, Debug)]

@@ -8,7 +8,8 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use sqlx::{FromRow as _, PgPool};
+use futures_util::future::BoxFuture;
+use sqlx::{FromRow as _, PgConnection, PgExecutor, PgPool};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
@@ -68,6 +69,46 @@ type PayRow = (Option<String>, Option<DateTime<Utc>>, Option<DateTime<Utc>>, Opt
 /// the hold, then the user's balance, then the key.
 pub async fn pay(pool: &PgPool, topics: &Topics, user: Uuid, key: &str, reservation: Uuid) -> Result<Paid> {
     let fp = idempotency::fingerprint(&[b"payment", reservation.as_bytes()]);
+    let row: PayRow = match write(pool, topics, user, key, reservation, &fp).await {
+        Ok(row) => row,
+        // The key was stored meanwhile by a request for another hold (see above).
+        Err(e) if idempotency::is_taken(&e) => (None, None, None, None, None),
+        Err(e) => return Err(e.into()),
+    };
+    let (status, expires_at, now, schedule_id, answer) = row;
+    if let (Some(body), Some(schedule_id)) = (answer, schedule_id) {
+        outbox::committed();
+        metrics::counter!("payments_total", "outcome" => "confirmed").increment(1);
+        return Ok(Paid { status: 201, body, schedule_id: Some(schedule_id) });
+    }
+    // Nothing was written. A key already used answers as it did the first time (read now, after
+    // any wait on the hold's lock or the key); otherwise say what stopped this payment.
+    if let Some((code, body)) = idempotency::answered(pool, user, "payment", key, &fp).await? {
+        return Ok(Paid { status: code, body, schedule_id: None });
+    }
+    let (Some(status), Some(expires_at), Some(now)) = (status, expires_at, now) else {
+        return Err(Error::NotFound("reservation"));
+    };
+    let outcome = match check_payable(&status, expires_at, now) {
+        Err(e) => e,
+        Ok(()) => Error::InsufficientPoints,
+    };
+    metrics::counter!("payments_total", "outcome" => outcome.code()).increment(1);
+    Err(outcome)
+}
+
+/// Runs the payment's statement once for a hold that cannot exist (nil ids): it matches no row
+/// and writes nothing (and [`crate::db::connect_warmed`] rolls it back anyway). So that a
+/// connection's first payment does not pay for the statement's first run.
+pub fn warm(conn: &mut PgConnection) -> BoxFuture<'_, sqlx::Result<()>> {
+    Box::pin(async move {
+        let topics = Topics::new("");
+        write(conn, &topics, Uuid::nil(), "", Uuid::nil(), &[]).await.map(drop)
+    })
+}
+
+/// [`pay`]'s statement on `db`: its row, or the error that undid it.
+async fn write<'e>(db: impl PgExecutor<'e>, topics: &Topics, user: Uuid, key: &str, reservation: Uuid, fp: &[u8]) -> sqlx::Result<PayRow> {
     let payment_id = Uuid::new_v4();
     let key_str = reservation.to_string();
     // The price, schedule, seat and time are only known inside the statement, which writes them
@@ -124,31 +165,7 @@ pub async fn pay(pool: &PgPool, topics: &Topics, user: Uuid, key: &str, reservat
             ),
         ),
     );
-    let query = sqlx::query(&sql).bind(user).bind(key).bind(payment_id).bind(reservation).bind(&fp).bind(&body);
-    let row: PayRow = match outbox::bind_rows(query, &events).fetch_one(pool).await {
-        Ok(row) => PayRow::from_row(&row)?,
-        // The key was stored meanwhile by a request for another hold (see above).
-        Err(e) if idempotency::is_taken(&e) => (None, None, None, None, None),
-        Err(e) => return Err(e.into()),
-    };
-    let (status, expires_at, now, schedule_id, answer) = row;
-    if let (Some(body), Some(schedule_id)) = (answer, schedule_id) {
-        outbox::committed();
-        metrics::counter!("payments_total", "outcome" => "confirmed").increment(1);
-        return Ok(Paid { status: 201, body, schedule_id: Some(schedule_id) });
-    }
-    // Nothing was written. A key already used answers as it did the first time (read now, after
-    // any wait on the hold's lock or the key); otherwise say what stopped this payment.
-    if let Some((code, body)) = idempotency::answered(pool, user, "payment", key, &fp).await? {
-        return Ok(Paid { status: code, body, schedule_id: None });
-    }
-    let (Some(status), Some(expires_at), Some(now)) = (status, expires_at, now) else {
-        return Err(Error::NotFound("reservation"));
-    };
-    let outcome = match check_payable(&status, expires_at, now) {
-        Err(e) => e,
-        Ok(()) => Error::InsufficientPoints,
-    };
-    metrics::counter!("payments_total", "outcome" => outcome.code()).increment(1);
-    Err(outcome)
+    let query = sqlx::query(&sql).bind(user).bind(key).bind(payment_id).bind(reservation).bind(fp).bind(&body);
+    let row = outbox::bind_rows(query, &events).fetch_one(db).await?;
+    PayRow::from_row(&row)
 }

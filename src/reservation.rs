@@ -30,6 +30,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use futures_util::future::BoxFuture;
 use sqlx::pool::PoolConnection;
 use sqlx::{PgConnection, PgPool, Postgres, Row as _};
 use uuid::Uuid;
@@ -171,18 +172,7 @@ pub async fn hold(mut conn: PoolConnection<Postgres>, topics: &Topics, req: Hold
     let id = Uuid::new_v4();
     let placeholder = ReservationEvent { reservation_id: id, user_id: user, seat_id: seat, schedule_id: schedule, expires_at: DateTime::<Utc>::UNIX_EPOCH };
     let events = [outbox::Row::new(&topics.reservation_created, &id.to_string(), &Envelope::new(EventType::ReservationCreated, placeholder))];
-    let call = |stop_if_taken: bool| {
-        let query = sqlx::query("SELECT outcome, live, price, created_at, expires_at FROM hold_seat($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)")
-            .bind(id)
-            .bind(user)
-            .bind(seat)
-            .bind(schedule)
-            .bind(stop_if_taken)
-            .bind(i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX))
-            .bind(i64::from(max_seats))
-            .bind(lock);
-        outbox::bind_rows(query, &events)
-    };
+    let call = |stop_if_taken: bool| hold_seat(id, user, seat, schedule, stop_if_taken, ttl, max_seats, lock, &events);
 
     if key.is_none() {
         let row = call(true).fetch_one(&mut *conn).await?;
@@ -234,6 +224,41 @@ pub async fn hold(mut conn: PoolConnection<Postgres>, topics: &Topics, req: Hold
     outbox::committed();
     metrics::counter!("holds_total", "outcome" => "held").increment(1);
     Ok(Held { body, fresh: Some(r) })
+}
+
+/// The call of `hold_seat` for reservation `id` (see [`hold`]), `event` its `reservation.created` row.
+#[allow(clippy::too_many_arguments)] // the function's parameters, in its order
+fn hold_seat<'q>(
+    id: Uuid,
+    user: Uuid,
+    seat: Uuid,
+    schedule: Uuid,
+    stop_if_taken: bool,
+    ttl: Duration,
+    max_seats: u32,
+    lock: i64,
+    event: &'q [outbox::Row],
+) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
+    let query = sqlx::query("SELECT outcome, live, price, created_at, expires_at FROM hold_seat($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)")
+        .bind(id)
+        .bind(user)
+        .bind(seat)
+        .bind(schedule)
+        .bind(stop_if_taken)
+        .bind(i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX))
+        .bind(i64::from(max_seats))
+        .bind(lock);
+    outbox::bind_rows(query, event)
+}
+
+/// Calls `hold_seat` once for a seat that cannot exist (the nil id): it answers `no_seat` and
+/// writes nothing (and [`crate::db::connect_warmed`] rolls it back anyway). So that a
+/// connection's first hold does not pay for the call's first run.
+pub fn warm(conn: &mut PgConnection) -> BoxFuture<'_, sqlx::Result<()>> {
+    Box::pin(async move {
+        let event = [outbox::Row { topic: String::new(), key: String::new(), event_id: Uuid::nil(), envelope: serde_json::Value::Null }];
+        hold_seat(Uuid::nil(), Uuid::nil(), Uuid::nil(), Uuid::nil(), true, Duration::ZERO, 0, 0, &event).fetch_one(conn).await.map(drop)
+    })
 }
 
 /// The reservation `hold_seat` took, from its row, or why it took none (see its `outcome`).

@@ -11,6 +11,7 @@ use booking::kafka::{consumer_config, ConsumerRunner, Envelope, EventType, Handl
 use common::TestEnv;
 use rdkafka::producer::FutureRecord;
 use serde_json::{json, Value};
+use sqlx::Connection as _;
 use tokio_util::sync::CancellationToken;
 
 /// Records what it saw; fails transiently the first time it sees `flaky`, and calls anything
@@ -451,4 +452,32 @@ async fn a_connection_ended_while_idle_in_the_pool_is_replaced_before_use() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let next: Result<i32, _> = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&pool).await;
     assert!(matches!(next, Ok(pid) if pid != first), "the next statement ran on a new connection: {next:?}");
+}
+
+/// The api's connections run the hold and the payment once when opened (`db::connect_warmed`,
+/// `app::API_WARM`), so that a sale's first requests do not pay for their first run. The
+/// warm-ups must run against the real schema (a broken one would only be logged, and every
+/// connection would stay cold), stay prepared on the connection, and write nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warmed_connection_has_run_the_hold_and_the_payment_and_wrote_nothing() {
+    let env = TestEnv::new().await;
+    let mut conn = sqlx::PgConnection::connect(&env.db_url).await.unwrap();
+    for (name, warm) in [("hold", booking::reservation::warm as booking::db::Warm), ("payment", booking::payment::warm)] {
+        sqlx::Executor::execute(&mut conn, "BEGIN").await.unwrap();
+        let ran = warm(&mut conn).await;
+        assert!(ran.is_ok(), "the {name}'s warm-up ran: {ran:?}");
+        sqlx::Executor::execute(&mut conn, "COMMIT").await.unwrap();
+    }
+    let pool = booking::db::connect_warmed(&env.db_url, 1, booking::app::API_WARM).await.unwrap();
+    let prepared: Vec<String> = sqlx::query_scalar("SELECT statement FROM pg_prepared_statements").fetch_all(&pool).await.unwrap();
+    assert!(prepared.iter().any(|s| s.contains("FROM hold_seat(")), "the hold's call is prepared on the pool's connection: {prepared:?}");
+    assert!(prepared.iter().any(|s| s.contains("INSERT INTO payments")), "the payment's statement is prepared: {prepared:?}");
+    let written: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM reservations) + (SELECT count(*) FROM payments) + (SELECT count(*) FROM outbox)
+              + (SELECT count(*) FROM idempotency_keys) + (SELECT count(*) FROM point_ledger)",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(written, 0, "the warm-ups wrote nothing, even committed");
 }

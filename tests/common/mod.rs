@@ -94,7 +94,8 @@ impl TestEnv {
             db_max_connections: 40,
             log_json: false,
         };
-        let res = Resources::connect(&common, "test").await.expect("resources");
+        // Warmed like bin/api's: every test of the api runs on connections that ran the warm-ups.
+        let res = Resources::connect_warmed(&common, "test", booking::app::API_WARM).await.expect("resources");
         booking::kafka::bootstrap_topics(&brokers, &res.topics, replication_factor).await.expect("topics");
         let pool = res.pool.clone();
         Self { db_url, redis_url, brokers, prefix, pool, res }
