@@ -50,6 +50,7 @@
 #   BOOKING_KAFKA_CONTROLLER_PORT Kafka KRaft controller   (default 59093)
 #   BOOKING_SERVICES_TIMEOUT      seconds to wait for a service (default 90)
 #   BOOKING_KAFKA_ROUNDTRIP_ATTEMPT  seconds one Kafka round-trip attempt may take (default 30)
+#   BOOKING_KAFKA_JVM_OPTS        extra JVM options for the brokers (after ours, so they win)
 #   BOOKING_TOPOLOGY              single (default) or cluster
 #   BOOKING_CLUSTER_KAFKA_PORTS   cluster: broker ports     (default "59192 59193 59194")
 #   BOOKING_CLUSTER_CONTROLLER_PORTS  cluster: controllers  (default "59195 59196 59197")
@@ -619,9 +620,19 @@ kafka_tool() { "${KAFKA_TOOL[@]}" "$@"; }
 # 9,738 partitions). At 512 MB a development broker that had seen a few test suites spent more CPU
 # in G1's concurrent marking than in serving requests (4 CPU-s of G1 Conc in a 2-minute benchmark
 # phase), which the benchmark then charged to our daemons.
+# The collector's threads: one for its pauses and one for its concurrent work. G1 starts as many
+# as there are cores, so on a 2-core machine shared with PostgreSQL each young-generation pause
+# (15 to 45 ms, every half second under load on a broker that had seen many test suites) took
+# both cores from everything else: the whole machine stalled. With one thread a pause takes
+# longer but only one core; payments' p99 in four runs each on such a broker, alternating: 82 to
+# 144 ms with two threads, 69 to 79 ms with one (issue 11, fourteenth pass).
+# Each pause is logged in $KAFKA_LOGS/gc.log.
+# shellcheck disable=SC2206  # BOOKING_KAFKA_JVM_OPTS: extra options, split on spaces
 kafka_broker_cmd() {
     KAFKA_BROKER_JVM=("$JAVA")
-    KAFKA_BROKER_ARGS=(-XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:+ExitOnOutOfMemoryError
+    KAFKA_BROKER_ARGS=(-XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:ParallelGCThreads=1 -XX:ConcGCThreads=1
+        -XX:+ExitOnOutOfMemoryError "-Xlog:gc:file=$KAFKA_LOGS/gc.log:time,uptime:filecount=4,filesize=20M"
+        ${BOOKING_KAFKA_JVM_OPTS:-}
         -Djava.awt.headless=true -Dkafka.logs.dir="$KAFKA_LOGS" -Dlog4j2.shutdownHookEnabled=false
         -Dlog4j2.configurationFile="$KAFKA_LOG4J"
         -cp "$KAFKA_LIBS/*" kafka.Kafka "$KAFKA_PROPS")
