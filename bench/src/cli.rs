@@ -286,6 +286,7 @@ async fn run(a: RunArgs) -> Result<()> {
         }
     }
     if wants("seat-fight") {
+        settle(&ctx, "seat-fight").await;
         let cpu0 = cpu::snapshot(marker);
         let r = seat_fight::run(&ctx, &seat_fight::Config { fighters: a.fighters, concurrency: c }).await;
         results.cpu.insert("seat-fight".into(), cpu0.usage_since(marker));
@@ -296,6 +297,7 @@ async fn run(a: RunArgs) -> Result<()> {
     }
     if wants("sell-out") || wants("payments") {
         let cfg = sell_out::Config { schedules: a.schedules, seats_per_schedule: a.seats, clients: a.clients };
+        settle(&ctx, "sell-out").await;
         let cpu0 = cpu::snapshot(marker);
         let r = sell_out::run(&ctx, &cfg).await;
         results.cpu.insert("sell-out".into(), cpu0.usage_since(marker));
@@ -304,6 +306,7 @@ async fn run(a: RunArgs) -> Result<()> {
                 results.sell_out = Some(sold.result.clone());
                 if wants("payments") {
                     let pc = sell_out::PaymentsConfig { concurrency: a.pay_concurrency, ranking_timeout_s: 30.0 };
+                    settle(&ctx, "payments").await;
                     let cpu0 = cpu::snapshot(marker);
                     let r = sell_out::payments(&ctx, &pc, &sold).await;
                     results.cpu.insert("payments".into(), cpu0.usage_since(marker));
@@ -444,4 +447,11 @@ mod tests {
         use clap::CommandFactory;
         super::Cli::command().debug_assert();
     }
+}
+
+/// Waits for the machine to be quiet before a scenario of the spike (see [`cpu::settle`]), so
+/// that none measures the previous one's aftermath.
+async fn settle(ctx: &Ctx, scenario: &str) {
+    let waited = cpu::settle(Duration::from_secs(10)).await;
+    ctx.say(&format!("{scenario}: started once the machine was quiet, {:.1} s after the previous scenario", waited.as_secs_f64()));
 }

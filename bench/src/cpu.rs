@@ -106,3 +106,30 @@ impl Snapshot {
 pub fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split_whitespace().take(3).collect::<Vec<_>>().join(" ")
 }
+
+/// Waits until the machine is quiet (less than [`QUIET_CORES`] of CPU busy over
+/// [`QUIET_WINDOW`]), for at most `max`, and says how long that took.
+///
+/// Why: a scenario that starts the moment the previous one's last answer came back may also
+/// measure the previous one's aftermath (the sell-out's holds still flowing through the relay,
+/// Kafka, the delay scheduler and the seat streams). In the runs of issue 11's fourteenth pass
+/// the machine was quiet 0.3 s after the sell-out, so this changes little today; it keeps each
+/// scenario's figures its own whatever runs before it.
+pub async fn settle(max: std::time::Duration) -> std::time::Duration {
+    let started = Instant::now();
+    let mut before = machine_busy();
+    while started.elapsed() < max {
+        tokio::time::sleep(QUIET_WINDOW).await;
+        let now = machine_busy();
+        if (now - before) / QUIET_WINDOW.as_secs_f64() < QUIET_CORES {
+            break;
+        }
+        before = now;
+    }
+    started.elapsed()
+}
+
+/// A quiet machine: the idle stack (consumers polling, Kafka's and PostgreSQL's housekeeping)
+/// stays well under this, a pipeline still catching up well over it.
+const QUIET_CORES: f64 = 0.5;
+const QUIET_WINDOW: std::time::Duration = std::time::Duration::from_millis(250);
