@@ -39,6 +39,7 @@
 #                       of phase 1 (default: all of them)
 #   BENCH_SPIKE_SCENARIOS=limits,sell-out   run only these scenarios of phase 1 (an A/B of one
 #                       path; the report then lacks the others)
+#   BENCH_API_DB_CONNECTIONS=8   the api's PostgreSQL pool (see below)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)

@@ -622,9 +622,9 @@ kafka_tool() { "${KAFKA_TOOL[@]}" "$@"; }
 # phase), which the benchmark then charged to our daemons.
 # The collector's threads: one for its pauses and one for its concurrent work. G1 starts as many
 # as there are cores, so on a 2-core machine shared with PostgreSQL each young-generation pause
-# (15 to 45 ms, every half second under load on a broker that had seen many test suites) took
-# both cores from everything else: the whole machine stalled. With one thread a pause takes
-# longer but only one core; payments' p99 in four runs each on such a broker, alternating: 82 to
+# (15 to 45 ms; every half second under load on a broker full of old test topics) took both
+# cores from everything else: the whole machine stalled. With one thread a pause takes longer
+# but only one core. Payments' p99 in four runs each, alternating, restarting the broker: 82 to
 # 144 ms with two threads, 69 to 79 ms with one (issue 11, fourteenth pass).
 # Each pause is logged in $KAFKA_LOGS/gc.log.
 # shellcheck disable=SC2206  # BOOKING_KAFKA_JVM_OPTS: extra options, split on spaces
