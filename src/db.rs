@@ -6,9 +6,9 @@ use std::borrow::Cow;
 use std::ops::{Deref, DerefMut};
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgTransactionManager};
-use futures_util::future::BoxFuture;
 use sqlx::{Connection as _, Executor as _, Postgres, TransactionManager};
 
 /// The migrations in `migrations/`, compiled into the binaries.

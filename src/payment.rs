@@ -6,9 +6,9 @@
 //! here (design document §2-2, bottleneck 2): a consumer of `payment.completed` does it.
 
 use chrono::{DateTime, Utc};
+use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use futures_util::future::BoxFuture;
 use sqlx::{FromRow as _, PgConnection, PgExecutor, PgPool};
 use uuid::Uuid;
 
