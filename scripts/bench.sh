@@ -69,7 +69,8 @@ HOLD_TTL=${BENCH_HOLD_TTL:-60s}
 NOTIFICATIONS=${BENCH_NOTIFICATIONS:-100000}
 # The api's PostgreSQL pool. 8, not 32, since issue 11's fourteenth pass: once a hold and a
 # payment were one round trip each, fewer backends on the two cores meant shorter run queues;
-# alternating runs at 32, 8 and 12 gave payments p99 64/66, 47/47 and 59/56 ms.
+# alternating runs at 32, 8 and 12 gave payments p99 64/66, 47/47 and 59/56 ms (a third pair
+# of 32 and 8 on a slower hour: 70 and 67 ms).
 API_DB=${BENCH_API_DB_CONNECTIONS:-8}
 PORT=${BENCH_PORT:-28080}
 M_API=$((PORT + 21)) M_SCHED=$((PORT + 22)) M_EXP=$((PORT + 23)) M_WORK=$((PORT + 24))
