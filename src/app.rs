@@ -55,8 +55,18 @@ impl Resources {
     /// Like [`Resources::connect`], and each PostgreSQL connection runs `warm` when opened (see
     /// [`crate::db::connect_warmed`]).
     pub async fn connect_warmed(c: &Common, client_id: &str, warm: &'static [crate::db::Warm]) -> Result<Self, StartError> {
-        let pool = crate::db::connect_warmed(&c.database_url, c.db_max_connections, warm).await?;
-        crate::db::migrate(&pool).await?;
+        let pool = if warm.is_empty() {
+            let pool = crate::db::connect(&c.database_url, c.db_max_connections).await?;
+            crate::db::migrate(&pool).await?;
+            pool
+        } else {
+            // The warm-ups run against the schema, so it is migrated first, on a connection of its
+            // own: the pool opens its first connection at once, and that one would stay cold.
+            let first = crate::db::connect(&c.database_url, 1).await?;
+            crate::db::migrate(&first).await?;
+            first.close().await;
+            crate::db::connect_warmed(&c.database_url, c.db_max_connections, warm).await?
+        };
         let redis = RedisConn::connect(&c.redis_url).await?;
         let producer = kafka::producer(&c.kafka_brokers, client_id)?;
         Ok(Self {

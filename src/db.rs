@@ -43,8 +43,10 @@ pub type Warm = for<'c> fn(&'c mut PgConnection) -> BoxFuture<'c, Result<(), sql
 /// at once, and that extra database time lands on the first wave of requests. Warmed when
 /// opened, a connection has paid for it before it serves.
 ///
-/// A warm-up that fails (on a database not migrated yet, say) is logged and the connection is
-/// used anyway: it is only colder. One whose rollback fails is discarded.
+/// The schema must be migrated before the pool opens its first connection (as
+/// [`crate::app::Resources::connect_warmed`] does). A warm-up that fails anyway is logged as a
+/// warning (every connection of the pool would stay cold) and the connection is used: it is only
+/// colder. One whose rollback fails is discarded.
 pub async fn connect_warmed(url: &str, max: u32, warm: &'static [Warm]) -> Result<PgPool, sqlx::Error> {
     let mut options: PgConnectOptions = url.parse()?;
     if options.get_application_name().is_none() {
@@ -76,7 +78,7 @@ pub async fn connect_warmed(url: &str, max: u32, warm: &'static [Warm]) -> Resul
                 for w in warm {
                     conn.execute("BEGIN").await?;
                     if let Err(e) = w(conn).await {
-                        tracing::debug!(error = %e, "warming a new connection failed");
+                        tracing::warn!(error = %e, "warming a new connection failed; it serves cold");
                     }
                     conn.execute("ROLLBACK").await?;
                 }
