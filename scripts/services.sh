@@ -665,7 +665,7 @@ warm_kafka() {
 cmd_prune() {
     local dbs n=0 db
     pg_require_bin
-    dbs=$(pg_psql -U "$PG_SUPERUSER" -d postgres -Atc "SELECT datname FROM pg_database WHERE datname ~ '^(test_[0-9a-f]{12}|bench_[0-9]{14})$'")
+    dbs=$(pg_psql -U "$PG_SUPERUSER" -d postgres -Atc "SELECT datname FROM pg_database WHERE datname ~ '^(test_([0-9]+_)?[0-9a-f]{12}|bench_[0-9]{14})$'")
     for db in $dbs; do
         pg_psql -U "$PG_SUPERUSER" -d postgres -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null && n=$((n + 1))
     done
