@@ -241,3 +241,35 @@ async fn an_outbox_writer_holds_its_transaction_id_before_its_rows_take_ids() {
         tx.rollback().await.unwrap();
     }
 }
+
+/// Publishing a row rewrites it on its own page (migration 0190): PostgreSQL then logs only the
+/// bytes that changed (`published_at`), where a full page sent the new version elsewhere with
+/// its whole envelope, doubling the outbox's share of the WAL under a spike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_published_row_stays_on_its_page() {
+    let env = TestEnv::new().await;
+    let topic = env.topics().notification_request.clone();
+    // Envelopes of the size the spike writes (a notification request is about 500 bytes).
+    let before: Vec<(i64, String)> = sqlx::query_as(
+        "INSERT INTO outbox (topic, message_key, event_id, envelope)
+         SELECT $1, 'k' || (n % 10), gen_random_uuid(), jsonb_build_object('n', n, 'text', repeat('x', 480)) FROM generate_series(1, 300) AS n
+         RETURNING id, ctid::text",
+    )
+    .bind(&topic)
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    let newest = before.iter().map(|(id, _)| *id).max().unwrap();
+    let relay = Relay::new(env.pool.clone(), env.res.producer.clone(), 1000, Duration::from_millis(100));
+    common::eventually(Duration::from_secs(60), || async {
+        relay.step().await.unwrap();
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL AND id <= $1").bind(newest).fetch_one(&env.pool).await.unwrap();
+        left == 0
+    })
+    .await;
+    let page = |ctid: &str| ctid.trim_matches(|c| c == '(' || c == ')').split(',').next().unwrap().to_string();
+    let after: std::collections::HashMap<i64, String> =
+        sqlx::query_as::<_, (i64, String)>("SELECT id, ctid::text FROM outbox WHERE id <= $1").bind(newest).fetch_all(&env.pool).await.unwrap().into_iter().collect();
+    let moved = before.iter().filter(|(id, ctid)| page(ctid) != page(&after[id])).count();
+    assert_eq!(moved, 0, "{moved} of {} published rows were rewritten on another page", before.len());
+}
