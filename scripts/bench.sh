@@ -40,6 +40,8 @@
 #   BENCH_SPIKE_SCENARIOS=limits,sell-out   run only these scenarios of phase 1 (an A/B of one
 #                       path; the report then lacks the others)
 #   BENCH_API_DB_CONNECTIONS=8   the api's PostgreSQL pool (see below)
+#   BENCH_TRACE_PAYMENTS=FILE   the payments scenario writes one line per payment to FILE: its
+#                       start (Unix ms) and its latency (ms), to line the slowest up with a profile
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)

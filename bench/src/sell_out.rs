@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context as _, Result};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -202,14 +202,15 @@ pub async fn payments(ctx: &Ctx, cfg: &PaymentsConfig, sold: &SellOut) -> Result
     let bar = ctx.bar(n, "payments");
     let started = Instant::now();
     let (api, l2, b2, bar2) = (ctx.api.clone(), line.clone(), bookers.clone(), bar.clone());
-    let answers: Vec<Option<(u16, f64)>> = pool(clients, clients, &indicatif::ProgressBar::hidden(), move |_| {
+    let answers: Vec<Option<(u16, f64, f64)>> = pool(clients, clients, &indicatif::ProgressBar::hidden(), move |_| {
         let (api, line, bookers, bar) = (api.clone(), l2.clone(), b2.clone(), bar2.clone());
         async move {
             let mut out = Vec::new();
             loop {
                 let Some(mut holds) = line.lock().unwrap().pop_front() else { break };
                 let h = holds.pop().expect("only users with holds wait in line");
-                out.push(api.pay(&bookers[h.booker].user, h.reservation).await.ok().map(|a| (a.status, a.took.as_secs_f64() * 1000.0)));
+                let at = unix_ms();
+                out.push(api.pay(&bookers[h.booker].user, h.reservation).await.ok().map(|a| (a.status, a.took.as_secs_f64() * 1000.0, at)));
                 bar.inc(1);
                 if !holds.is_empty() {
                     line.lock().unwrap().push_back(holds);
@@ -222,6 +223,13 @@ pub async fn payments(ctx: &Ctx, cfg: &PaymentsConfig, sold: &SellOut) -> Result
     .into_iter()
     .flatten()
     .collect();
+    if let Some(path) = std::env::var_os("BENCH_TRACE_PAYMENTS") {
+        // When each payment started and how long it took, one line each: for finding where the
+        // slowest ones fall (a first wave, a stall) beside a profile of the same seconds.
+        let lines: String = answers.iter().flatten().map(|(_, ms, at)| format!("{at:.3} {ms:.3}\n")).collect();
+        std::fs::write(&path, lines).with_context(|| format!("writing {}", std::path::Path::new(&path).display()))?;
+    }
+    let answers: Vec<Option<(u16, f64)>> = answers.into_iter().map(|a| a.map(|(status, ms, _)| (status, ms))).collect();
     let ids: Vec<Uuid> = sold.held.iter().map(|h| h.reservation).collect();
     let took = started.elapsed();
     let last_answer = Instant::now();
@@ -272,4 +280,9 @@ async fn ranking_total(ctx: &Ctx, schedules: &[Uuid]) -> Result<i64> {
             items.iter().filter(|e| e["scheduleId"].as_str().is_some_and(|s| wanted.contains(s))).map(|e| e["soldSeats"].as_i64().unwrap_or(0)).sum()
         })
         .unwrap_or(0))
+}
+
+/// Wall-clock milliseconds since the Unix epoch (comparable with `perf` and the daemons' logs).
+fn unix_ms() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64() * 1000.0).unwrap_or(0.0)
 }
