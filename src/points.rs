@@ -73,6 +73,28 @@ pub fn apply_sql(movement: Movement, user: &str, amount: &str) -> String {
     )
 }
 
+/// [`apply_sql`] for many users in one statement: `from` names a relation with a `user_id` and
+/// an `amount` column, at most one row per user (an UPDATE changes a row once per statement).
+/// Defines `lu`, `u` (every column of `from` and the `balance` after, for each row the balance
+/// covered) and `l`. The users' rows are locked in id order before any is changed (`lu`, read
+/// once as an array), so two such statements, or one and a single payment, never wait on each
+/// other in a cycle.
+pub fn apply_each_sql(movement: Movement, from: &str) -> String {
+    let sign = match movement {
+        Movement::Use => "-",
+        Movement::Charge | Movement::Refund => "+",
+    };
+    let kind = movement.kind();
+    format!(
+        "lu AS MATERIALIZED (SELECT users.id FROM users JOIN {from} f ON users.id = f.user_id ORDER BY users.id FOR UPDATE OF users),
+         u AS (UPDATE users SET balance = users.balance {sign} f.amount::bigint FROM {from} f
+               WHERE users.id = f.user_id AND users.balance {sign} f.amount::bigint >= 0 AND f.user_id = ANY(ARRAY(SELECT id FROM lu))
+               RETURNING f.*, users.balance),
+         l AS (INSERT INTO point_ledger (user_id, kind, amount, balance_after)
+               SELECT u.user_id, '{kind}', u.amount::bigint, u.balance FROM u WHERE u.amount::bigint > 0)"
+    )
+}
+
 /// Credits `amount` once per `key`; the same key replays the first answer.
 pub async fn charge(pool: &PgPool, user: Uuid, key: &str, amount: i64) -> Result<(u16, Value)> {
     if !(1..=MAX_CHARGE).contains(&amount) {

@@ -252,7 +252,7 @@ pub async fn pay(api: Api, auth: Option<String>, key: Option<String>, body: Body
     let user = authed(&api, &auth).await?;
     let key = idempotency::validate_key(key.as_deref())?;
     let b: PayBody = parse(&body?)?;
-    let paid = payment::pay(&api.pool, &api.topics, user, &key, b.reservation_id).await?;
+    let paid = payment::pay(&api.pool, &api.payments, &api.topics, user, &key, b.reservation_id).await?;
     if let Some(schedule) = paid.schedule_id {
         // The buyer's queue place is freed for the next person; if Redis is unavailable the idle
         // timeout frees it instead, so a failure here is only logged.

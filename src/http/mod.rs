@@ -53,6 +53,8 @@ pub struct Api {
     pub shutdown: CancellationToken,
     /// Group commit of the outbox rows written outside a transaction of their own.
     pub group_commit: crate::outbox::GroupCommit,
+    /// Group commit of payments.
+    pub payments: crate::payment::GroupCommit,
     /// Tokens already resolved by this process.
     pub sessions: crate::user::Sessions,
     /// Schedules' booking opening times already read by this process.
