@@ -34,6 +34,14 @@ pub enum Movement {
 }
 
 impl Movement {
+    /// How the movement changes the balance, as SQL.
+    fn sign(self) -> &'static str {
+        match self {
+            Movement::Use => "-",
+            Movement::Charge | Movement::Refund => "+",
+        }
+    }
+
     fn kind(self) -> &'static str {
         match self {
             Movement::Charge => "CHARGE",
@@ -60,10 +68,7 @@ pub async fn apply(tx: &mut sqlx::PgConnection, user: Uuid, movement: Movement, 
 /// `Use` is not covered) and `l` (the ledger line), for a statement that does more in the same
 /// round trip (a payment). `user` and `amount` are its parameters (`$n`, a uuid and a bigint).
 pub fn apply_sql(movement: Movement, user: &str, amount: &str) -> String {
-    let sign = match movement {
-        Movement::Use => "-",
-        Movement::Charge | Movement::Refund => "+",
-    };
+    let sign = movement.sign();
     let kind = movement.kind();
     format!(
         "u AS (UPDATE users SET balance = balance {sign} {amount}::bigint
@@ -80,10 +85,7 @@ pub fn apply_sql(movement: Movement, user: &str, amount: &str) -> String {
 /// once as an array), so two such statements, or one and a single payment, never wait on each
 /// other in a cycle.
 pub fn apply_each_sql(movement: Movement, from: &str) -> String {
-    let sign = match movement {
-        Movement::Use => "-",
-        Movement::Charge | Movement::Refund => "+",
-    };
+    let sign = movement.sign();
     let kind = movement.kind();
     format!(
         "lu AS MATERIALIZED (SELECT users.id FROM users JOIN {from} f ON users.id = f.user_id ORDER BY users.id FOR UPDATE OF users),
