@@ -150,7 +150,7 @@ pub async fn run_api(res: Resources, s: ApiSettings, listener: TcpListener, ops:
     let notifications = crate::notification::NotificationHub::default();
     let seat_map = crate::seat_map::SeatHub::default();
     let health = res.health();
-    let api = crate::http::Api {
+    let api = Arc::new(crate::http::ApiState {
         pool: res.pool.clone(),
         redis: res.redis.clone(),
         keys: res.keys.clone(),
@@ -172,7 +172,7 @@ pub async fn run_api(res: Resources, s: ApiSettings, listener: TcpListener, ops:
         payments: crate::payment::GroupCommit::start(res.pool.clone()),
         opening_times: Default::default(),
         hold_gate: Default::default(),
-    };
+    });
     let relay = Relay::new(res.pool.clone(), res.producer.clone(), s.outbox_batch, s.outbox_poll).rebuild_with(res.producer_factory("api"));
     let tasks = vec![
         // Topics are created in the background: the api takes bookings even while Kafka is down.
