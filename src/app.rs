@@ -304,7 +304,8 @@ pub async fn run_worker(res: Resources, s: WorkerSettings, group_prefix: &str, o
     let health = res.health();
     let ops_task = tokio::spawn(crate::telemetry::serve_ops(ops, metrics, health, shutdown.clone()));
     let deliverer = Deliverer { pool: res.pool.clone(), channel: s.channel.clone(), batch: s.delivery_batch, max_backoff: s.delivery_max_backoff };
-    let delivery = tokio::spawn(deliverer.run(s.delivery_poll, shutdown.clone()));
+    let (handoff, inbox) = deliverer.handoff();
+    let delivery = tokio::spawn(deliverer.run_with(Some(inbox), s.delivery_poll, shutdown.clone()));
     let reconciler = tokio::spawn(crate::worker::run_ranking_reconciler(res.pool.clone(), res.redis.clone(), res.keys.clone(), s.ranking_retention, s.ranking_reconcile, shutdown.clone()));
     let pruner = tokio::spawn(crate::retention::run(res.pool.clone(), s.retention.clone(), shutdown.clone()));
     if res.ensure_topics(&shutdown).await {
@@ -320,7 +321,7 @@ pub async fn run_worker(res: Resources, s: WorkerSettings, group_prefix: &str, o
             res.producer.clone(),
             "worker-payments",
         )?;
-        let nh = NotificationHandler { pool: res.pool.clone() };
+        let nh = NotificationHandler { pool: res.pool.clone(), handoff: Some(handoff) };
         let ph = PaymentHandler { pool: res.pool.clone(), redis: res.redis.clone(), keys: res.keys.clone(), sink: s.sink.clone(), ranking: s.ranking_retention };
         tokio::join!(notes.run(&nh, shutdown.clone()), pays.run(&ph, shutdown.clone()));
     }

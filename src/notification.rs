@@ -117,6 +117,19 @@ pub struct StoredRow {
     pub user_id: Uuid,
     /// Its commit-ordered stream position.
     pub pos: i64,
+    /// Its id (`notificationId`).
+    pub id: i64,
+    pub event_id: Uuid,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// What [`store_claimed`] wrote: the new rows, and the claim their delivery rows were born with.
+#[derive(Debug, Clone)]
+pub struct StoredClaimed {
+    pub rows: Vec<StoredRow>,
+    /// The delivery rows' `next_attempt_at`: the end of the storing worker's lease and the fencing
+    /// token of its outcomes (`worker::Deliverer`). `None` when nothing new was stored.
+    pub token: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// Stores notification requests (`eventId`, request), each once by `eventId`, with their stream
@@ -131,8 +144,22 @@ pub struct StoredRow {
 /// time in the spike profile (issue 11). A duplicate leaves a gap in the positions, which readers
 /// never notice (they read `pos > cursor`).
 pub async fn store(pool: &sqlx::PgPool, requests: &[(Uuid, NotificationRequest)]) -> Result<Vec<StoredRow>, sqlx::Error> {
+    Ok(store_with(pool, requests, None).await?.rows)
+}
+
+/// [`store`], with the delivery of every new row claimed by the caller for `lease` in the same
+/// statement: the worker hands what it stored straight to its own delivery loop, which then
+/// neither claims those rows nor needs waking for them (issue 11: the claim, a second write of
+/// every delivery row, was a tenth of the database's time in the queue spike). A worker that
+/// dies before delivering loses nothing: the lease lapses and any worker's claim takes the rows,
+/// as it takes the rows of a claim that lapsed.
+pub async fn store_claimed(pool: &sqlx::PgPool, requests: &[(Uuid, NotificationRequest)], lease: std::time::Duration) -> Result<StoredClaimed, sqlx::Error> {
+    store_with(pool, requests, Some(lease)).await
+}
+
+async fn store_with(pool: &sqlx::PgPool, requests: &[(Uuid, NotificationRequest)], lease: Option<std::time::Duration>) -> Result<StoredClaimed, sqlx::Error> {
     if requests.is_empty() {
-        return Ok(Vec::new());
+        return Ok(StoredClaimed { rows: Vec::new(), token: None });
     }
     let mut event_ids = Vec::with_capacity(requests.len());
     let (mut users, mut kinds, mut titles, mut messages, mut data) = (vec![], vec![], vec![], vec![], vec![]);
@@ -147,7 +174,13 @@ pub async fn store(pool: &sqlx::PgPool, requests: &[(Uuid, NotificationRequest)]
     let mut tx = crate::db::begin_with(pool, "BEGIN; SELECT 1 FROM stream_heads WHERE stream = 'notification' FOR UPDATE").await?;
     // A new statement: its snapshot, taken after the lock was granted, sees the head the previous
     // writer (or the stamper) committed.
-    let stored: Vec<(String, Uuid, i64)> = sqlx::query_as(
+    //
+    // With a lease, `claimed` writes the delivery rows already claimed; the statement trigger
+    // `notification_deliveries_add` (which gives every other insert its delivery rows) then finds
+    // them there and skips them (migration 0200). now() is the transaction's start, so every
+    // claimed row has the same `next_attempt_at`: the token.
+    type Row = (String, Uuid, i64, i64, Uuid, chrono::DateTime<chrono::Utc>, Option<chrono::DateTime<chrono::Utc>>);
+    let stored: Vec<Row> = sqlx::query_as(
         "WITH head AS (SELECT pos FROM stream_heads WHERE stream = 'notification'),
               new AS (
                   INSERT INTO notifications (event_id, user_id, type, title, message, data, pos)
@@ -155,12 +188,16 @@ pub async fn store(pool: &sqlx::PgPool, requests: &[(Uuid, NotificationRequest)]
                   FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::jsonb[])
                        WITH ORDINALITY AS r(e, u, t, ti, m, d, n)
                   ON CONFLICT (event_id) DO NOTHING
-                  RETURNING pos, type, user_id
+                  RETURNING pos, type, user_id, id, event_id, created_at
+              ), claimed AS (
+                  INSERT INTO notification_deliveries (notification_id, next_attempt_at)
+                  SELECT id, now() + make_interval(secs => $7::float8) FROM new WHERE $7::float8 IS NOT NULL
+                  RETURNING next_attempt_at
               ), moved AS (
                   UPDATE stream_heads SET pos = (SELECT max(pos) FROM new)
                   WHERE stream = 'notification' AND EXISTS (SELECT 1 FROM new)
               )
-         SELECT type, user_id, pos FROM new ORDER BY pos",
+         SELECT type, user_id, pos, id, event_id, created_at, (SELECT max(next_attempt_at) FROM claimed) FROM new ORDER BY pos",
     )
     .bind(&event_ids)
     .bind(&users)
@@ -168,10 +205,13 @@ pub async fn store(pool: &sqlx::PgPool, requests: &[(Uuid, NotificationRequest)]
     .bind(&titles)
     .bind(&messages)
     .bind(&data)
+    .bind(lease.map(|l| l.as_secs_f64()))
     .fetch_all(&mut *tx)
     .await?;
     tx.commit().await?;
-    Ok(stored.into_iter().map(|(kind, user_id, pos)| StoredRow { kind, user_id, pos }).collect())
+    let token = stored.first().and_then(|r| r.6);
+    let rows = stored.into_iter().map(|(kind, user_id, pos, id, event_id, created_at, _)| StoredRow { kind, user_id, pos, id, event_id, created_at }).collect();
+    Ok(StoredClaimed { rows, token })
 }
 
 /// The user's notifications after `cursor`, oldest first. The cursor is the commit-ordered

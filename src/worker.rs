@@ -26,6 +26,10 @@ const KNOWN_TYPES: &[&str] = &["PAYMENT_CONFIRMED", "RESERVATION_EXPIRED", "QUEU
 /// Consumer of `notification.request`: stores each request once.
 pub struct NotificationHandler {
     pub pool: PgPool,
+    /// The delivery loop of this process: a stored batch goes straight to it, its delivery rows
+    /// claimed in the storing statement ([`Deliverer::handoff`]). Without one (or while the loop
+    /// has batches enough waiting), rows are stored due at once and a delivery loop claims them.
+    pub handoff: Option<Handoff>,
 }
 
 impl Handler for NotificationHandler {
@@ -63,9 +67,18 @@ impl Handler for NotificationHandler {
         if requests.is_empty() {
             return out;
         }
-        let stored = crate::notification::store(&self.pool, &requests).await;
+        // A place in the delivery loop's inbox first: a batch stored claimed must reach it.
+        let permit = self.handoff.as_ref().and_then(|h| h.tx.try_reserve().ok().map(|p| (h, p)));
+        let claimed_at = std::time::Instant::now();
+        let stored = match &permit {
+            Some((h, _)) => crate::notification::store_claimed(&self.pool, &requests, h.lease).await,
+            None => crate::notification::store(&self.pool, &requests).await.map(|rows| crate::notification::StoredClaimed { rows, token: None }),
+        };
         match stored {
-            Ok(stored) => {
+            Ok(crate::notification::StoredClaimed { rows: stored, token }) => {
+                if let (Some((h, permit)), Some(token)) = (permit, token) {
+                    h.hand_over(permit, &requests, &stored, token, claimed_at);
+                }
                 announce(&self.pool, &stored).await;
                 for kind in KNOWN_TYPES {
                     let total = requests.iter().filter(|(_, n)| n.kind.as_str() == *kind).count();
@@ -244,6 +257,51 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 static DELIVERIES_VACUUM: std::sync::LazyLock<QueueVacuum> =
     std::sync::LazyLock::new(|| QueueVacuum::new("notification_deliveries"));
 
+/// Stored batches whose delivery rows the worker's consumer claimed as it stored them, on their
+/// way to the delivery loop of the same process ([`Deliverer::handoff`]).
+#[derive(Clone)]
+pub struct Handoff {
+    tx: tokio::sync::mpsc::Sender<Handed>,
+    lease: Duration,
+    /// The highest stream position handed over: an announcement of nothing beyond it needs no claim.
+    handed_up_to: std::sync::Arc<std::sync::atomic::AtomicI64>,
+}
+
+/// One handed-over batch: its rows, the claim's token, and an instant no later than the claim's
+/// start (the lease is counted from there).
+struct Handed {
+    rows: Vec<Claimed>,
+    token: chrono::DateTime<chrono::Utc>,
+    claimed_at: std::time::Instant,
+}
+
+/// The delivery loop's end of a [`Handoff`].
+pub struct Inbox {
+    rx: tokio::sync::mpsc::Receiver<Handed>,
+    handed_up_to: std::sync::Arc<std::sync::atomic::AtomicI64>,
+}
+
+/// Batches waiting in an [`Inbox`] at most; past this the consumer stores rows due at once and
+/// the loop's claim finds them (so a slow channel never holds up storing).
+const HANDOFF_BATCHES: usize = 4;
+
+impl Handoff {
+    fn hand_over(&self, permit: tokio::sync::mpsc::Permit<'_, Handed>, requests: &[(Uuid, NotificationRequest)], stored: &[crate::notification::StoredRow], token: chrono::DateTime<chrono::Utc>, claimed_at: std::time::Instant) {
+        let by_event: std::collections::HashMap<Uuid, &NotificationRequest> = requests.iter().map(|(e, n)| (*e, n)).collect();
+        let rows: Vec<Claimed> = stored
+            .iter()
+            .filter_map(|r| {
+                let n = by_event.get(&r.event_id)?;
+                Some((r.id, r.event_id, r.user_id, r.kind.clone(), n.title.clone(), n.message.clone(), n.data.clone(), r.created_at))
+            })
+            .collect();
+        if let Some(top) = stored.iter().map(|r| r.pos).max() {
+            self.handed_up_to.fetch_max(top, std::sync::atomic::Ordering::SeqCst);
+        }
+        permit.send(Handed { rows, token, claimed_at });
+    }
+}
+
 /// Delivers stored notifications that are still PENDING, oldest first.
 pub struct Deliverer {
     pub pool: PgPool,
@@ -279,7 +337,6 @@ impl Deliverer {
     /// once; receivers de-duplicate by `eventId`); rows claimed but not yet sent are sent then,
     /// for the first time.
     pub async fn step(&self) -> Result<(usize, usize), sqlx::Error> {
-        use futures_util::StreamExt;
         let lease = self.channel.lease();
         let claimed_at = std::time::Instant::now();
         let mut rows: Vec<(Claimed, chrono::DateTime<chrono::Utc>)> = sqlx::query_as::<_, (i64, Uuid, Uuid, String, String, String, Value, chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)>(
@@ -302,11 +359,19 @@ impl Deliverer {
         .collect();
         let Some(token) = rows.first().map(|r| r.1) else { return Ok((0, 0)) };
         rows.sort_by_key(|r| r.0 .0);
+        self.deliver(rows.into_iter().map(|r| r.0).collect(), token, claimed_at).await
+    }
+
+    /// Steps 2 and 3 of [`Deliverer::step`] for rows claimed at `claimed_at` (or earlier) with
+    /// `token`: by a claim of this loop, or by the consumer that stored them ([`Handoff`]).
+    async fn deliver(&self, rows: Vec<Claimed>, token: chrono::DateTime<chrono::Utc>, claimed_at: std::time::Instant) -> Result<(usize, usize), sqlx::Error> {
+        use futures_util::StreamExt;
+        let lease = self.channel.lease();
         // Start a send only if it can finish (timeout) with a margin before the claim lapses.
         let start_by = lease.saturating_sub(self.channel.timeout() + Duration::from_secs(2));
         let channel = &self.channel;
         let mut outcomes = futures_util::stream::iter(rows)
-            .map(|((id, event_id, user_id, kind, title, message, data, created_at), _)| async move {
+            .map(|(id, event_id, user_id, kind, title, message, data, created_at)| async move {
                 if claimed_at.elapsed() > start_by {
                     return Outcome::HandedBack(id);
                 }
@@ -386,26 +451,62 @@ impl Deliverer {
         Ok((delivered, failed))
     }
 
+    /// A handoff from this process's notification consumer to this loop, and the loop's end.
+    pub fn handoff(&self) -> (Handoff, Inbox) {
+        let (tx, rx) = tokio::sync::mpsc::channel(HANDOFF_BATCHES);
+        let handed_up_to = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(i64::MIN));
+        (Handoff { tx, lease: self.channel.lease(), handed_up_to: handed_up_to.clone() }, Inbox { rx, handed_up_to })
+    }
+
     /// Runs until `shutdown`, woken by new notifications and polling every `poll`.
     pub async fn run(self, poll: Duration, shutdown: CancellationToken) {
+        self.run_with(None, poll, shutdown).await
+    }
+
+    /// [`Deliverer::run`], also delivering what `inbox` hands over. A claim runs at start, every
+    /// `poll`, after an announcement of rows not handed over, and while claims find work; a
+    /// handed-over batch is delivered without one.
+    pub async fn run_with(self, mut inbox: Option<Inbox>, poll: Duration, shutdown: CancellationToken) {
         let mut listener = crate::notification::stored_listener(&self.pool, "delivery").await;
+        let mut claim = true;
+        // Failed deliveries come due again after their backoff: until a claim has run, every
+        // announcement triggers one, as before the handoff.
+        let mut retries_waiting = false;
+        let mut next_poll = tokio::time::Instant::now() + poll;
         loop {
-            let busy = match self.step().await {
-                Ok((ok, failed)) => ok + failed > 0 && failed == 0,
-                Err(e) => {
-                    tracing::warn!(error = %e, "delivery step failed");
-                    false
+            if claim {
+                next_poll = tokio::time::Instant::now() + poll;
+                match self.step().await {
+                    Ok((ok, failed)) => {
+                        retries_waiting = failed > 0;
+                        if ok + failed > 0 && failed == 0 {
+                            continue;
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "delivery step failed"),
+                }
+            }
+            let handed = async {
+                match inbox.as_mut() {
+                    Some(i) => i.rx.recv().await,
+                    None => std::future::pending().await,
                 }
             };
-            if busy {
-                continue;
-            }
-            let notified = crate::notification::next_announcement(&mut listener, poll);
-            tokio::select! {
+            claim = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = notified => {}
-                _ = tokio::time::sleep(poll) => {}
-            }
+                Some(batch) = handed => {
+                    match self.deliver(batch.rows, batch.token, batch.claimed_at).await {
+                        Ok((_, failed)) => retries_waiting |= failed > 0,
+                        Err(e) => tracing::warn!(error = %e, "recording handed-over deliveries failed; their claim lapses and they are sent again"),
+                    }
+                    false
+                }
+                announced = crate::notification::next_announcement(&mut listener, poll) => {
+                    let handed_up_to = inbox.as_ref().map_or(i64::MIN, |i| i.handed_up_to.load(std::sync::atomic::Ordering::SeqCst));
+                    retries_waiting || announced.incomplete || announced.positions.values().any(|&p| p > handed_up_to)
+                }
+                _ = tokio::time::sleep_until(next_poll) => true,
+            };
         }
     }
 }

@@ -275,3 +275,82 @@ async fn each_notification_keeps_a_delivery_log_of_attempts_last_status_and_last
     assert_eq!(status, None);
     assert!(error.is_some_and(|e| !e.is_empty()));
 }
+
+/// `n` notification requests for fresh users, with their event ids.
+fn requests(n: usize) -> Vec<(Uuid, booking::notification::NotificationRequest)> {
+    use booking::notification::{Kind, NotificationRequest};
+    (0..n).map(|_| (Uuid::new_v4(), NotificationRequest::new(Kind::QueueActivated, Uuid::new_v4(), serde_json::json!({ "scheduleId": Uuid::new_v4() })))).collect()
+}
+
+async fn pending_due_at(env: &TestEnv) -> Vec<(String, chrono::DateTime<chrono::Utc>)> {
+    sqlx::query_as("SELECT status, next_attempt_at FROM notification_deliveries ORDER BY notification_id").fetch_all(&env.pool).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_stored_with_its_delivery_claimed_is_no_other_workers_until_the_claim_lapses_then_is_delivered_once() {
+    let env = TestEnv::new().await;
+    let rx = Receiver::new(None);
+    let url = rx.serve().await;
+    let reqs = requests(20);
+    let stored = booking::notification::store_claimed(&env.pool, &reqs, Duration::from_secs(3)).await.unwrap();
+    assert_eq!(stored.rows.len(), 20);
+    let token = stored.token.expect("a claim for the new rows");
+    // Every delivery row was born claimed, with the token the storing worker fences on.
+    let rows = pending_due_at(&env).await;
+    assert_eq!(rows.len(), 20, "one delivery row per notification, not two");
+    assert!(rows.iter().all(|(s, at)| s == "PENDING" && *at == token), "{rows:?} vs {token}");
+    // Storing the same requests again stores nothing and claims nothing.
+    let again = booking::notification::store_claimed(&env.pool, &reqs, Duration::from_secs(3)).await.unwrap();
+    assert!(again.rows.is_empty() && again.token.is_none());
+
+    // Another worker's claim takes none of them while the claim holds.
+    let d = deliverer(&env, webhook(&url, Duration::from_secs(1), 4), 1000);
+    assert_eq!(d.step().await.unwrap(), (0, 0));
+    assert_eq!(rx.received(), 0);
+
+    // The storing worker died before sending: once its claim lapses, the rows are delivered, once each.
+    drain(&env, &d, 20).await;
+    let per_event = rx.per_event();
+    assert_eq!(per_event.len(), 20);
+    assert!(per_event.values().all(|n| *n == 1), "{per_event:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_delivers_what_its_consumer_stored_without_waiting_for_a_claim() {
+    use booking::kafka::{Handler, Incoming};
+    let env = TestEnv::new().await;
+    let rx = Receiver::new(None);
+    let url = rx.serve().await;
+    // A webhook's claim lasts four request timeouts (here 40 minutes) and the poll is an hour, so
+    // only the handoff can deliver these rows: no claim may take them before their lease lapses.
+    let d = deliverer(&env, webhook(&url, Duration::from_secs(600), 4), 1000);
+    let (handoff, inbox) = d.handoff();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let loop_task = tokio::spawn(d.run_with(Some(inbox), Duration::from_secs(3600), shutdown.clone()));
+    let handler = booking::worker::NotificationHandler { pool: env.pool.clone(), handoff: Some(handoff) };
+    let reqs = requests(12);
+    let msgs: Vec<Incoming> = reqs
+        .iter()
+        .enumerate()
+        .map(|(i, (id, n))| {
+            let row = booking::notification::outbox_row(env.topics(), *id, n.clone());
+            Incoming { topic: row.topic, partition: 0, offset: i as i64, key: Some(row.key), payload: serde_json::to_vec(&row.envelope).unwrap(), timestamp_ms: None }
+        })
+        .collect();
+    let out = handler.handle_batch(&msgs).await;
+    assert!(out.iter().all(|r| r.is_ok()), "{out:?}");
+    common::eventually(Duration::from_secs(20), || async { delivered(&env).await == 12 }).await;
+    let per_event = rx.per_event();
+    assert_eq!(per_event.len(), 12);
+    assert!(per_event.values().all(|n| *n == 1), "{per_event:?}");
+    let attempts: Vec<i32> = sqlx::query_scalar("SELECT attempts FROM notification_deliveries").fetch_all(&env.pool).await.unwrap();
+    assert_eq!(attempts, vec![1; 12]);
+    // What the receiver got is the stored notification, with its id.
+    let (_, _, body) = rx.got.lock().unwrap()[0].clone();
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let id: i64 = sqlx::query_scalar("SELECT id FROM notifications WHERE event_id = $1").bind(Uuid::parse_str(body["eventId"].as_str().unwrap()).unwrap()).fetch_one(&env.pool).await.unwrap();
+    assert_eq!(body["notificationId"], serde_json::json!(id.to_string()));
+    assert_eq!(body["title"], "예약 가능");
+    shutdown.cancel();
+    loop_task.await.unwrap();
+}
