@@ -144,20 +144,17 @@ pub struct StoredClaimed {
 /// time in the spike profile (issue 11). A duplicate leaves a gap in the positions, which readers
 /// never notice (they read `pos > cursor`).
 pub async fn store(pool: &sqlx::PgPool, requests: &[(Uuid, NotificationRequest)]) -> Result<Vec<StoredRow>, sqlx::Error> {
-    Ok(store_with(pool, requests, None).await?.rows)
+    Ok(store_claimed(pool, requests, None).await?.rows)
 }
 
-/// [`store`], with the delivery of every new row claimed by the caller for `lease` in the same
-/// statement: the worker hands what it stored straight to its own delivery loop, which then
-/// neither claims those rows nor needs waking for them (issue 11: the claim, a second write of
-/// every delivery row, was a tenth of the database's time in the queue spike). A worker that
+/// [`store`], with the delivery of every new row claimed by the caller for `lease` (if given) in
+/// the same statement: the worker hands what it stored straight to its own delivery loop, which
+/// then neither claims those rows nor needs waking for them (issue 11: the claim, a second write
+/// of every delivery row, was a tenth of the database's time in the queue spike). A worker that
 /// dies before delivering loses nothing: the lease lapses and any worker's claim takes the rows,
-/// as it takes the rows of a claim that lapsed.
-pub async fn store_claimed(pool: &sqlx::PgPool, requests: &[(Uuid, NotificationRequest)], lease: std::time::Duration) -> Result<StoredClaimed, sqlx::Error> {
-    store_with(pool, requests, Some(lease)).await
-}
-
-async fn store_with(pool: &sqlx::PgPool, requests: &[(Uuid, NotificationRequest)], lease: Option<std::time::Duration>) -> Result<StoredClaimed, sqlx::Error> {
+/// as it takes the rows of a claim that lapsed. Without a lease the rows are due at once, as
+/// [`store`] writes them.
+pub async fn store_claimed(pool: &sqlx::PgPool, requests: &[(Uuid, NotificationRequest)], lease: Option<std::time::Duration>) -> Result<StoredClaimed, sqlx::Error> {
     if requests.is_empty() {
         return Ok(StoredClaimed { rows: Vec::new(), token: None });
     }

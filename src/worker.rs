@@ -70,10 +70,7 @@ impl Handler for NotificationHandler {
         // A place in the delivery loop's inbox first: a batch stored claimed must reach it.
         let permit = self.handoff.as_ref().and_then(|h| h.tx.try_reserve().ok().map(|p| (h, p)));
         let claimed_at = std::time::Instant::now();
-        let stored = match &permit {
-            Some((h, _)) => crate::notification::store_claimed(&self.pool, &requests, h.lease).await,
-            None => crate::notification::store(&self.pool, &requests).await.map(|rows| crate::notification::StoredClaimed { rows, token: None }),
-        };
+        let stored = crate::notification::store_claimed(&self.pool, &requests, permit.as_ref().map(|(h, _)| h.lease)).await;
         match stored {
             Ok(crate::notification::StoredClaimed { rows: stored, token }) => {
                 if let (Some((h, permit)), Some(token)) = (permit, token) {

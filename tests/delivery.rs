@@ -292,7 +292,7 @@ async fn a_batch_stored_with_its_delivery_claimed_is_no_other_workers_until_the_
     let rx = Receiver::new(None);
     let url = rx.serve().await;
     let reqs = requests(20);
-    let stored = booking::notification::store_claimed(&env.pool, &reqs, Duration::from_secs(3)).await.unwrap();
+    let stored = booking::notification::store_claimed(&env.pool, &reqs, Some(Duration::from_secs(3))).await.unwrap();
     assert_eq!(stored.rows.len(), 20);
     let token = stored.token.expect("a claim for the new rows");
     // Every delivery row was born claimed, with the token the storing worker fences on.
@@ -300,7 +300,7 @@ async fn a_batch_stored_with_its_delivery_claimed_is_no_other_workers_until_the_
     assert_eq!(rows.len(), 20, "one delivery row per notification, not two");
     assert!(rows.iter().all(|(s, at)| s == "PENDING" && *at == token), "{rows:?} vs {token}");
     // Storing the same requests again stores nothing and claims nothing.
-    let again = booking::notification::store_claimed(&env.pool, &reqs, Duration::from_secs(3)).await.unwrap();
+    let again = booking::notification::store_claimed(&env.pool, &reqs, Some(Duration::from_secs(3))).await.unwrap();
     assert!(again.rows.is_empty() && again.token.is_none());
 
     // Another worker's claim takes none of them while the claim holds.
