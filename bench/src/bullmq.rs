@@ -11,6 +11,7 @@
 //!
 //! The window starts after a lead long enough for all N holds (or jobs) to be written first.
 
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,6 +50,8 @@ pub struct Config {
     pub bullmq_prefix: String,
     /// BullMQ Worker concurrency.
     pub bullmq_concurrency: usize,
+    /// The stack's brokers, to read back each expiration's append time (optional).
+    pub kafka_brokers: Option<String>,
 }
 
 /// Our pipeline's result.
@@ -64,6 +67,13 @@ pub struct Ours {
     /// The delay-scheduler's own stage (Kafka ack of `reservation.expiration` − expiresAt),
     /// bucket bounds from its histogram.
     pub scheduler_stage: Option<String>,
+    /// Broker append time of each hold's `reservation.expiration` − expiresAt (the scheduler's
+    /// stage, exact), when the topic could be read back.
+    #[serde(default)]
+    pub append_lateness: Option<Summary>,
+    /// `expired_at` − that append time (the expirer's stage).
+    #[serde(default)]
+    pub expirer_stage: Option<Summary>,
 }
 
 /// BullMQ's result, as printed by the script.
@@ -189,6 +199,16 @@ async fn ours(ctx: &Ctx, cfg: &Config) -> Result<Ours> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let rows = super::expiry::lateness_rows(ctx, &ids).await?;
+    let split = match &cfg.kafka_brokers {
+        Some(brokers) => match stages(ctx, brokers, &booking::kafka::Topics::new(&cfg.stack_topic_prefix).reservation_expiration, &ids).await {
+            Ok(split) => Some(split),
+            Err(e) => {
+                ctx.say(&format!("versus-bullmq {n}: reading the expirations' append times back failed: {e:#}"));
+                None
+            }
+        },
+        None => None,
+    };
     spinner.finish_and_clear();
     let h1 = scheduler_histogram(ctx, cfg).await;
     let scheduler_stage = h1.map(|h1| h1.since(&h0.unwrap_or_default())).filter(|d| d.count > 0.0).map(|d| {
@@ -202,9 +222,67 @@ async fn ours(ctx: &Ctx, cfg: &Config) -> Result<Ours> {
         expired: rows.len(),
         lateness: Summary::from_ms(rows.into_iter().map(|r| r.0).collect()),
         scheduler_stage,
+        append_lateness: split.as_ref().map(|s| s.0.clone()),
+        expirer_stage: split.map(|s| s.1),
     };
     ctx.say(&format!("versus-bullmq {n}: ours {}/{} expired, lateness {}", out.expired, out.holds, out.lateness.short()));
     Ok(out)
+}
+
+/// Splits each expired hold's lateness at its `reservation.expiration`'s broker append time
+/// (`LogAppendTime`, read back from the topic): (append − expiresAt, `expired_at` − append), in
+/// ms. Where the late ones lose their time: the scheduler's stage, or the expirer's.
+async fn stages(ctx: &Ctx, brokers: &str, topic: &str, ids: &[Uuid]) -> Result<(Summary, Summary)> {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+    let wanted: HashSet<Uuid> = ids.iter().copied().collect();
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("bench-stages-{}", Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..booking::kafka::PARTITIONS {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    // The first append of each hold (a duplicate publish is appended later).
+    let mut appended: HashMap<Uuid, i64> = HashMap::with_capacity(ids.len());
+    let mut at_end = HashSet::new();
+    while appended.len() < wanted.len() && at_end.len() < booking::kafka::PARTITIONS as usize {
+        match tokio::time::timeout(Duration::from_secs(5), consumer.recv()).await {
+            Ok(Ok(m)) => {
+                let id = m.key_view::<str>().and_then(|k| k.ok()).and_then(|k| Uuid::parse_str(k).ok()).filter(|id| wanted.contains(id));
+                if let (Some(id), Some(ts)) = (id, m.timestamp().to_millis()) {
+                    appended.entry(id).and_modify(|t| *t = (*t).min(ts)).or_insert(ts);
+                }
+            }
+            Ok(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                at_end.insert(p);
+            }
+            Ok(Err(e)) => bail!("reading {topic}: {e}"),
+            Err(_) => bail!("reading {topic}: nothing for 5 s"),
+        }
+    }
+    let rows: Vec<(Uuid, f64, f64)> = sqlx::query_as(
+        "SELECT id, EXTRACT(EPOCH FROM expires_at)::float8 * 1000, EXTRACT(EPOCH FROM expired_at)::float8 * 1000 FROM reservations
+         WHERE id = ANY($1) AND status = 'EXPIRED' AND expired_at IS NOT NULL",
+    )
+    .bind(ids)
+    .fetch_all(&ctx.pool)
+    .await?;
+    let (mut scheduler, mut expirer) = (Vec::with_capacity(rows.len()), Vec::with_capacity(rows.len()));
+    for (id, due, expired) in rows {
+        if let Some(&ts) = appended.get(&id) {
+            scheduler.push(ts as f64 - due);
+            expirer.push(expired - ts as f64);
+        }
+    }
+    if scheduler.is_empty() {
+        bail!("none of the holds' expirations was found on {topic}");
+    }
+    Ok((Summary::from_ms(scheduler), Summary::from_ms(expirer)))
 }
 
 /// What the script prints as its last line.

@@ -369,6 +369,7 @@ async fn run(a: RunArgs) -> Result<()> {
                 redis_url: redis.clone(),
                 bullmq_prefix: format!("bench{}.bull", ctx.run_id),
                 bullmq_concurrency: a.bullmq_concurrency,
+                kafka_brokers: a.kafka_brokers.clone(),
             };
             let cpu0 = cpu::snapshot(marker);
             let r = bullmq::run(&ctx, &cfg).await;
