@@ -240,7 +240,7 @@ async fn twenty_concurrent_holds_by_one_user_across_two_replicas_give_exactly_th
     let fair = FairSettings { max_seats_per_user: 4, ..FairSettings::default() };
     let api1 = env.api_with(TTL, QueueSettings::default(), fair).await;
     let api2 = env.api_with(TTL, QueueSettings::default(), fair).await;
-    let (schedule, seats) = api1.concert(23, 10).await;
+    let (schedule, seats) = api1.concert(24, 10).await;
     let u = api1.user("greedy").await;
     let t = api1.active_token(&u, &schedule).await;
 
@@ -292,11 +292,13 @@ async fn twenty_concurrent_holds_by_one_user_across_two_replicas_give_exactly_th
     api1.charge(&u, 10).await;
     assert_eq!(api1.pay(&u, "pay-limit", &held[2]).await.status(), 201);
     let t = api1.active_token(&u, &schedule).await;
-    let r = api1.hold(&u, &t, &seats[4]).await;
+    // A seat none of the earlier holds took (any of seats 0 to 19 may be one the user holds or
+    // paid for, which answers SEAT_UNAVAILABLE before the limit is looked at).
+    let r = api1.hold(&u, &t, &seats[23]).await;
     assert_eq!((r.status(), r.json::<Value>().await.unwrap()["error"]["code"].clone()), (reqwest::StatusCode::CONFLICT, json!("SEAT_LIMIT_REACHED")), "CONFIRMED counts");
     let r = api1.http.post(api1.url(&format!("/v1/reservations/{}/refund", held[2]))).bearer_auth(&u.token).header("Idempotency-Key", "refund-limit").send().await.unwrap();
     assert_eq!(r.status(), 200, "refunded");
-    assert_eq!(api1.hold(&u, &t, &seats[4]).await.status(), 201, "a refunded seat stops counting");
+    assert_eq!(api1.hold(&u, &t, &seats[23]).await.status(), 201, "a refunded seat stops counting");
     // Another user is not limited by this one.
     let other = api1.user("other").await;
     let ot = api1.active_token(&other, &schedule).await;
