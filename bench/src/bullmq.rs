@@ -135,6 +135,7 @@ async fn ours(ctx: &Ctx, cfg: &Config) -> Result<Ours> {
     }
     let db = sqlx::postgres::PgPoolOptions::new().max_connections(cfg.concurrency.max(1) as u32).connect(&cfg.database_url).await?;
     let topics = booking::kafka::Topics::new(&cfg.stack_topic_prefix);
+    let expiration_topic = topics.reservation_expiration.clone();
     let h0 = scheduler_histogram(ctx, cfg).await;
 
     // Due times: first + window × i / n, the first one a lead after the writing is expected to end.
@@ -198,9 +199,17 @@ async fn ours(ctx: &Ctx, cfg: &Config) -> Result<Ours> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let rows = super::expiry::lateness_rows(ctx, &ids).await?;
+    // Each expired hold's due and expiry times (ms since the epoch), read once: its lateness,
+    // and the split of that lateness below.
+    let rows: Vec<(Uuid, f64, f64)> = sqlx::query_as(
+        "SELECT id, EXTRACT(EPOCH FROM expires_at)::float8 * 1000, EXTRACT(EPOCH FROM expired_at)::float8 * 1000 FROM reservations
+         WHERE id = ANY($1) AND status = 'EXPIRED' AND expired_at IS NOT NULL",
+    )
+    .bind(&ids)
+    .fetch_all(&ctx.pool)
+    .await?;
     let split = match &cfg.kafka_brokers {
-        Some(brokers) => match stages(ctx, brokers, &booking::kafka::Topics::new(&cfg.stack_topic_prefix).reservation_expiration, &ids).await {
+        Some(brokers) => match stages(brokers, &expiration_topic, &rows).await {
             Ok(split) => Some(split),
             Err(e) => {
                 ctx.say(&format!("versus-bullmq {n}: reading the expirations' append times back failed: {e:#}"));
@@ -220,7 +229,7 @@ async fn ours(ctx: &Ctx, cfg: &Config) -> Result<Ours> {
         hold_errors: n - ids.len(),
         write_ms: write_ms.round(),
         expired: rows.len(),
-        lateness: Summary::from_ms(rows.into_iter().map(|r| r.0).collect()),
+        lateness: Summary::from_ms(rows.iter().map(|(_, due, expired)| expired - due).collect()),
         scheduler_stage,
         append_lateness: split.as_ref().map(|s| s.0.clone()),
         expirer_stage: split.map(|s| s.1),
@@ -231,11 +240,12 @@ async fn ours(ctx: &Ctx, cfg: &Config) -> Result<Ours> {
 
 /// Splits each expired hold's lateness at its `reservation.expiration`'s broker append time
 /// (`LogAppendTime`, read back from the topic): (append − expiresAt, `expired_at` − append), in
-/// ms. Where the late ones lose their time: the scheduler's stage, or the expirer's.
-async fn stages(ctx: &Ctx, brokers: &str, topic: &str, ids: &[Uuid]) -> Result<(Summary, Summary)> {
+/// ms. Where the late ones lose their time: the scheduler's stage, or the expirer's. `rows`:
+/// each expired hold's id, due time and expiry time (ms since the epoch).
+async fn stages(brokers: &str, topic: &str, rows: &[(Uuid, f64, f64)]) -> Result<(Summary, Summary)> {
     use rdkafka::consumer::{Consumer, StreamConsumer};
     use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-    let wanted: HashSet<Uuid> = ids.iter().copied().collect();
+    let wanted: HashSet<Uuid> = rows.iter().map(|r| r.0).collect();
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("bench-stages-{}", Uuid::new_v4()))
@@ -248,7 +258,7 @@ async fn stages(ctx: &Ctx, brokers: &str, topic: &str, ids: &[Uuid]) -> Result<(
     }
     consumer.assign(&tpl)?;
     // The first append of each hold (a duplicate publish is appended later).
-    let mut appended: HashMap<Uuid, i64> = HashMap::with_capacity(ids.len());
+    let mut appended: HashMap<Uuid, i64> = HashMap::with_capacity(wanted.len());
     let mut at_end = HashSet::new();
     while appended.len() < wanted.len() && at_end.len() < booking::kafka::PARTITIONS as usize {
         match tokio::time::timeout(Duration::from_secs(5), consumer.recv()).await {
@@ -265,16 +275,9 @@ async fn stages(ctx: &Ctx, brokers: &str, topic: &str, ids: &[Uuid]) -> Result<(
             Err(_) => bail!("reading {topic}: nothing for 5 s"),
         }
     }
-    let rows: Vec<(Uuid, f64, f64)> = sqlx::query_as(
-        "SELECT id, EXTRACT(EPOCH FROM expires_at)::float8 * 1000, EXTRACT(EPOCH FROM expired_at)::float8 * 1000 FROM reservations
-         WHERE id = ANY($1) AND status = 'EXPIRED' AND expired_at IS NOT NULL",
-    )
-    .bind(ids)
-    .fetch_all(&ctx.pool)
-    .await?;
     let (mut scheduler, mut expirer) = (Vec::with_capacity(rows.len()), Vec::with_capacity(rows.len()));
     for (id, due, expired) in rows {
-        if let Some(&ts) = appended.get(&id) {
+        if let Some(&ts) = appended.get(id) {
             scheduler.push(ts as f64 - due);
             expirer.push(expired - ts as f64);
         }
