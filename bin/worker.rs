@@ -79,9 +79,10 @@ struct Cli {
     #[arg(long, env = "RANKING_RETENTION", default_value = "8d", value_parser = duration)]
     ranking_retention: Duration,
 
-    /// How long published outbox rows are kept (unpublished and set-aside rows are never pruned).
-    #[arg(long, env = "OUTBOX_RETENTION", default_value = "3d", value_parser = duration)]
-    outbox_retention: Duration,
+    /// No longer used: the outbox relay deletes a row as soon as Kafka has it. Still accepted, so
+    /// that a deployment that sets it starts; a warning says it is ignored.
+    #[arg(long, env = "OUTBOX_RETENTION", value_parser = duration, hide = true)]
+    outbox_retention: Option<Duration>,
 
     /// How long a stored Idempotency-Key answer is kept (a retry after that is a new request).
     #[arg(long, env = "IDEMPOTENCY_KEY_RETENTION", default_value = "2d", value_parser = duration)]
@@ -110,6 +111,9 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let (metrics, shutdown) = booking::telemetry::start(booking::telemetry::Daemon::Worker, cli.common.log_json, &cli.common.topic_prefix);
+    if cli.outbox_retention.is_some() {
+        tracing::warn!("--outbox-retention (OUTBOX_RETENTION) is ignored: the outbox relay deletes each row once Kafka has it");
+    }
     let channel = match cli.channel.as_str() {
         "webhook" => {
             let url = cli.webhook_url.as_deref().ok_or_else(|| anyhow!("--webhook-url is required with --channel webhook"))?;
@@ -131,7 +135,6 @@ async fn main() -> anyhow::Result<()> {
         ranking_reconcile: booking::worker::ReconcileEvery { window: cli.ranking_reconcile_interval, full: cli.ranking_full_reconcile_interval },
         ranking_retention: booking::ranking::Retention { remember: cli.ranking_retention, window: cli.ranking_reconcile_window },
         retention: booking::retention::Settings {
-            outbox: cli.outbox_retention,
             idempotency_keys: cli.idempotency_key_retention,
             processed_events: cli.processed_event_retention,
             interval: cli.prune_interval,

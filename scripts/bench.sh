@@ -101,6 +101,8 @@ export NODE_PATH="$NODE_CACHE/node_modules"
 STAMP=$(date -u +%Y%m%d%H%M%S)
 DB="bench_$STAMP"
 PREFIX="bench$STAMP."
+# The stack's topics, for what the benchmark reads back from Kafka (queue-spike, versus-bullmq).
+export BENCH_STACK_TOPIC_PREFIX="$PREFIX"
 WORK="$ROOT/.data/bench/$STAMP"
 mkdir -p "$WORK"
 psql "$DATABASE_URL" -qAtc "CREATE DATABASE $DB" >/dev/null

@@ -1,9 +1,9 @@
 //! A lower bound for a scan, in id order, over rows whose writers commit out of id order: the
 //! sequencer's scan for unstamped seat events, and the outbox relay's scan for unpublished rows.
 //!
-//! **Why.** Both scans start from a partial index (`seat_events_unstamped`, `outbox_pending`).
-//! A row that is done (stamped, published) leaves the index only for new snapshots: its old
-//! entry stays until VACUUM removes it, and every later scan from the lowest id walks past it,
+//! **Why.** Both scans walk an index in id order (`seat_events_unstamped`; the outbox's primary
+//! key, since published rows are deleted: migration 0210). A row that is done (stamped,
+//! published) leaves the index only for new snapshots: its old entry stays until VACUUM removes it, and every later scan from the lowest id walks past it,
 //! checking each against the heap. After the benchmark's queue spike (40,000 outbox rows) a relay
 //! step that found nothing read 67 index pages (0.45 ms) and ran hundreds of times a second; and
 //! vacuuming the table after each burst (what the relay did before, issue 11's eleventh pass)

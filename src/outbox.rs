@@ -3,15 +3,16 @@
 //! Guarantees, and where they come from:
 //! - An event exists iff the change that caused it committed: [`enqueue`] writes it with the same
 //!   transaction as the change.
-//! - Nothing is lost while Kafka is down: a row is marked published only after the broker
-//!   acknowledged it (`acks=all`, idempotent producer); until then the relay keeps retrying, and
-//!   requests never wait for Kafka.
+//! - Nothing is lost while Kafka is down: a row is deleted only after the broker acknowledged it
+//!   (`acks=all`, idempotent producer), in the relay's transaction; until then the relay keeps
+//!   retrying, and requests never wait for Kafka. The outbox holds only what is still to be sent
+//!   (and what was set aside): a published event is read from Kafka (migration 0210).
 //! - Order per key: one relay publishes at a time (a transaction-scoped advisory lock, so several
 //!   api or expirer replicas are safe), in `id` order, each key always to the same partition; on a
-//!   transient failure, nothing after the first failed row is marked, so a retry resends in order.
+//!   transient failure, nothing after the first failed row is deleted, so a retry resends in order.
 //! - One poison row does not stop the others: a row Kafka refuses for good (message too large,
 //!   unknown topic) is set aside, not retried forever: `set_aside_at` and `last_error` are set,
-//!   `published_at` stays NULL (migration `0050_outbox_set_aside.sql`), the `outbox_set_aside`
+//!   the row stays (migration `0050_outbox_set_aside.sql`), the `outbox_set_aside`
 //!   gauge and the `OutboxRowsSetAside` alert report it, and the relay goes on. `bookingctl
 //!   outbox retry <id>` sends it again, from the end of the line. See [`Relay::step`] for what
 //!   that means for order per key.
@@ -19,7 +20,7 @@
 //!   nothing can be pending (`floor`; migration 0170 is the writers' side of the argument).
 //! - A fatal error of the idempotent producer replaces the producer ([`Relay::rebuild_with`]).
 //! - At least once, not exactly once at the wire: a crash between the broker's ack and the
-//!   `published_at` commit resends the row; every consumer de-duplicates by `eventId`.
+//!   delete's commit resends the row; every consumer de-duplicates by `eventId`.
 //!
 //! Wake-up (issue 11): a commit that wrote outbox rows calls [`committed`], which wakes every relay
 //! of this process at once. There is no NOTIFY any more: PostgreSQL serializes the commits of all
@@ -199,13 +200,13 @@ impl GroupCommit {
 /// What one relay step did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum RelayTick {
-    /// This many rows were acknowledged by Kafka and marked published.
+    /// This many rows were acknowledged by Kafka and deleted.
     Published(usize),
     /// Nothing to publish.
     Idle,
     /// Another relay (another process) holds the relay lock and is publishing.
     Busy,
-    /// Kafka refused or timed out; `published` rows before the failure were marked.
+    /// Kafka refused or timed out; `published` rows before the failure were deleted.
     Failed { published: usize },
 }
 
@@ -309,7 +310,7 @@ impl Relay {
     /// Publishes at most one batch.
     ///
     /// Per row, Kafka's answer decides:
-    /// - acknowledged: marked published;
+    /// - acknowledged: deleted (the outbox keeps only what is still to be sent);
     /// - refused for good ([`is_permanent`]): set aside (`set_aside_at`, `last_error`) and counted
     ///   in `outbox_set_aside_total`, so one poison row does not stop every later event;
     /// - a transient failure (Kafka down, timeout): this row and every later row of the batch
@@ -322,7 +323,11 @@ impl Relay {
     /// changes (a tombstone stops a late `reservation.created`, an expiry only ends a HELD hold).
     pub async fn step(&self) -> Result<RelayTick, sqlx::Error> {
         let mut tx = crate::db::begin(&self.pool).await?;
-        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+        // In the same round trip, for this transaction only: no sequential scan. The scan below
+        // must walk the primary key from the floor; the outbox holds few live rows and, until
+        // VACUUM, every row deleted since, so the planner, seeing a small table, may read all of
+        // its pages instead: after a burst, every step (tests/outbox.rs).
+        let (locked, _): (bool, String) = sqlx::query_as("SELECT pg_try_advisory_xact_lock($1), set_config('enable_seqscan', 'off', true)")
             .bind(RELAY_LOCK)
             .fetch_one(&mut *tx)
             .await?;
@@ -330,7 +335,7 @@ impl Relay {
             return Ok(RelayTick::Busy);
         }
         // The scan starts at the floor (`floor`): below it nothing can be pending, and the
-        // entries of published rows there are never walked again. The snapshot's bounds ride
+        // index entries of rows it deleted there are never walked again. The snapshot's bounds ride
         // along for the floor, in a row of their own so that a step that finds nothing still
         // reports them; so does the newest id (an index lookup, evaluated once) for the backlog
         // gauge, so a step never counts the unpublished rows (a scan as long as the backlog).
@@ -343,7 +348,7 @@ impl Relay {
              LEFT JOIN LATERAL (
                  SELECT id, topic, message_key, envelope::text AS envelope,
                         EXTRACT(EPOCH FROM now() - created_at)::float8 AS age, (SELECT max(id) FROM outbox) AS newest
-                 FROM outbox WHERE published_at IS NULL AND set_aside_at IS NULL AND id >= $2 ORDER BY id LIMIT $1
+                 FROM outbox WHERE set_aside_at IS NULL AND id >= $2 ORDER BY id LIMIT $1
              ) AS o ON true",
         )
         .bind(self.batch)
@@ -410,7 +415,8 @@ impl Relay {
         }
         let failed = first_waiting.is_some();
         if !done.is_empty() {
-            sqlx::query("UPDATE outbox SET published_at = now() WHERE id = ANY($1)")
+            // Deleted, not marked: no second version of the row, no index entry (migration 0210).
+            sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
                 .bind(&done)
                 .execute(&mut *tx)
                 .await?;

@@ -490,8 +490,8 @@ impl Queue {
             };
             let req = NotificationRequest::new(Kind::QueueActivated, user, json!({"scheduleId": schedule}));
             // `item` is user:activation-number, unique per activation: a re-drain after a crash
-            // between the commit and the removal below yields the same id, which the outbox
-            // (and the worker) ignore.
+            // between the commit and the removal below yields the same id, which the worker
+            // ignores (and the outbox too, while the first row is unsent).
             let id = notification::event_id(Kind::QueueActivated, &format!("{schedule}:{item}"));
             rows.push(notification::outbox_row(topics, id, req));
         }

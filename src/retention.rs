@@ -3,7 +3,6 @@
 //!
 //! | what | default | why that long |
 //! | --- | --- | --- |
-//! | `outbox` rows already published | 3 days | past Kafka, a row is only kept for operators; set-aside rows stay until an operator acts |
 //! | `idempotency_keys` | 2 days | a client retries within minutes; 24 h is the usual promise, kept with a margin |
 //! | `processed_events` | 8 days | consumers de-duplicate replays; a message can be replayed while its topic keeps it (7 days) |
 //! | the ranking's counted and refunded sets | 8 days | the same, for `payment.completed` and `payment.refunded` (see [`crate::ranking`]) |
@@ -11,6 +10,9 @@
 //! Each batch deletes at most `batch` rows in its own short transaction (no long lock, no
 //! VACUUM held back), oldest first through an index on `created_at` (migration 0110). Several
 //! workers may prune at once: they only contend on the same rows for a moment.
+//!
+//! The outbox is not here: its relay deletes a row as soon as Kafka has it (migration 0210), and
+//! a row Kafka refused for good stays, set aside, until an operator acts.
 
 use std::time::Duration;
 
@@ -20,7 +22,6 @@ use tokio_util::sync::CancellationToken;
 /// How long each table keeps its rows, and how the pruning runs.
 #[derive(Clone, Debug)]
 pub struct Settings {
-    pub outbox: Duration,
     pub idempotency_keys: Duration,
     pub processed_events: Duration,
     /// Time between two prunings.
@@ -33,7 +34,6 @@ impl Default for Settings {
     fn default() -> Self {
         const DAY: u64 = 24 * 3600;
         Settings {
-            outbox: Duration::from_secs(3 * DAY),
             idempotency_keys: Duration::from_secs(2 * DAY),
             processed_events: Duration::from_secs(8 * DAY),
             interval: Duration::from_secs(60),
@@ -45,17 +45,15 @@ impl Default for Settings {
 /// A table under retention.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Table {
-    Outbox,
     IdempotencyKeys,
     ProcessedEvents,
 }
 
 impl Table {
-    pub const ALL: [Table; 3] = [Table::Outbox, Table::IdempotencyKeys, Table::ProcessedEvents];
+    pub const ALL: [Table; 2] = [Table::IdempotencyKeys, Table::ProcessedEvents];
 
     pub fn name(self) -> &'static str {
         match self {
-            Table::Outbox => "outbox",
             Table::IdempotencyKeys => "idempotency_keys",
             Table::ProcessedEvents => "processed_events",
         }
@@ -63,18 +61,8 @@ impl Table {
 
     fn keep(self, s: &Settings) -> Duration {
         match self {
-            Table::Outbox => s.outbox,
             Table::IdempotencyKeys => s.idempotency_keys,
             Table::ProcessedEvents => s.processed_events,
-        }
-    }
-
-    /// Rows of this table that may go once older than the retention. An outbox row is never
-    /// pruned before Kafka has it: unpublished and set-aside rows stay.
-    fn prunable(self) -> &'static str {
-        match self {
-            Table::Outbox => "published_at IS NOT NULL",
-            Table::IdempotencyKeys | Table::ProcessedEvents => "true",
         }
     }
 }
@@ -84,10 +72,9 @@ pub async fn prune_batch(pool: &PgPool, table: Table, s: &Settings) -> Result<u6
     // The table name comes from the enum above, never from input.
     let sql = format!(
         "DELETE FROM {t} WHERE ctid = ANY(ARRAY(
-             SELECT ctid FROM {t} WHERE created_at < now() - make_interval(secs => $1::float8) AND {p}
+             SELECT ctid FROM {t} WHERE created_at < now() - make_interval(secs => $1::float8)
              ORDER BY created_at LIMIT $2))",
         t = table.name(),
-        p = table.prunable()
     );
     let done = sqlx::query(&sql).bind(table.keep(s).as_secs_f64()).bind(s.batch).execute(pool).await?.rows_affected();
     metrics::counter!("retention_pruned_rows_total", "table" => table.name()).increment(done);
@@ -119,7 +106,7 @@ pub async fn step(pool: &PgPool, s: &Settings) -> Result<Vec<(Table, u64)>, sqlx
 pub async fn record_sizes(pool: &PgPool) -> Result<(), sqlx::Error> {
     let rows: Vec<(String, f32)> = sqlx::query_as(
         "SELECT relname::text, GREATEST(reltuples, 0)::float4 FROM pg_class
-         WHERE relname IN ('outbox', 'idempotency_keys', 'processed_events') AND relkind = 'r'
+         WHERE relname IN ('idempotency_keys', 'processed_events') AND relkind = 'r'
            AND relnamespace = current_schema()::regnamespace",
     )
     .fetch_all(pool)

@@ -96,7 +96,7 @@ async fn replayed_keys_forged_headers_and_a_queue_flood_change_nothing() {
     let entries: i64 = redis::cmd("ZCARD").arg(env.keys().queue_waiting(uuid)).query_async::<i64>(&mut conn).await.unwrap()
         + redis::cmd("ZCARD").arg(env.keys().queue_active(uuid)).query_async::<i64>(&mut conn).await.unwrap();
     assert_eq!(entries, 1);
-    let positions: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE envelope->'payload'->>'type' = 'QUEUE_POSITION'").fetch_one(&env.pool).await.unwrap();
+    let positions = env.written_events(&env.topics().notification_request, |e| e["payload"]["type"] == "QUEUE_POSITION").await;
     assert_eq!(positions, 1, "one QUEUE_POSITION notification, not 201");
     api.stop().await;
 }

@@ -92,15 +92,8 @@ async fn status_of(env: &TestEnv, id: &str) -> String {
 }
 
 async fn expired_notifications(env: &TestEnv, id: &str) -> i64 {
-    sqlx::query_scalar(
-        "SELECT count(*) FROM outbox WHERE topic = $1 AND envelope->'payload'->>'type' = 'RESERVATION_EXPIRED'
-         AND envelope->'payload'->'data'->>'reservationId' = $2",
-    )
-    .bind(&env.topics().notification_request)
-    .bind(id)
-    .fetch_one(&env.pool)
-    .await
-    .unwrap()
+    let expired = |e: &serde_json::Value| e["payload"]["type"] == "RESERVATION_EXPIRED" && e["payload"]["data"]["reservationId"] == id;
+    env.written_events(&env.topics().notification_request, expired).await as i64
 }
 
 /// Polls `dlq list --json` until it shows `n` dead letters (of `topic`).
@@ -421,8 +414,8 @@ async fn outbox_stuck_lists_set_aside_rows_and_retry_puts_one_back_in_line_once(
     // for it only now and then); the event is the same one.
     let new_id = r["newId"].as_i64().unwrap_or_default();
     assert!(new_id > id, "{r}");
-    let moved: (bool, bool) = sqlx::query_as("SELECT set_aside_at IS NULL, published_at IS NULL FROM outbox WHERE id = $1").bind(new_id).fetch_one(&env.pool).await.unwrap();
-    assert_eq!(moved, (true, true));
+    let moved: bool = sqlx::query_scalar("SELECT set_aside_at IS NULL FROM outbox WHERE id = $1").bind(new_id).fetch_one(&env.pool).await.unwrap();
+    assert!(moved, "the row is pending again");
     let st = ctl(&flags, &["--json", "outbox", "status"]).await.json();
     assert_eq!((st["setAside"].as_i64(), st["backlog"].as_i64()), (Some(0), Some(1)), "back in line: {st}");
     let again = ctl(&flags, &["--yes", "outbox", "retry", &id.to_string()]).await;

@@ -50,15 +50,8 @@ async fn status_of(env: &TestEnv, id: &str) -> String {
 }
 
 async fn expired_notifications(env: &TestEnv, id: &str) -> i64 {
-    sqlx::query_scalar(
-        "SELECT count(*) FROM outbox WHERE topic = $1 AND envelope->'payload'->>'type' = 'RESERVATION_EXPIRED'
-         AND envelope->'payload'->'data'->>'reservationId' = $2",
-    )
-    .bind(&env.topics().notification_request)
-    .bind(id)
-    .fetch_one(&env.pool)
-    .await
-    .unwrap()
+    let expired = |e: &serde_json::Value| e["payload"]["type"] == "RESERVATION_EXPIRED" && e["payload"]["data"]["reservationId"] == id;
+    env.written_events(&env.topics().notification_request, expired).await as i64
 }
 
 async fn await_status(env: &TestEnv, id: &str, want: &str, timeout: Duration) {

@@ -84,13 +84,8 @@ fn sid(s: &str) -> Uuid {
 }
 
 async fn activated_notifications(env: &TestEnv, user: &str) -> i64 {
-    sqlx::query_scalar(
-        "SELECT count(*) FROM outbox WHERE envelope->'payload'->>'type' = 'QUEUE_ACTIVATED' AND envelope->'payload'->>'userId' = $1",
-    )
-    .bind(user)
-    .fetch_one(&env.pool)
-    .await
-    .unwrap()
+    let activated = |e: &Value| e["payload"]["type"] == "QUEUE_ACTIVATED" && e["payload"]["userId"] == user;
+    env.written_events(&env.topics().notification_request, activated).await as i64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,23 +15,9 @@ async fn count(env: &TestEnv, sql: &str) -> i64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn old_bookkeeping_rows_are_pruned_in_batches_and_no_unpublished_event_goes() {
+async fn old_bookkeeping_rows_are_pruned_in_batches_and_recent_ones_stay() {
     let env = TestEnv::new().await;
     let pool = &env.pool;
-    // Outbox: 5 published two hours ago, 1 never published (Kafka refused it or is down) and 1
-    // set aside, both as old, and 1 published just now.
-    for (age, published, set_aside) in [("2 hours", true, false); 5].into_iter().chain([("2 hours", false, false), ("2 hours", false, true), ("0 seconds", true, false)]) {
-        sqlx::query(&format!(
-            "INSERT INTO outbox (topic, message_key, event_id, envelope, created_at, published_at, set_aside_at)
-             VALUES ('t', 'k', $1, '{{}}', now() - interval '{age}', {}, {})",
-            if published { "now()" } else { "NULL" },
-            if set_aside { "now()" } else { "NULL" }
-        ))
-        .bind(Uuid::new_v4())
-        .execute(pool)
-        .await
-        .unwrap();
-    }
     // Idempotency keys and processed events: 3 old, 1 recent each.
     let user = Uuid::new_v4();
     sqlx::query("INSERT INTO users (id, name, token_hash) VALUES ($1, 'u', $2)").bind(user).bind(user.as_bytes().to_vec()).execute(pool).await.unwrap();
@@ -53,11 +39,9 @@ async fn old_bookkeeping_rows_are_pruned_in_batches_and_no_unpublished_event_goe
     }
 
     let hour = Duration::from_secs(3600);
-    let s = Settings { outbox: hour, idempotency_keys: hour, processed_events: hour, interval: hour, batch: 2 };
+    let s = Settings { idempotency_keys: hour, processed_events: hour, interval: hour, batch: 2 };
     let done = booking::retention::step(pool, &s).await.unwrap();
-    assert_eq!(done, vec![(Table::Outbox, 5), (Table::IdempotencyKeys, 3), (Table::ProcessedEvents, 3)], "batches of 2 until a short one");
-    assert_eq!(count(&env, "SELECT count(*) FROM outbox WHERE published_at IS NULL").await, 2, "unpublished and set-aside rows stay");
-    assert_eq!(count(&env, "SELECT count(*) FROM outbox WHERE published_at IS NOT NULL").await, 1, "the recent one stays");
+    assert_eq!(done, vec![(Table::IdempotencyKeys, 3), (Table::ProcessedEvents, 3)], "batches of 2 until a short one");
     assert_eq!(count(&env, "SELECT count(*) FROM idempotency_keys").await, 1);
     assert_eq!(count(&env, "SELECT count(*) FROM processed_events").await, 1);
     // A second step finds nothing more.

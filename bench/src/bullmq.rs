@@ -243,36 +243,13 @@ async fn ours(ctx: &Ctx, cfg: &Config) -> Result<Ours> {
 /// ms. Where the late ones lose their time: the scheduler's stage, or the expirer's. `rows`:
 /// each expired hold's id, due time and expiry time (ms since the epoch).
 async fn stages(brokers: &str, topic: &str, rows: &[(Uuid, f64, f64)]) -> Result<(Summary, Summary)> {
-    use rdkafka::consumer::{Consumer, StreamConsumer};
-    use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
     let wanted: HashSet<Uuid> = rows.iter().map(|r| r.0).collect();
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", format!("bench-stages-{}", Uuid::new_v4()))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .create()?;
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..booking::kafka::PARTITIONS {
-        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
-    }
-    consumer.assign(&tpl)?;
     // The first append of each hold (a duplicate publish is appended later).
     let mut appended: HashMap<Uuid, i64> = HashMap::with_capacity(wanted.len());
-    let mut at_end = HashSet::new();
-    while appended.len() < wanted.len() && at_end.len() < booking::kafka::PARTITIONS as usize {
-        match tokio::time::timeout(Duration::from_secs(5), consumer.recv()).await {
-            Ok(Ok(m)) => {
-                let id = m.key_view::<str>().and_then(|k| k.ok()).and_then(|k| Uuid::parse_str(k).ok()).filter(|id| wanted.contains(id));
-                if let (Some(id), Some(ts)) = (id, m.timestamp().to_millis()) {
-                    appended.entry(id).and_modify(|t| *t = (*t).min(ts)).or_insert(ts);
-                }
-            }
-            Ok(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
-                at_end.insert(p);
-            }
-            Ok(Err(e)) => bail!("reading {topic}: {e}"),
-            Err(_) => bail!("reading {topic}: nothing for 5 s"),
+    for r in super::topic::read_to_end(brokers, topic).await? {
+        let id = r.key.as_deref().and_then(|k| Uuid::parse_str(k).ok()).filter(|id| wanted.contains(id));
+        if let (Some(id), Some(ts)) = (id, r.appended_ms) {
+            appended.entry(id).and_modify(|t| *t = (*t).min(ts)).or_insert(ts);
         }
     }
     let (mut scheduler, mut expirer) = (Vec::with_capacity(rows.len()), Vec::with_capacity(rows.len()));

@@ -146,7 +146,8 @@ struct RunArgs {
     #[arg(long, default_value_t = 10_000)]
     drain_users: usize,
 
-    /// Notify-drain: Kafka brokers.
+    /// Kafka brokers: notify-drain's, and the stack's, to read its topics back (queue-spike,
+    /// versus-bullmq).
     #[arg(long, env = "KAFKA_BROKERS")]
     kafka_brokers: Option<String>,
 
@@ -187,7 +188,8 @@ struct RunArgs {
     #[arg(long, default_value = "5s", value_parser = duration)]
     bullmq_lead: Duration,
 
-    /// Versus-bullmq: the running stack's --topic-prefix (the holds' outbox rows go to its topics).
+    /// The running stack's --topic-prefix: versus-bullmq's holds' outbox rows go to its topics,
+    /// and queue-spike reads its notification requests back from them.
     #[arg(long, env = "BENCH_STACK_TOPIC_PREFIX")]
     stack_topic_prefix: Option<String>,
 
@@ -276,7 +278,14 @@ async fn run(a: RunArgs) -> Result<()> {
         }
     }
     if wants("queue-spike") {
-        let cfg = queue_spike::Config { users: a.users, concurrency: c, pollers: (c / 4).max(1), drain_timeout_s: a.drain_timeout.as_secs_f64() };
+        let cfg = queue_spike::Config {
+            users: a.users,
+            concurrency: c,
+            pollers: (c / 4).max(1),
+            drain_timeout_s: a.drain_timeout.as_secs_f64(),
+            kafka_brokers: a.kafka_brokers.clone(),
+            stack_topic_prefix: a.stack_topic_prefix.clone(),
+        };
         let cpu0 = cpu::snapshot(marker);
         let r = queue_spike::run(&ctx, &cfg).await;
         results.cpu.insert("queue-spike".into(), cpu0.usage_since(marker));

@@ -158,7 +158,7 @@ pub async fn run(ctx: &Ctx, cfg: &Config) -> Result<Expiry> {
     seats.truncate(n);
     let users = cfg.concurrency.min(n).max(1);
     let bookers = Arc::new(bookers(ctx, users, &format!("expiry {}", cfg.label), &schedules, None, cfg.concurrency).await?);
-    let outbox_base = pg::max_id(&ctx.pool, "outbox").await?;
+    let notes_base = pg::max_id(&ctx.pool, "notifications").await?;
     let hist0 = scrape(ctx, cfg).await;
 
     // Paced holds: hold i leaves at start + window × i / n (or as soon as possible when behind).
@@ -214,16 +214,15 @@ pub async fn run(ctx: &Ctx, cfg: &Config) -> Result<Expiry> {
         clean = false;
     }
 
-    // Wait for every expiry by counting RESERVATION_EXPIRED rows in the outbox, not by reading
-    // `reservations` (that would count as expiry work).
+    // Wait for every expiry by counting the RESERVATION_EXPIRED notifications the worker stored,
+    // not by reading `reservations` (that would count as expiry work).
     let bar = ctx.bar(held.len(), &format!("expiry {}: expired", cfg.label));
     let deadline = last + chrono::Duration::milliseconds((cfg.timeout_s * 1000.0) as i64);
     loop {
         let done: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM outbox WHERE id > $1 AND topic LIKE '%notification.request'
-               AND envelope->'payload'->>'type' = 'RESERVATION_EXPIRED'",
+            "SELECT count(*) FROM notifications WHERE id > $1 AND type = 'RESERVATION_EXPIRED'",
         )
-        .bind(outbox_base)
+        .bind(notes_base)
         .fetch_one(&ctx.pool)
         .await?;
         bar.set_position(done as u64);

@@ -35,6 +35,7 @@ pub mod seat_fight;
 pub mod sell_out;
 pub mod sse;
 pub mod stats;
+pub mod topic;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use sqlx::PgPool;

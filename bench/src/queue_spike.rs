@@ -4,7 +4,8 @@
 //! by pollers during the spike and by everyone afterwards until all are ACTIVE), the admission rate
 //! (the api's `queue_admitted_total`, sampled every 100 ms), and — since every entry and every
 //! admission writes a notification through the outbox — the notification pipeline's throughput
-//! (outbox → Kafka → worker → `notifications`), read from PostgreSQL (design document §7-2).
+//! (outbox → Kafka → worker → `notifications`), read from PostgreSQL and, for the publishing,
+//! back from Kafka (design document §7-2).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,6 +28,13 @@ pub struct Config {
     pub pollers: usize,
     /// Longest wait for the notification backlog to be stored.
     pub drain_timeout_s: f64,
+    /// The stack's brokers and `--topic-prefix`, to read the notification requests back from
+    /// Kafka for the publishing rate and the pipeline's lag (the outbox keeps only what is
+    /// unsent); without them both are left out.
+    #[serde(default)]
+    pub kafka_brokers: Option<String>,
+    #[serde(default)]
+    pub stack_topic_prefix: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -69,10 +77,11 @@ pub struct Notifications {
     /// Most rows stored within one wall-clock second.
     pub peak_second: i64,
     pub stored_span_s: f64,
-    /// The relay's publishing rate of these outbox rows.
+    /// The relay's publishing rate of these notifications (their append times on Kafka).
     pub published: usize,
     pub published_per_second: f64,
-    /// Outbox row created → notification stored (the whole asynchronous pipeline).
+    /// Event written to the outbox (its envelope's `eventTime`) → notification stored: the whole
+    /// asynchronous pipeline.
     pub outbox_to_stored: Summary,
     /// Delivered by the worker's channel by the end of the wait (not awaited).
     pub delivered: usize,
@@ -100,7 +109,6 @@ pub async fn run(ctx: &Ctx, cfg: &Config) -> Result<QueueSpike> {
     ctx.say(&format!("queue spike: {n} users created in {:.1} s", user_creation.seconds));
 
     let notes_base = pg::max_id(&ctx.pool, "notifications").await?;
-    let outbox_base = pg::max_id(&ctx.pool, "outbox").await?;
     let admitted0 = ctx.api.metric_sum("queue_admitted_total").await;
 
     // Admission watcher: the api's counter every 100 ms.
@@ -234,7 +242,11 @@ pub async fn run(ctx: &Ctx, cfg: &Config) -> Result<QueueSpike> {
     let admission = admission(admitted0, &samples.lock().unwrap(), active, first_entry_at, last_entry_at, all_active_at);
     ctx.say(&format!("queue spike: {active} ACTIVE, {:.0} admitted/s ({})", admission.per_second, admission.measured_by));
 
-    let notifications = drain_notifications(ctx, notes_base, outbox_base, entry.count + active, Duration::from_secs_f64(cfg.drain_timeout_s)).await?;
+    let kafka = match (&cfg.kafka_brokers, &cfg.stack_topic_prefix) {
+        (Some(b), Some(p)) => Some((b.clone(), booking::kafka::Topics::new(p).notification_request)),
+        _ => None,
+    };
+    let notifications = drain_notifications(ctx, notes_base, schedule, kafka, entry.count + active, Duration::from_secs_f64(cfg.drain_timeout_s)).await?;
     let position_latency = Summary::from_ms(std::mem::take(&mut *position_ms.lock().unwrap()));
     Ok(QueueSpike {
         config: Some(cfg.clone()),
@@ -271,8 +283,16 @@ fn admission(start: Option<f64>, samples: &[(f64, f64)], active: usize, first_en
 const QUEUE_TYPES: &str = "type IN ('QUEUE_POSITION', 'QUEUE_ACTIVATED')";
 
 /// Waits until `expected` queue notifications after `notes_base` are stored (or no progress for
-/// 15 s, or `timeout`), then reads the pipeline's rates from PostgreSQL.
-pub async fn drain_notifications(ctx: &Ctx, notes_base: i64, outbox_base: i64, expected: usize, timeout: Duration) -> Result<Notifications> {
+/// 15 s, or `timeout`), then reads the pipeline's rates from PostgreSQL, and, given `kafka`
+/// (brokers, the notification request topic), the publishing from Kafka.
+pub async fn drain_notifications(
+    ctx: &Ctx,
+    notes_base: i64,
+    schedule: uuid::Uuid,
+    kafka: Option<(String, String)>,
+    expected: usize,
+    timeout: Duration,
+) -> Result<Notifications> {
     let bar = ctx.bar(expected, "notifications stored");
     let deadline = Instant::now() + timeout;
     let (mut last, mut last_change) = (0i64, Instant::now());
@@ -307,23 +327,31 @@ pub async fn drain_notifications(ctx: &Ctx, notes_base: i64, outbox_base: i64, e
     .bind(notes_base)
     .fetch_one(&ctx.pool)
     .await?;
-    let (published, pub_span): (i64, Option<f64>) = sqlx::query_as(
-        "SELECT count(published_at), EXTRACT(EPOCH FROM max(published_at) - min(published_at))::float8
-         FROM outbox WHERE id > $1 AND topic LIKE '%notification.request'
-           AND envelope->'payload'->>'type' IN ('QUEUE_POSITION', 'QUEUE_ACTIVATED')",
-    )
-    .bind(outbox_base)
-    .fetch_one(&ctx.pool)
-    .await?;
-    let lags: Vec<f64> = sqlx::query_scalar(&format!(
-        "SELECT (EXTRACT(EPOCH FROM n.created_at - o.created_at) * 1000)::float8
-         FROM notifications n JOIN outbox o ON o.event_id = n.event_id
-         WHERE n.id > $1 AND o.id > $2 AND n.{QUEUE_TYPES}"
+    // Each of this schedule's queue notifications as sent: (event time, first append), in ms.
+    let mut sent: std::collections::HashMap<uuid::Uuid, (f64, Option<i64>)> = std::collections::HashMap::new();
+    if let Some((brokers, topic)) = &kafka {
+        for r in super::topic::read_to_end(brokers, topic).await? {
+            let Ok(e) = serde_json::from_slice::<booking::kafka::Envelope<serde_json::Value>>(&r.payload) else { continue };
+            let queue = matches!(e.payload["type"].as_str(), Some("QUEUE_POSITION" | "QUEUE_ACTIVATED"));
+            if queue && e.payload["data"]["scheduleId"].as_str() == Some(schedule.to_string().as_str()) {
+                let at = e.event_time.timestamp_micros() as f64 / 1000.0;
+                let first = sent.get(&e.event_id).and_then(|s| s.1).into_iter().chain(r.appended_ms).min();
+                sent.insert(e.event_id, (at, first));
+            }
+        }
+    }
+    let appended: Vec<i64> = sent.values().filter_map(|s| s.1).collect();
+    let (published, pub_span) = match (appended.iter().min(), appended.iter().max()) {
+        (Some(lo), Some(hi)) => (appended.len() as i64, Some((hi - lo) as f64 / 1000.0)),
+        _ => (0, None),
+    };
+    let stored_at: Vec<(uuid::Uuid, f64)> = sqlx::query_as(&format!(
+        "SELECT event_id, (EXTRACT(EPOCH FROM created_at) * 1000)::float8 FROM notifications WHERE id > $1 AND {QUEUE_TYPES}"
     ))
     .bind(notes_base)
-    .bind(outbox_base)
     .fetch_all(&ctx.pool)
     .await?;
+    let lags: Vec<f64> = stored_at.iter().filter_map(|(id, at)| sent.get(id).map(|s| at - s.0)).collect();
     let rate = |count: i64, span: Option<f64>| match span {
         Some(s) if s > 0.0 => (count as f64 / s * 10.0).round() / 10.0,
         _ => 0.0,

@@ -32,16 +32,16 @@ impl Report for OutboxStatus {
     }
 }
 
-/// The backlog, the age of its oldest row and the set-aside count (partial indexes keep each
-/// cheap however long the table is).
+/// The backlog, the age of its oldest row and the set-aside count (the outbox holds only what
+/// is unsent or set aside, so each stays short).
 pub async fn status(ops: &Ops) -> Result<OutboxStatus, OpsError> {
     let (backlog, age): (i64, Option<f64>) = sqlx::query_as(
         "SELECT count(*), EXTRACT(EPOCH FROM now() - min(created_at))::float8 FROM outbox
-         WHERE published_at IS NULL AND set_aside_at IS NULL",
+         WHERE set_aside_at IS NULL",
     )
     .fetch_one(&ops.pool)
     .await?;
-    let set_aside: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE set_aside_at IS NOT NULL AND published_at IS NULL")
+    let set_aside: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE set_aside_at IS NOT NULL")
         .fetch_one(&ops.pool)
         .await?;
     Ok(OutboxStatus { backlog, oldest_age_seconds: age.unwrap_or(0.0).max(0.0), set_aside })
@@ -79,7 +79,7 @@ impl Report for Stuck {
 pub async fn stuck(ops: &Ops, limit: i64) -> Result<Stuck, OpsError> {
     let rows = sqlx::query_as::<_, SetAside>(
         "SELECT id, topic, message_key, event_id, created_at, set_aside_at, last_error FROM outbox
-         WHERE set_aside_at IS NOT NULL AND published_at IS NULL ORDER BY id LIMIT $1",
+         WHERE set_aside_at IS NOT NULL ORDER BY id LIMIT $1",
     )
     .bind(limit)
     .fetch_all(&ops.pool)
@@ -116,7 +116,7 @@ impl Report for Retried {
 pub async fn retry(ops: &Ops, id: i64) -> Result<Retried, OpsError> {
     let row: Option<(i64, String, Option<String>)> = sqlx::query_as(
         "UPDATE outbox SET id = nextval(pg_get_serial_sequence('outbox', 'id')), set_aside_at = NULL
-         WHERE id = $1 AND set_aside_at IS NOT NULL AND published_at IS NULL
+         WHERE id = $1 AND set_aside_at IS NOT NULL
          RETURNING id, topic, last_error",
     )
     .bind(id)

@@ -193,6 +193,53 @@ impl TestEnv {
         out
     }
 
+    /// Every message on `topic` now: read from the beginning to the end of each partition,
+    /// without waiting for more (a partition that cannot be read within 20 s fails the test).
+    pub async fn read_topic_to_end(&self, topic: &str) -> Vec<Value> {
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("group.id", format!("reader-{}", Uuid::new_v4()))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..booking::kafka::PARTITIONS {
+            tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+        }
+        consumer.assign(&tpl).unwrap();
+        let (mut out, mut at_end) = (Vec::new(), std::collections::HashSet::new());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while at_end.len() < booking::kafka::PARTITIONS as usize {
+            let msg = tokio::time::timeout_at(deadline, consumer.recv()).await;
+            let msg = msg.unwrap_or_else(|_| panic!("read_topic_to_end {topic}: partitions {at_end:?} of {} at their end after 20 s", booking::kafka::PARTITIONS));
+            match msg {
+                Ok(m) => out.push(serde_json::from_slice(m.payload().unwrap_or_default()).unwrap_or(Value::Null)),
+                Err(rdkafka::error::KafkaError::PartitionEOF(p)) => {
+                    at_end.insert(p);
+                }
+                Err(e) => {
+                    eprintln!("read_topic_to_end {topic}: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        out
+    }
+
+    /// How many events were written for `topic` that `keep` selects, however far each got: the
+    /// outbox holds only what the relay has not sent yet (migration 0210), Kafka has the rest.
+    /// The outbox is read first, so an event written before the call is counted wherever the
+    /// relay moved it meanwhile; one seen in both places (acknowledged, its row not yet deleted)
+    /// counts once, by event id.
+    pub async fn written_events(&self, topic: &str, keep: impl Fn(&Value) -> bool) -> usize {
+        let waiting: Vec<Value> = sqlx::query_scalar("SELECT envelope FROM outbox WHERE topic = $1").bind(topic).fetch_all(&self.pool).await.unwrap();
+        let sent = self.read_topic_to_end(topic).await;
+        let ids: std::collections::HashSet<String> =
+            waiting.iter().chain(&sent).filter(|e| keep(e)).map(|e| e["eventId"].as_str().unwrap_or_default().to_string()).collect();
+        ids.len()
+    }
+
     /// Like `read_topic`, then keeps listening for `settle` to catch unexpected extras.
     pub async fn read_topic_settled(&self, topic: &str, want: usize, timeout: Duration, settle: Duration) -> Vec<Value> {
         let mut got = self.read_topic(topic, want, timeout).await;
