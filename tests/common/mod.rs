@@ -155,12 +155,14 @@ impl TestEnv {
         TestApi { base: format!("http://{addr}"), metrics_url: Some(metrics_url), http: reqwest::Client::new(), shutdown, handle: Some(handle) }
     }
 
-    /// Reads every message of `topic` from the beginning until `want` arrived or `timeout`.
-    pub async fn read_topic(&self, topic: &str, want: usize, timeout: Duration) -> Vec<(Option<String>, Value, Vec<(String, String)>)> {
+    /// A consumer of every partition of `topic` from the beginning, in a group of its own;
+    /// `eof`: it reports the end of each partition.
+    fn reader(&self, topic: &str, eof: bool) -> StreamConsumer {
         let consumer: StreamConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.brokers)
             .set("group.id", format!("reader-{}", Uuid::new_v4()))
             .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", if eof { "true" } else { "false" })
             .create()
             .unwrap();
         let mut tpl = TopicPartitionList::new();
@@ -168,6 +170,12 @@ impl TestEnv {
             tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
         }
         consumer.assign(&tpl).unwrap();
+        consumer
+    }
+
+    /// Reads every message of `topic` from the beginning until `want` arrived or `timeout`.
+    pub async fn read_topic(&self, topic: &str, want: usize, timeout: Duration) -> Vec<(Option<String>, Value, Vec<(String, String)>)> {
+        let consumer = self.reader(topic, false);
         let mut out = Vec::new();
         let deadline = tokio::time::Instant::now() + timeout;
         while out.len() < want {
@@ -196,18 +204,7 @@ impl TestEnv {
     /// Every message on `topic` now: read from the beginning to the end of each partition,
     /// without waiting for more (a partition that cannot be read within 20 s fails the test).
     pub async fn read_topic_to_end(&self, topic: &str) -> Vec<Value> {
-        let consumer: StreamConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.brokers)
-            .set("group.id", format!("reader-{}", Uuid::new_v4()))
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "true")
-            .create()
-            .unwrap();
-        let mut tpl = TopicPartitionList::new();
-        for p in 0..booking::kafka::PARTITIONS {
-            tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
-        }
-        consumer.assign(&tpl).unwrap();
+        let consumer = self.reader(topic, true);
         let (mut out, mut at_end) = (Vec::new(), std::collections::HashSet::new());
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         while at_end.len() < booking::kafka::PARTITIONS as usize {
