@@ -152,4 +152,14 @@ mod tests {
         use clap::CommandFactory;
         super::Cli::command().debug_assert();
     }
+
+    /// A deployment that still sets the retired flag starts (and is told it is ignored).
+    #[test]
+    fn the_retired_outbox_retention_flag_is_still_accepted() {
+        use clap::Parser;
+        let base = ["worker", "--database-url", "postgres://db", "--redis-url", "redis://r", "--kafka-brokers", "k:9092"];
+        let cli = super::Cli::try_parse_from(base.iter().chain(&["--outbox-retention", "3d"])).expect("accepted");
+        assert_eq!(cli.outbox_retention, Some(std::time::Duration::from_secs(3 * 24 * 3600)));
+        assert!(super::Cli::try_parse_from(base).expect("optional").outbox_retention.is_none());
+    }
 }
