@@ -116,7 +116,7 @@ pub fn describe_metrics(daemon: Daemon, topic_prefix: &str) {
     describe_counter!("queue_vacuums_total", "VACUUMs of a table read as a queue (notification_deliveries) run by the process that marked its rows done, by table");
     describe_histogram!("outbox_group_commit_rows", "Outbox rows written by one group commit (new entrants' QUEUE_POSITION)");
     describe_histogram!("payment_group_size", "Payments written by one statement and one commit (payment::GroupCommit)");
-    describe_histogram!("outbox_relay_step_seconds", Unit::Seconds, "Time of one relay step that held the relay lock, by outcome (published: read, send, Kafka's acks, mark, commit; idle: found nothing; failed: Kafka refused or timed out)");
+    describe_histogram!("outbox_relay_step_seconds", Unit::Seconds, "Time of one relay step that held the relay lock, by outcome (published: read, send, Kafka's acks, delete, commit; idle: found nothing; failed: Kafka refused or timed out)");
     describe_counter!("outbox_producer_rebuilds_total", "Outbox producers replaced after a fatal error of the idempotent producer");
     // Delay scheduler.
     describe_gauge!("scheduler_due_size", "Holds waiting in the scheduler's Redis set for their expiry, by shard");
