@@ -91,10 +91,6 @@ async fn status_of(env: &TestEnv, id: &str) -> String {
     sqlx::query_scalar("SELECT status FROM reservations WHERE id = $1::uuid").bind(id).fetch_one(&env.pool).await.unwrap()
 }
 
-async fn expired_notifications(env: &TestEnv, id: &str) -> i64 {
-    let expired = |e: &serde_json::Value| e["payload"]["type"] == "RESERVATION_EXPIRED" && e["payload"]["data"]["reservationId"] == id;
-    env.written_events(&env.topics().notification_request, expired).await as i64
-}
 
 /// Polls `dlq list --json` until it shows `n` dead letters (of `topic`).
 async fn dead_letters(flags: &[String], topic: &str, n: usize) -> Vec<Value> {
@@ -210,7 +206,7 @@ async fn a_valid_message_dead_lettered_by_a_bug_is_processed_once_after_replay_a
     assert_eq!(v["replayed"], n, "{v}");
     assert!(first.stderr.contains("dead letter replayed") && first.stderr.contains('@'), "who replayed is logged: {}", first.stderr);
     eventually(Duration::from_secs(30), || async { status_of(&env, &id).await == "EXPIRED" }).await;
-    assert_eq!(expired_notifications(&env, &id).await, 1);
+    assert_eq!(env.expired_notifications(&id).await, 1);
     let copies = env.read_topic(&topic, 2 * n, Duration::from_secs(10)).await;
     assert_eq!(copies.len(), 2 * n, "the originals and one replay of each");
     let headers = &copies.iter().find(|(_, _, h)| h.iter().any(|(k, _)| k == "replayed-from")).expect("the replay is marked").2;
@@ -230,7 +226,7 @@ async fn a_valid_message_dead_lettered_by_a_bug_is_processed_once_after_replay_a
     let audit: i64 = sqlx::query_scalar("SELECT count(*) FROM ops_audit WHERE command = 'dlq replay' AND actor LIKE '%@%'").fetch_one(&env.pool).await.unwrap();
     assert_eq!(audit, 2, "each replay that changed something is recorded");
     stop(e).await;
-    assert_eq!(expired_notifications(&env, &id).await, 1);
+    assert_eq!(env.expired_notifications(&id).await, 1);
     api.stop().await;
 }
 

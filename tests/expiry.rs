@@ -49,10 +49,6 @@ async fn status_of(env: &TestEnv, id: &str) -> String {
     sqlx::query_scalar("SELECT status FROM reservations WHERE id = $1::uuid").bind(id).fetch_one(&env.pool).await.unwrap()
 }
 
-async fn expired_notifications(env: &TestEnv, id: &str) -> i64 {
-    let expired = |e: &serde_json::Value| e["payload"]["type"] == "RESERVATION_EXPIRED" && e["payload"]["data"]["reservationId"] == id;
-    env.written_events(&env.topics().notification_request, expired).await as i64
-}
 
 async fn await_status(env: &TestEnv, id: &str, want: &str, timeout: Duration) {
     common::eventually(timeout, || async { status_of(env, id).await == want }).await;
@@ -77,7 +73,7 @@ async fn a_two_second_hold_expires_frees_its_seat_and_notifies_once() {
     assert_eq!(expired[0]["payload"]["data"]["reservationId"], id.as_str());
     assert_eq!(expired[0]["payload"]["title"], "예약 만료");
     // The sweeper never had to act: the pipeline did it.
-    let sweeper_path = expired_notifications(&env, &id).await;
+    let sweeper_path = env.expired_notifications(&id).await;
     assert_eq!(sweeper_path, 1);
     stop(s).await;
     stop(e).await;
@@ -139,7 +135,7 @@ async fn a_scheduler_that_dies_between_claim_and_publish_loses_nothing() {
     let e = expirer(&env, expirer_cfg(ExpirerMode::After, Duration::from_secs(3600), Duration::from_secs(3600))).await;
     await_status(&env, &id, "EXPIRED", Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(expired_notifications(&env, &id).await, 1, "expired once");
+    assert_eq!(env.expired_notifications(&id).await, 1, "expired once");
     stop(s).await;
     stop(e).await;
     api.stop().await;
@@ -175,7 +171,7 @@ async fn holds_survive_redis_forgetting_them_through_rearm_and_the_sweeper() {
     forget_everything(&mut conn, &env.prefix).await;
     let e = expirer(&env, expirer_cfg(ExpirerMode::After, Duration::from_millis(300), Duration::from_millis(100))).await;
     await_status(&env, &second, "EXPIRED", Duration::from_secs(30)).await;
-    assert_eq!(expired_notifications(&env, &second).await, 1);
+    assert_eq!(env.expired_notifications(&second).await, 1);
     stop(e).await;
     api.stop().await;
 }
@@ -216,7 +212,7 @@ async fn duplicate_expirations_and_two_schedulers_still_expire_each_hold_once() 
     assert!(all.len() >= expected);
     tokio::time::sleep(Duration::from_secs(2)).await;
     for id in &ids {
-        assert_eq!(expired_notifications(&env, id).await, 1, "one notification for {id}");
+        assert_eq!(env.expired_notifications(id).await, 1, "one notification for {id}");
         let exp: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar("SELECT expired_at FROM reservations WHERE id = $1::uuid").bind(id).fetch_one(&env.pool).await.unwrap();
         assert!(exp.is_some());
     }
@@ -234,7 +230,7 @@ async fn the_before_mode_expires_holds_by_scanning() {
     let (schedule, seats) = api.concert(1, 10).await;
     let (_, id) = hold_one(&api, "legacy", &schedule, &seats[0]).await;
     await_status(&env, &id, "EXPIRED", Duration::from_secs(20)).await;
-    assert_eq!(expired_notifications(&env, &id).await, 1);
+    assert_eq!(env.expired_notifications(&id).await, 1);
     stop(e).await;
     api.stop().await;
 }
@@ -324,7 +320,7 @@ async fn an_expiration_that_arrives_early_leaves_the_hold_payable_and_it_expires
     common::eventually(Duration::from_secs(20), || async { in_scheduler(&env, &id).await == (None, false) }).await;
     let group = inproc::expirer_group(&env);
     common::eventually(Duration::from_secs(20), || async { group_caught_up(&env, &group, &env.topics().reservation_expiration) }).await;
-    assert_eq!(expired_notifications(&env, &id).await, 1, "expired once");
+    assert_eq!(env.expired_notifications(&id).await, 1, "expired once");
     assert_eq!(status_of(&env, &paid).await, "CONFIRMED");
     stop(s).await;
     stop(e).await;

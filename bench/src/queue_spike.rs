@@ -330,10 +330,11 @@ pub async fn drain_notifications(
     // Each of this schedule's queue notifications as sent: (event time, first append), in ms.
     let mut sent: std::collections::HashMap<uuid::Uuid, (f64, Option<i64>)> = std::collections::HashMap::new();
     if let Some((brokers, topic)) = &kafka {
+        let schedule = schedule.to_string();
         for r in super::topic::read_to_end(brokers, topic).await? {
             let Ok(e) = serde_json::from_slice::<booking::kafka::Envelope<serde_json::Value>>(&r.payload) else { continue };
             let queue = matches!(e.payload["type"].as_str(), Some("QUEUE_POSITION" | "QUEUE_ACTIVATED"));
-            if queue && e.payload["data"]["scheduleId"].as_str() == Some(schedule.to_string().as_str()) {
+            if queue && e.payload["data"]["scheduleId"].as_str() == Some(schedule.as_str()) {
                 let at = e.event_time.timestamp_micros() as f64 / 1000.0;
                 let first = sent.get(&e.event_id).and_then(|s| s.1).into_iter().chain(r.appended_ms).min();
                 sent.insert(e.event_id, (at, first));

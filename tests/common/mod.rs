@@ -237,6 +237,12 @@ impl TestEnv {
         ids.len()
     }
 
+    /// How many `RESERVATION_EXPIRED` notifications were written for reservation `id`.
+    pub async fn expired_notifications(&self, id: &str) -> i64 {
+        let expired = |e: &Value| e["payload"]["type"] == "RESERVATION_EXPIRED" && e["payload"]["data"]["reservationId"] == id;
+        self.written_events(&self.topics().notification_request, expired).await as i64
+    }
+
     /// Like `read_topic`, then keeps listening for `settle` to catch unexpected extras.
     pub async fn read_topic_settled(&self, topic: &str, want: usize, timeout: Duration, settle: Duration) -> Vec<Value> {
         let mut got = self.read_topic(topic, want, timeout).await;
