@@ -40,6 +40,9 @@
 #   BENCH_SPIKE_SCENARIOS=limits,sell-out   run only these scenarios of phase 1 (an A/B of one
 #                       path; the report then lacks the others)
 #   BENCH_API_DB_CONNECTIONS=8   the api's PostgreSQL pool (see below)
+#   BENCH_BIN=DIR       run the daemons and the load generator found in DIR (api, delay-scheduler,
+#                       expirer, worker, bench) instead of building this tree: for an A/B of two
+#                       trees, alternating runs on the same services
 #   BENCH_TRACE_PAYMENTS=FILE   the payments scenario writes one line per payment to FILE: its
 #                       start (Unix ms) and its latency (ms), to line the slowest up with a profile
 set -euo pipefail
@@ -85,10 +88,17 @@ log() { echo "[bench] $*" >&2; }
 eval "$(scripts/services.sh up)"
 export DATABASE_URL REDIS_URL KAFKA_BROKERS
 
-log "building release binaries"
-# The daemons (package booking) and the load generator (package bench, the workspace member bench/).
-cargo build --release --locked -p booking -p bench --bins
-BIN="$CARGO_TARGET_DIR/release"
+if [[ -n "${BENCH_BIN:-}" ]]; then
+  # Binaries built elsewhere (an A/B of two trees: each tree's daemons and load generator
+  # copied to a directory of their own, the same script and services running both).
+  BIN=$(cd "$BENCH_BIN" && pwd)
+  log "using the binaries in $BIN (BENCH_BIN; nothing built)"
+else
+  log "building release binaries"
+  # The daemons (package booking) and the load generator (package bench, the workspace member bench/).
+  cargo build --release --locked -p booking -p bench --bins
+  BIN="$CARGO_TARGET_DIR/release"
+fi
 
 # BullMQ 5 for the versus-bullmq phase: from the npm registry into a cache directory, once.
 if [[ ! -f "$NODE_CACHE/node_modules/bullmq/package.json" ]]; then
