@@ -4,10 +4,11 @@
 //! **Why.** Both scans walk an index in id order (`seat_events_unstamped`; the outbox's primary
 //! key, since published rows are deleted: migration 0210). A row that is done (stamped,
 //! published) leaves the index only for new snapshots: its old entry stays until VACUUM removes
-//! it, and every later scan from the lowest id walks past it, checking each against the heap. After the benchmark's queue spike (40,000 outbox rows) a relay
-//! step that found nothing read 67 index pages (0.45 ms) and ran hundreds of times a second; and
-//! vacuuming the table after each burst (what the relay did before, issue 11's eleventh pass)
-//! cost 226 ms of database time per vacuum of a 40,000-row outbox, about as much as it saved.
+//! it, and every later scan from the lowest id walks past it, checking each against the heap.
+//! After the benchmark's queue spike (40,000 outbox rows) a relay step that found nothing read 67
+//! index pages (0.45 ms) and ran hundreds of times a second; and vacuuming the table after each
+//! burst (what the relay did before, issue 11's eleventh pass) cost 226 ms of database time per
+//! vacuum of a 40,000-row outbox, about as much as it saved.
 //! Starting the scan at a floor walks only what was written since the floor last moved, however
 //! large the table and however long since the last vacuum.
 //!

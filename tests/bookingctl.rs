@@ -91,7 +91,6 @@ async fn status_of(env: &TestEnv, id: &str) -> String {
     sqlx::query_scalar("SELECT status FROM reservations WHERE id = $1::uuid").bind(id).fetch_one(&env.pool).await.unwrap()
 }
 
-
 /// Polls `dlq list --json` until it shows `n` dead letters (of `topic`).
 async fn dead_letters(flags: &[String], topic: &str, n: usize) -> Vec<Value> {
     let mut last = Vec::new();

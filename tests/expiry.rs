@@ -49,7 +49,6 @@ async fn status_of(env: &TestEnv, id: &str) -> String {
     sqlx::query_scalar("SELECT status FROM reservations WHERE id = $1::uuid").bind(id).fetch_one(&env.pool).await.unwrap()
 }
 
-
 async fn await_status(env: &TestEnv, id: &str, want: &str, timeout: Duration) {
     common::eventually(timeout, || async { status_of(env, id).await == want }).await;
 }
@@ -123,8 +122,15 @@ async fn a_scheduler_that_dies_between_claim_and_publish_loses_nothing() {
     let ev = ReservationEvent { reservation_id: rid, user_id: uid, seat_id: seat, schedule_id: sid, expires_at: exp };
     let shard = partition_for(&id, booking::kafka::PARTITIONS);
     doomed.schedule(shard, &ev).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    let claimed = doomed.claim(shard).await.unwrap();
+    // Claimed once it is due (a 1 s hold), polled with a deadline.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let claimed = loop {
+        let c = doomed.claim(shard).await.unwrap();
+        if !c.members.is_empty() || std::time::Instant::now() > deadline {
+            break c;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(claimed.members.len(), 1, "claimed before the crash");
     drop(doomed);
     assert_eq!(status_of(&env, &id).await, "HELD");
@@ -134,7 +140,7 @@ async fn a_scheduler_that_dies_between_claim_and_publish_loses_nothing() {
     let s = scheduler(&env, Duration::from_secs(2)).await;
     let e = expirer(&env, expirer_cfg(ExpirerMode::After, Duration::from_secs(3600), Duration::from_secs(3600))).await;
     await_status(&env, &id, "EXPIRED", Duration::from_secs(30)).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    settled(&env, std::slice::from_ref(&id)).await;
     assert_eq!(env.expired_notifications(&id).await, 1, "expired once");
     stop(s).await;
     stop(e).await;
@@ -210,7 +216,7 @@ async fn duplicate_expirations_and_two_schedulers_still_expire_each_hold_once() 
     let expected = msgs.len() * 3;
     let all = env.read_topic(&env.topics().reservation_expiration, expected, Duration::from_secs(10)).await;
     assert!(all.len() >= expected);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    settled(&env, &ids).await;
     for id in &ids {
         assert_eq!(env.expired_notifications(id).await, 1, "one notification for {id}");
         let exp: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar("SELECT expired_at FROM reservations WHERE id = $1::uuid").bind(id).fetch_one(&env.pool).await.unwrap();
@@ -256,6 +262,16 @@ async fn a_malformed_reservation_created_goes_to_the_dead_letter_topic_and_the_s
     api.stop().await;
 }
 
+
+/// Waits until every expiration of `ids` there will be was handled: the scheduler holds none of
+/// them any more, and the expirer's group has read its topic to the end.
+async fn settled(env: &TestEnv, ids: &[String]) {
+    for id in ids {
+        common::eventually(Duration::from_secs(20), || async { in_scheduler(env, id).await == (None, false) }).await;
+    }
+    let group = inproc::expirer_group(env);
+    common::eventually(Duration::from_secs(20), || async { group_caught_up(env, &group, &env.topics().reservation_expiration) }).await;
+}
 
 /// The scheduler's due and in-flight sets of a hold's shard: (score in due, in flight).
 async fn in_scheduler(env: &TestEnv, id: &str) -> (Option<f64>, bool) {
