@@ -318,3 +318,44 @@ async fn seat_events_are_written_by_the_reservation_triggers_only() {
     let events: i64 = sqlx::query_scalar("SELECT count(*) FROM seat_events WHERE schedule_id = $1").bind(schedule).fetch_one(pool).await.unwrap();
     assert_eq!(events, 2, "each hold wrote its seat event through the trigger");
 }
+
+/// Every buyer of a sale holds seats of the same schedule, so a hold must not lock the schedule's
+/// row: concurrent `FOR KEY SHARE` locks of one row (what a foreign key check takes) need a
+/// MultiXact each (migration 0230). The hold locks its own seat's row instead, through one key
+/// over the seat and its schedule, which refuses a reservation whose schedule is not its seat's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holds_leave_their_schedules_row_unlocked_and_a_reservation_names_its_seats_own_schedule() {
+    let env = TestEnv::new().await;
+    let (pool, topics) = (&env.pool, env.topics());
+    let concert = on_sale(pool, "one row", 2, 4).await;
+    let (schedule, other) = (concert.schedules[0].schedule_id, concert.schedules[1].schedule_id);
+    let seats: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM seats WHERE schedule_id = $1 ORDER BY seat_no").bind(schedule).fetch_all(pool).await.unwrap();
+    // A row lock writes the locker into the row's xmax (a MultiXact when there are several).
+    // Creating the seats locked the schedule (their own key); nothing after that may.
+    let xmax = || async { sqlx::query_scalar::<_, String>("SELECT xmax::text FROM schedules WHERE id = $1").bind(schedule).fetch_one(pool).await.unwrap() };
+    let before = xmax().await;
+    for (i, seat) in seats.iter().enumerate() {
+        let user = booking::user::create(pool, &format!("buyer {i}")).await.expect("user").user_id;
+        let req = HoldRequest { user, seat: *seat, ttl: Duration::from_secs(300), max_seats: 4, key: None };
+        let held = reservation::hold(pool.acquire().await.unwrap(), topics, req, schedule).await.expect("hold");
+        assert!(held.fresh.is_some(), "hold {i}");
+    }
+    assert_eq!(xmax().await, before, "four holds locked their schedule's row");
+    let locked: String = sqlx::query_scalar("SELECT xmax::text FROM seats WHERE id = $1").bind(seats[0]).fetch_one(pool).await.unwrap();
+    assert_ne!(locked, "0", "the hold checked its seat's row");
+
+    // A reservation of a seat under another schedule is refused, whoever writes it.
+    let user = booking::user::create(pool, "mismatch").await.expect("user").user_id;
+    let seat_elsewhere: Uuid = sqlx::query_scalar("SELECT id FROM seats WHERE schedule_id = $1 LIMIT 1").bind(other).fetch_one(pool).await.unwrap();
+    let wrong = sqlx::query(
+        "INSERT INTO reservations (id, user_id, seat_id, schedule_id, price, status, created_at, expires_at)
+         VALUES (gen_random_uuid(), $1, $2, $3, 100, 'HELD', now(), now() + interval '5 minutes')",
+    )
+    .bind(user)
+    .bind(seat_elsewhere)
+    .bind(schedule)
+    .execute(pool)
+    .await;
+    let code = wrong.as_ref().err().and_then(|e| e.as_database_error()).and_then(|e| e.code()).map(|c| c.into_owned());
+    assert_eq!(code.as_deref(), Some("23503"), "a reservation whose schedule is not its seat's: {wrong:?}");
+}
