@@ -32,8 +32,9 @@ pub fn var(name: &str) -> String {
 /// collect hundreds, each visited by autovacuum).
 const KEEP_TEST_DATABASES_FOR: u64 = 2 * 3600;
 
-/// Drops `test_<created>_<id>` databases older than [`KEEP_TEST_DATABASES_FOR`], once per test
-/// binary. Best effort: another binary may be dropping the same ones.
+/// Drops `test_<created>_<id>` databases older than [`KEEP_TEST_DATABASES_FOR`], and the old
+/// temporary files of tests, once per test binary. Best effort: another binary may be dropping
+/// the same ones.
 async fn drop_old_test_databases(admin: &PgPool, now: u64) {
     static SWEPT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     if SWEPT.swap(true, std::sync::atomic::Ordering::Relaxed) {
@@ -45,6 +46,29 @@ async fn drop_old_test_databases(admin: &PgPool, now: u64) {
         let created = name.strip_prefix("test_").and_then(|rest| rest.split_once('_')).and_then(|(t, _)| t.parse::<u64>().ok()).unwrap_or(0);
         if now.saturating_sub(created) > KEEP_TEST_DATABASES_FOR {
             let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).execute(admin).await;
+        }
+    }
+    remove_old_temp_files(now);
+}
+
+/// The same for what tests leave in the temporary directory (export sinks, daemons' logs and data
+/// directories): entries named after a test's prefix, `<kind>-t<12 hex digits>.…`, last modified
+/// more than [`KEEP_TEST_DATABASES_FOR`] ago.
+fn remove_old_temp_files(now: u64) {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if !name.match_indices("-t").any(|(i, _)| {
+            let rest = &name.as_bytes()[i + 2..];
+            rest.len() > 12 && rest[12] == b'.' && rest[..12].iter().all(u8::is_ascii_hexdigit)
+        }) {
+            continue;
+        }
+        let modified = entry.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+        if modified.is_some_and(|m| now.saturating_sub(m.as_secs()) > KEEP_TEST_DATABASES_FOR) {
+            let path = entry.path();
+            let _ = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
         }
     }
 }
