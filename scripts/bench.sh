@@ -9,7 +9,8 @@
 # daemons on fixed ports with bench-friendly flags (the queue admits everyone at the next tick).
 # Then, in three phases:
 #   1. api --hold-ttl 5m:                 limits (pgbench of the same database at the same
-#                                         concurrency), queue-spike, seat-fight, sell-out, payments
+#                                         concurrency), queue-spike, seat-fight, sell-out, payments,
+#                                         one-schedule (the sell-out's seats in one schedule)
 #   2. api --hold-ttl $BENCH_HOLD_TTL:    end-to-end, expiry --label after
 #      (delay-scheduler + expirer --mode after)
 #   2b. the same stack:                   versus-bullmq (N = BENCH_BULLMQ_N holds straight into
@@ -24,6 +25,7 @@
 #
 # Sizes (environment):
 #   BENCH_USERS=20000 BENCH_FIGHTERS=500 BENCH_SCHEDULES=60 BENCH_CLIENTS=64 BENCH_PAY_CONCURRENCY=64
+#   BENCH_SEATS=50      seats per sell-out schedule (BENCH_SCHEDULES=1 BENCH_SEATS=3000: a one-schedule sale)
 #   BENCH_BULLMQ_N=1000,10000 BENCH_NODE_CACHE=~/.cache/booking-bench-node
 #   BENCH_HOLDS=10000 BENCH_WINDOW=2s BENCH_E2E_USERS=100 BENCH_CONCURRENCY=64 BENCH_NOTIFICATIONS=100000
 #   BENCH_HOLD_TTL=60s  (must exceed the time to take the holds + 11 s for clean DB statistics)
@@ -62,6 +64,7 @@ fi
 USERS=${BENCH_USERS:-20000}
 FIGHTERS=${BENCH_FIGHTERS:-500}
 SCHEDULES=${BENCH_SCHEDULES:-60}
+SEATS=${BENCH_SEATS:-50}
 CLIENTS=${BENCH_CLIENTS:-64}
 PAY_CONCURRENCY=${BENCH_PAY_CONCURRENCY:-64}
 BULLMQ_N=${BENCH_BULLMQ_N:-1000,10000}
@@ -219,12 +222,12 @@ if [[ ${BENCH_PROFILE:-0} == 1 ]]; then
     PERF_ALL_PID=$!
   fi
 fi
-SPIKE_SCENARIOS=${BENCH_SPIKE_SCENARIOS:-limits,queue-spike,seat-fight,sell-out,payments}
+SPIKE_SCENARIOS=${BENCH_SPIKE_SCENARIOS:-limits,queue-spike,seat-fight,sell-out,payments,one-schedule}
 [[ ${BENCH_PROFILE:-0} == 1 ]] && SPIKE_SCENARIOS=${BENCH_PROFILE_SCENARIOS:-$SPIKE_SCENARIOS}
 if phase spike; then
-log "phase 1: queue spike, seat fight, sell-out, payments (api --hold-ttl 5m)"
+log "phase 1: queue spike, seat fight, sell-out, payments, one-schedule sale (api --hold-ttl 5m)"
 "${BENCH[@]}" --scenario "$SPIKE_SCENARIOS" --label spike \
-  --users "$USERS" --fighters "$FIGHTERS" --schedules "$SCHEDULES" --clients "$CLIENTS" --pay-concurrency "$PAY_CONCURRENCY" \
+  --users "$USERS" --fighters "$FIGHTERS" --schedules "$SCHEDULES" --seats "$SEATS" --clients "$CLIENTS" --pay-concurrency "$PAY_CONCURRENCY" \
   --note "$QUEUE_NOTE --hold-ttl 5m" --note "delay-scheduler, expirer --mode after, worker (log channel, ranking consumer)" \
   --out "$WORK/spike" || log "phase 1 reported a failure (see above); the report keeps what it measured"
 fi

@@ -38,7 +38,7 @@ enum Cmd {
     },
 }
 
-const SCENARIOS: &[&str] = &["limits", "queue-spike", "seat-fight", "sell-out", "payments", "end-to-end", "expiry"];
+const SCENARIOS: &[&str] = &["limits", "queue-spike", "seat-fight", "sell-out", "payments", "one-schedule", "end-to-end", "expiry"];
 /// Scenarios not in `all`: `notify-drain` needs the stack's worker stopped; `versus-bullmq` needs
 /// Node.js with bullmq and the stack's topic prefix.
 const EXTRA: &[&str] = &["notify-drain", "versus-bullmq"];
@@ -69,8 +69,9 @@ struct RunArgs {
     #[arg(long, env = "KAFKA_VERSION")]
     kafka_version: Option<String>,
 
-    /// Scenarios, comma separated: limits, queue-spike, seat-fight, sell-out, payments, end-to-end,
-    /// expiry, or all. They run in that order; payments pays the sell-out's holds (and runs it).
+    /// Scenarios, comma separated: limits, queue-spike, seat-fight, sell-out, payments,
+    /// one-schedule, end-to-end, expiry, or all. They run in that order; payments pays the
+    /// sell-out's holds (and runs it); one-schedule is the sell-out's seats in one schedule.
     /// `versus-bullmq` (not in all) needs --stack-topic-prefix and Node.js with bullmq.
     /// `notify-drain` (not in all) runs its own worker and needs no api; stop the stack's worker
     /// first (its delivery loop shares the notifications table).
@@ -89,7 +90,7 @@ struct RunArgs {
     #[arg(long, default_value_t = 500)]
     fighters: usize,
 
-    /// Sell-out: schedules of 50 seats to fill.
+    /// Sell-out: schedules to fill, of `--seats` seats each.
     #[arg(long, default_value_t = 20)]
     schedules: usize,
 
@@ -326,6 +327,19 @@ async fn run(a: RunArgs) -> Result<()> {
                 }
             }
             Err(e) => failures.push(format!("sell-out: {e:#}")),
+        }
+    }
+    if wants("one-schedule") {
+        // The sell-out's seats, all in one schedule: a sale of one date, where every hold is
+        // of the same schedule (issue 11, migration 0230).
+        let cfg = sell_out::Config { schedules: 1, seats_per_schedule: a.schedules * a.seats, clients: a.clients };
+        settle(&ctx, "one-schedule").await;
+        let cpu0 = cpu::snapshot(marker);
+        let r = sell_out::run(&ctx, &cfg).await;
+        results.cpu.insert("one-schedule".into(), cpu0.usage_since(marker));
+        match r {
+            Ok(sold) => results.one_schedule = Some(sold.result),
+            Err(e) => failures.push(format!("one-schedule: {e:#}")),
         }
     }
     if wants("end-to-end") {

@@ -113,6 +113,9 @@ pub struct Results {
     pub seat_fight: Option<SeatFight>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sell_out: Option<SellOutResult>,
+    /// The sell-out's seats in one schedule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub one_schedule: Option<SellOutResult>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payments: Option<Payments>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -143,6 +146,9 @@ impl Results {
         }
         if other.sell_out.is_some() {
             self.sell_out = other.sell_out;
+        }
+        if other.one_schedule.is_some() {
+            self.one_schedule = other.one_schedule;
         }
         if other.payments.is_some() {
             self.payments = other.payments;
@@ -212,6 +218,10 @@ pub fn ratios(r: &Results) -> Vec<Ratio> {
     if let Some(s) = &r.sell_out {
         let c = s.config.as_ref().map(|c| c.clients).unwrap_or(64);
         rate("Holds per second across schedules", s.throughput.per_second, c, "≥ 2,000/s", &mut out);
+    }
+    if let Some(s) = &r.one_schedule {
+        let c = s.config.as_ref().map(|c| c.clients).unwrap_or(64);
+        rate("Holds per second in one schedule", s.throughput.per_second, c, "—", &mut out);
     }
     if let Some(p) = &r.payments {
         let c = p.config.as_ref().map(|c| c.concurrency).unwrap_or(64);
@@ -325,6 +335,16 @@ pub fn figures(r: &Results) -> Vec<Figure> {
         let size = s.config.as_ref().map(|c| format!("{} schedules × {} seats, {} clients", c.schedules, c.seats_per_schedule, c.clients)).unwrap_or_default();
         out.push(fig(
             "Sell-out: holds per second (latency of every attempt)",
+            format!("{} ({}, {} conflicts)", fmt_rate(s.throughput.per_second), s.latency.short(), group(s.conflicts as i64)),
+            "—",
+            "—",
+            size,
+        ));
+    }
+    if let Some(s) = &r.one_schedule {
+        let size = s.config.as_ref().map(|c| format!("1 schedule × {} seats, {} clients", c.seats_per_schedule, c.clients)).unwrap_or_default();
+        out.push(fig(
+            "One-schedule sale: holds per second (latency of every attempt)",
             format!("{} ({}, {} conflicts)", fmt_rate(s.throughput.per_second), s.latency.short(), group(s.conflicts as i64)),
             "—",
             "—",
@@ -578,6 +598,9 @@ pub fn markdown(r: &Report) -> String {
     if let Some(s) = &res.sell_out {
         summary_row(&mut md, "sell-out: every attempt", &s.latency);
         summary_row(&mut md, "sell-out: successful holds", &s.hold_latency);
+    }
+    if let Some(s) = &res.one_schedule {
+        summary_row(&mut md, "one-schedule sale: every attempt", &s.latency);
     }
     if let Some(p) = &res.payments {
         summary_row(&mut md, "payment", &p.latency);
