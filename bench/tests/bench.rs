@@ -152,14 +152,19 @@ async fn queue_spike_seat_fight_sell_out_and_payments_at_a_small_size() {
     assert_eq!(p.latency.count, 30);
     assert!(p.ranking_caught_up_ms.is_some(), "the ranking consumer shows every payment");
 
+    // The one-schedule sale: the same run on seats all of one schedule.
+    let one = sell_out::run(&ctx, &sell_out::Config { schedules: 1, seats_per_schedule: 20, clients: 6 }).await.unwrap().result;
+    assert_eq!((one.seats, one.holds, one.errors, one.db_held), (20, 20, 0, 20), "every seat of the one schedule held once: {one:?}");
+
     // The report renders every figure with the document's beside it.
-    let results = Results { queue_spike: Some(q), seat_fight: Some(f), sell_out: Some(s.clone()), payments: Some(p), ..Default::default() };
+    let results = Results { queue_spike: Some(q), seat_fight: Some(f), sell_out: Some(s.clone()), one_schedule: Some(one), payments: Some(p), ..Default::default() };
     let report = Report { results, ..Default::default() }.finish();
     assert!(report.figures.iter().any(|f| f.reference == "§2-2 bottleneck 1" && f.document.contains("25 s")));
     assert!(report.figures.iter().any(|f| f.document.contains("160 ms")));
     assert!(report.figures.iter().any(|f| f.document.contains("10,000+")));
     let md = markdown(&report);
     assert!(md.contains("| Seat fight: winners | 1 winner, 29 × 409"), "{md}");
+    assert!(md.contains("| One-schedule sale: holds per second") && md.contains("1 schedule × 20 seats, 6 clients"), "{md}");
 
     stop(w).await;
     api.stop().await;
