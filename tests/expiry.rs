@@ -126,14 +126,11 @@ async fn a_scheduler_that_dies_between_claim_and_publish_loses_nothing() {
     let shard = partition_for(&id, booking::kafka::PARTITIONS);
     doomed.schedule(shard, &ev).await.unwrap();
     // Claimed once it is due (a 1 s hold), polled with a deadline.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let claimed = loop {
+    let claimed = common::eventually_some(Duration::from_secs(10), || async {
         let c = doomed.claim(shard).await.unwrap();
-        if !c.members.is_empty() || std::time::Instant::now() > deadline {
-            break c;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+        (!c.members.is_empty()).then_some(c)
+    })
+    .await;
     assert_eq!(claimed.members.len(), 1, "claimed before the crash");
     drop(doomed);
     assert_eq!(status_of(&env, &id).await, "HELD");
@@ -264,7 +261,6 @@ async fn a_malformed_reservation_created_goes_to_the_dead_letter_topic_and_the_s
     stop(e).await;
     api.stop().await;
 }
-
 
 /// Waits until every expiration of `ids` there will be was handled: the scheduler holds none of
 /// them any more, and the expirer's group has read its topic to the end.

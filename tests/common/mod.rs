@@ -35,7 +35,7 @@ const KEEP_TEST_DATABASES_FOR: u64 = 2 * 3600;
 /// Drops `test_<created>_<id>` databases older than [`KEEP_TEST_DATABASES_FOR`], and the old
 /// temporary files of tests, once per test binary. Best effort: another binary may be dropping
 /// the same ones.
-async fn drop_old_test_databases(admin: &PgPool, now: u64) {
+async fn drop_old_test_leftovers(admin: &PgPool, now: u64) {
     static SWEPT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     if SWEPT.swap(true, std::sync::atomic::Ordering::Relaxed) {
         return;
@@ -102,7 +102,7 @@ impl TestEnv {
         // The creation time in the name lets a later run drop what this one leaves behind.
         let db = format!("test_{now}_{id}");
         let admin = PgPoolOptions::new().max_connections(1).connect(&base).await.expect("admin connection");
-        drop_old_test_databases(&admin, now).await;
+        drop_old_test_leftovers(&admin, now).await;
         sqlx::query(&format!("CREATE DATABASE {db}")).execute(&admin).await.expect("create database");
         admin.close().await;
         let (head, _) = base.rsplit_once('/').expect("database url has a path");
@@ -421,10 +421,23 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
+    eventually_some(timeout, || {
+        let held = check();
+        async move { held.await.then_some(()) }
+    })
+    .await
+}
+
+/// Polls `check` until it returns a value or `timeout` passes (then panics); returns the value.
+pub async fn eventually_some<T, F, Fut>(timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        if check().await {
-            return;
+        if let Some(v) = check().await {
+            return v;
         }
         assert!(tokio::time::Instant::now() < deadline, "condition not met within {timeout:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
