@@ -168,7 +168,6 @@ pub async fn run_api(res: Resources, s: ApiSettings, listener: TcpListener, ops:
         max_streams_per_user: s.streams.max_streams_per_user,
         shutdown: shutdown.clone(),
         sessions: Default::default(),
-        group_commit: crate::outbox::GroupCommit::start(res.pool.clone()),
         payments: crate::payment::GroupCommit::start(res.pool.clone()),
         opening_times: Default::default(),
         hold_gate: Default::default(),

@@ -61,10 +61,12 @@ impl Keys {
     pub fn queue_admission(&self, schedule: Uuid) -> String {
         format!("{}queue:{{{schedule}}}:admission", self.prefix)
     }
-    /// LIST of `userId:activation` admitted but whose `QUEUE_ACTIVATED` is not yet committed in
-    /// PostgreSQL; an entry leaves only after that commit.
-    pub fn queue_pending_activations(&self, schedule: Uuid) -> String {
-        format!("{}queue:{{{schedule}}}:pending-activations", self.prefix)
+    /// LIST of the queue's notifications not yet committed in PostgreSQL, in the order they
+    /// happened: `position:userId:entry:position` for a new entrant's `QUEUE_POSITION`,
+    /// `userId:activation` for an admitted user's `QUEUE_ACTIVATED`. An item leaves only after
+    /// that commit.
+    pub fn queue_pending_notifications(&self, schedule: Uuid) -> String {
+        format!("{}queue:{{{schedule}}}:pending-notifications", self.prefix)
     }
     /// SET of schedules that have a queue, walked by the admission tick.
     pub fn queue_schedules(&self) -> String {

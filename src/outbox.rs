@@ -145,58 +145,6 @@ pub fn bind_rows<'q>(
     query.bind(topics).bind(keys).bind(ids).bind(envelopes)
 }
 
-/// Group commit of outbox rows written outside any other transaction (a new entrant's
-/// `QUEUE_POSITION`): concurrent requests hand their row to one task, which writes whatever has
-/// gathered in one statement and one commit, then answers each. A request is answered only after
-/// its row is committed, so nothing is weaker than one insert per request; under a spike 64
-/// concurrent entrants cost a handful of commits instead of 64.
-#[derive(Clone)]
-pub struct GroupCommit {
-    tx: tokio::sync::mpsc::Sender<(Row, tokio::sync::oneshot::Sender<Result<(), String>>)>,
-}
-
-/// Most rows one group commit writes.
-const GROUP_MAX: usize = 500;
-
-impl GroupCommit {
-    /// Starts the writer task on `pool`; it ends when every handle is dropped.
-    pub fn start(pool: PgPool) -> Self {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<(Row, tokio::sync::oneshot::Sender<Result<(), String>>)>(4 * GROUP_MAX);
-        tokio::spawn(async move {
-            while let Some(first) = rx.recv().await {
-                let mut group = vec![first];
-                while group.len() < GROUP_MAX {
-                    match rx.try_recv() {
-                        Ok(next) => group.push(next),
-                        Err(_) => break,
-                    }
-                }
-                let (rows, waiters): (Vec<Row>, Vec<_>) = group.into_iter().unzip();
-                let outcome = match pool.acquire().await {
-                    Ok(mut conn) => enqueue_many(&mut conn, &rows).await.map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
-                };
-                if outcome.is_ok() {
-                    committed();
-                }
-                metrics::histogram!("outbox_group_commit_rows").record(rows.len() as f64);
-                for w in waiters {
-                    let _ = w.send(outcome.clone());
-                }
-            }
-        });
-        GroupCommit { tx }
-    }
-
-    /// Writes `row` and waits for its commit.
-    pub async fn write(&self, row: Row) -> Result<(), sqlx::Error> {
-        let (done, wait) = tokio::sync::oneshot::channel();
-        let gone = || sqlx::Error::Protocol("the outbox group commit stopped".into());
-        self.tx.send((row, done)).await.map_err(|_| gone())?;
-        wait.await.map_err(|_| gone())?.map_err(sqlx::Error::Protocol)
-    }
-}
-
 /// What one relay step did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum RelayTick {

@@ -19,12 +19,18 @@
 //!   case `--queue-active-limit` after activation (a hard deadline the idle extension never
 //!   passes). Failed attempts do not extend it ([`Queue::active_schedule`] only reads), so a bot
 //!   cannot camp in the active set. Paying frees the place at once. A lapsed user queues again.
-//! - `QUEUE_ACTIVATED` cannot be lost (issue 15 item 4): the admission script itself appends
-//!   `user:activation` to the schedule's pending-activations list, in the same atomic step that
-//!   makes the user active. [`Queue::drain_activations`] writes those notifications into the
-//!   outbox and removes the entries only after PostgreSQL committed. A PostgreSQL outage leaves
-//!   them in Redis for the next tick; a crash between commit and removal re-drains them, and the
-//!   event id derived from (schedule, user, activation number) makes the second insert a no-op.
+//! - The queue's notifications cannot be lost (issue 15 item 4, issue 11): the script that
+//!   changes the queue appends the notification to the schedule's pending-notifications list in
+//!   the same atomic step: [`ENTER`] a new entrant's `QUEUE_POSITION`
+//!   (`position:user:entry:position`), [`ADMIT`] an admitted user's `QUEUE_ACTIVATED`
+//!   (`user:activation`). One list, so a user's position is always written before their
+//!   activation. Every admission tick, [`Queue::drain_notifications`] writes them into the outbox
+//!   and removes the items only after PostgreSQL committed. A PostgreSQL outage leaves them in
+//!   Redis for the next tick; a crash between commit and removal re-drains them, and the event id
+//!   derived from the item (schedule, user, entry or activation number) makes the second insert a
+//!   no-op. The entering request therefore never waits for PostgreSQL: it used to write the
+//!   position itself after the entry, and when that write failed the client's retry found the
+//!   entry made and the notification was never written.
 //! - Tokens are `v1.<scheduleId>.<userId>.<hmac>`: bound to the user and the schedule, signed
 //!   with the server secret, so they cannot be forged or used by someone else.
 //!
@@ -143,8 +149,10 @@ pub struct Admitted {
     pub admitted: u64,
 }
 
-// KEYS: waiting, active, seq, opens, early, active-limit. ARGV: user, opens (ms).
-// Returns {state, position, until-or-opens, new sequence}: state 1 active, 0 waiting, 3 early.
+// KEYS: waiting, active, seq, opens, early, active-limit, pending-notifications. ARGV: user,
+// opens (ms). Returns {state, position, until-or-opens, new sequence}: state 1 active, 0 waiting,
+// 3 early. A new waiting entry's QUEUE_POSITION is appended to the pending list here, in the same
+// atomic step (an early arrival has no position until the draw, so nothing to announce yet).
 static ENTER: Lua = Lua::new(r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -166,7 +174,9 @@ if now < opens then
   return {3, 0, opens, s}
 end
 redis.call('ZADD', KEYS[1], s, ARGV[1])
-return {0, early + redis.call('ZRANK', KEYS[1], ARGV[1]) + 1, 0, s}
+local pos = early + redis.call('ZRANK', KEYS[1], ARGV[1]) + 1
+redis.call('RPUSH', KEYS[7], 'position:' .. ARGV[1] .. ':' .. s .. ':' .. pos)
+return {0, pos, 0, s}
 "#);
 
 // Reads a user's place. With ARGV[2] > 0 an active user's idle deadline is pushed back, never
@@ -198,7 +208,7 @@ return {2, 0, 0}
 "#);
 
 // One admission step for one schedule.
-// KEYS: waiting, active, opens, early, active-limit, admission, pending-activations.
+// KEYS: waiting, active, opens, early, active-limit, admission, pending-notifications.
 // ARGV: batch, max active (flag defaults), idle ms, active limit ms, shuffle (1/0), seed.
 // Returns {paused, admitted}.
 static ADMIT: Lua = Lua::new(r#"
@@ -281,6 +291,7 @@ fn enter_keys(k: &Keys, schedule: Uuid) -> Vec<String> {
         k.queue_opens(schedule),
         k.queue_early(schedule),
         k.queue_active_limit(schedule),
+        k.queue_pending_notifications(schedule),
     ]
 }
 fn touch_keys(k: &Keys, schedule: Uuid) -> Vec<String> {
@@ -294,7 +305,7 @@ fn admit_keys(k: &Keys, schedule: Uuid) -> Vec<String> {
         k.queue_early(schedule),
         k.queue_active_limit(schedule),
         k.queue_admission(schedule),
-        k.queue_pending_activations(schedule),
+        k.queue_pending_notifications(schedule),
     ]
 }
 fn state_keys(k: &Keys, schedule: Uuid) -> Vec<String> {
@@ -313,7 +324,7 @@ pub(crate) fn script_keys(k: &Keys, schedule: Uuid) -> Vec<(String, Vec<String>)
     ]
 }
 
-/// Most pending activations written to PostgreSQL in one transaction.
+/// Most pending notifications written to PostgreSQL in one transaction.
 const DRAIN_BATCH: isize = 500;
 
 /// The waiting queue service.
@@ -456,7 +467,7 @@ impl Queue {
     }
 
     /// One admission step for `schedule` (Redis only): the early draw if due, lapsed places
-    /// removed, then up to `batch` users admitted and recorded as pending activations.
+    /// removed, then up to `batch` users admitted and their `QUEUE_ACTIVATED` recorded as pending.
     pub async fn admit(&self, schedule: Uuid) -> Result<Admitted> {
         let mut conn = self.redis.clone();
         let seed = u32::from_le_bytes(Uuid::new_v4().as_bytes()[..4].try_into().expect("4 bytes"));
@@ -473,27 +484,26 @@ impl Queue {
         Ok(Admitted { paused: paused == 1, admitted })
     }
 
-    /// Writes the `QUEUE_ACTIVATED` notifications of `schedule`'s pending activations into the
-    /// outbox, then removes exactly those entries from Redis. Returns how many were written.
-    pub async fn drain_activations(&self, pool: &PgPool, topics: &Topics, schedule: Uuid) -> Result<usize> {
+    /// Writes `schedule`'s pending queue notifications (see [`Keys::queue_pending_notifications`])
+    /// into the outbox, in their order, then removes exactly those items from Redis. Returns how
+    /// many were written.
+    pub async fn drain_notifications(&self, pool: &PgPool, topics: &Topics, schedule: Uuid) -> Result<usize> {
         let mut conn = self.redis.clone();
-        let key = self.keys.queue_pending_activations(schedule);
+        let key = self.keys.queue_pending_notifications(schedule);
         let items: Vec<String> = redis::cmd("LRANGE").arg(&key).arg(0).arg(DRAIN_BATCH - 1).query_async(&mut conn).await?;
         if items.is_empty() {
             return Ok(0);
         }
         let mut rows = Vec::with_capacity(items.len());
         for item in &items {
-            let Some(user) = item.split_once(':').and_then(|(u, _)| Uuid::parse_str(u).ok()) else {
-                tracing::warn!(item, "dropping a malformed pending activation");
-                continue;
-            };
-            let req = NotificationRequest::new(Kind::QueueActivated, user, json!({"scheduleId": schedule}));
-            // `item` is user:activation-number, unique per activation: a re-drain after a crash
-            // between the commit and the removal below yields the same id, which the worker
-            // ignores (and the outbox too, while the first row is unsent).
-            let id = notification::event_id(Kind::QueueActivated, &format!("{schedule}:{item}"));
-            rows.push(notification::outbox_row(topics, id, req));
+            // Each item is unique (an entry number or an activation number), and its event id is
+            // derived from it: a re-drain after a crash between the commit and the removal below
+            // yields the same id, which the worker ignores (and the outbox too, while the first
+            // row is unsent).
+            match pending_notification(schedule, item) {
+                Some((id, req)) => rows.push(notification::outbox_row(topics, id, req)),
+                None => tracing::warn!(item, "dropping a malformed pending queue notification"),
+            }
         }
         let written = rows.len();
         // One statement, committed on its own.
@@ -536,13 +546,13 @@ impl Queue {
             .cmd("ZCARD").arg(self.keys.queue_waiting(schedule))
             .cmd("ZCARD").arg(self.keys.queue_active(schedule))
             .cmd("ZCARD").arg(self.keys.queue_early(schedule))
-            .cmd("LLEN").arg(self.keys.queue_pending_activations(schedule))
+            .cmd("LLEN").arg(self.keys.queue_pending_notifications(schedule))
             .query_async(&mut conn)
             .await?;
         Ok([w, a, e, p])
     }
 
-    /// One schedule's part of a tick: its admission step, its pending activations written, its
+    /// One schedule's part of a tick: its admission step, its pending notifications written, its
     /// gauges, and its removal from the walk once idle. Failures are logged, not returned: one
     /// schedule's trouble must not stop the others.
     async fn step_schedule(&self, pool: &PgPool, topics: &Topics, s: String) -> Option<(Uuid, Admitted)> {
@@ -558,10 +568,10 @@ impl Queue {
         }
         // A backlog left by an outage drains a batch at a time, a bounded number per tick.
         for _ in 0..20 {
-            match self.drain_activations(pool, topics, schedule).await {
+            match self.drain_notifications(pool, topics, schedule).await {
                 Ok(n) if n as isize == DRAIN_BATCH => continue,
                 Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, %schedule, "queue activation notifications not written yet; kept pending in Redis"),
+                Err(e) => tracing::warn!(error = %e, %schedule, "queue notifications not written yet; kept pending in Redis"),
             }
             break;
         }
@@ -634,8 +644,8 @@ impl Queue {
         self.admission(schedule).await
     }
 
-    /// Runs admission ticks while holding the lease, until `shutdown`. Admitted users get a
-    /// `QUEUE_ACTIVATED` notification through the outbox (see [`Queue::drain_activations`]).
+    /// Runs admission ticks while holding the lease, until `shutdown`. Each tick also writes the
+    /// queue's pending notifications through the outbox (see [`Queue::drain_notifications`]).
     pub async fn run_admission(self, pool: PgPool, topics: Topics, shutdown: CancellationToken) {
         let holder = Uuid::new_v4().to_string();
         let lease = (self.cfg.tick * 3).max(Duration::from_secs(1));
@@ -663,11 +673,42 @@ impl Queue {
     }
 }
 
-/// Writes `QUEUE_POSITION` for a new entrant, through the api's group commit; returns once it
-/// is committed.
-pub async fn notify_position(outbox: &crate::outbox::GroupCommit, topics: &Topics, schedule: Uuid, user: Uuid, seq: u64, position: u64) -> Result<()> {
-    let req = NotificationRequest::new(Kind::QueuePosition(position), user, json!({"scheduleId": schedule, "position": position}));
-    let id = notification::event_id(Kind::QueuePosition(position), &format!("{schedule}:{user}:{seq}"));
-    outbox.write(notification::outbox_row(topics, id, req)).await?;
-    Ok(())
+/// The notification a pending item stands for, with its event id: `position:user:entry:position`
+/// (`QUEUE_POSITION`, appended by [`ENTER`]) or `user:activation` (`QUEUE_ACTIVATED`, by [`ADMIT`]).
+fn pending_notification(schedule: Uuid, item: &str) -> Option<(Uuid, NotificationRequest)> {
+    if let Some(rest) = item.strip_prefix("position:") {
+        let mut parts = rest.split(':');
+        let (user, entry, position) = (parts.next()?, parts.next()?, parts.next()?);
+        let (user, position): (Uuid, u64) = (Uuid::parse_str(user).ok()?, position.parse().ok()?);
+        entry.parse::<u64>().ok()?;
+        let kind = Kind::QueuePosition(position);
+        let req = NotificationRequest::new(kind, user, json!({"scheduleId": schedule, "position": position}));
+        return Some((notification::event_id(kind, &format!("{schedule}:{user}:{entry}")), req));
+    }
+    let user = Uuid::parse_str(item.split_once(':')?.0).ok()?;
+    let req = NotificationRequest::new(Kind::QueueActivated, user, json!({"scheduleId": schedule}));
+    Some((notification::event_id(Kind::QueueActivated, &format!("{schedule}:{item}")), req))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pending_item_names_its_notification_and_the_same_item_always_the_same_event() {
+        let (schedule, user) = (Uuid::new_v4(), Uuid::new_v4());
+        let (id, req) = pending_notification(schedule, &format!("position:{user}:7:123")).unwrap();
+        assert_eq!((req.kind.as_str(), req.user_id, req.message.as_str()), ("QUEUE_POSITION", user, "현재 대기 순번은 123번입니다."));
+        assert_eq!(req.data, json!({"scheduleId": schedule, "position": 123}));
+        assert_eq!(id, pending_notification(schedule, &format!("position:{user}:7:123")).unwrap().0);
+        assert_ne!(id, pending_notification(schedule, &format!("position:{user}:8:123")).unwrap().0, "another entry, another event");
+
+        let (id, req) = pending_notification(schedule, &format!("{user}:4")).unwrap();
+        assert_eq!((req.kind.as_str(), req.user_id), ("QUEUE_ACTIVATED", user));
+        assert_ne!(id, pending_notification(schedule, &format!("{user}:5")).unwrap().0);
+
+        for bad in ["", "position:", &format!("position:{user}:7"), &format!("position:{user}:x:1"), "not-a-user:1"] {
+            assert!(pending_notification(schedule, bad).is_none(), "{bad:?}");
+        }
+    }
 }

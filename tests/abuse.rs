@@ -96,6 +96,14 @@ async fn replayed_keys_forged_headers_and_a_queue_flood_change_nothing() {
     let entries: i64 = redis::cmd("ZCARD").arg(env.keys().queue_waiting(uuid)).query_async::<i64>(&mut conn).await.unwrap()
         + redis::cmd("ZCARD").arg(env.keys().queue_active(uuid)).query_async::<i64>(&mut conn).await.unwrap();
     assert_eq!(entries, 1);
+    // The admission tick writes the entrant's QUEUE_POSITION: once nothing is left pending,
+    // exactly one was written.
+    let pending = env.keys().queue_pending_notifications(uuid);
+    let drained = || async {
+        let mut conn = env.res.redis.clone();
+        redis::cmd("LLEN").arg(&pending).query_async::<i64>(&mut conn).await.unwrap() == 0
+    };
+    common::eventually(Duration::from_secs(10), drained).await;
     let positions = env.written_events(&env.topics().notification_request, |e| e["payload"]["type"] == "QUEUE_POSITION").await;
     assert_eq!(positions, 1, "one QUEUE_POSITION notification, not 201");
     api.stop().await;

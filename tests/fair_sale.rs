@@ -220,13 +220,82 @@ async fn queue_activated_is_written_after_a_postgres_failure_and_once_after_a_cr
     assert_eq!(activated_notifications(&env, &dave_id).await, 1);
     // A crash after the commit but before the pending entry left Redis: the re-drain writes
     // nothing new (same event id).
-    let pending = env.keys().queue_pending_activations(sid(&sched));
+    let pending = env.keys().queue_pending_notifications(sid(&sched));
     let mut conn = env.res.redis.clone();
     let _: () = redis::cmd("RPUSH").arg(&pending).arg(format!("{dave_id}:1")).query_async(&mut conn).await.unwrap();
-    assert_eq!(survivor.drain_activations(&env.pool, env.topics(), sid(&sched)).await.unwrap(), 1);
+    assert_eq!(survivor.drain_notifications(&env.pool, env.topics(), sid(&sched)).await.unwrap(), 1);
     assert_eq!(activated_notifications(&env, &dave_id).await, 1, "de-duplicated by event id");
     let left: i64 = redis::cmd("LLEN").arg(&pending).query_async(&mut conn).await.unwrap();
     assert_eq!(left, 0);
+}
+
+async fn position_notifications(env: &TestEnv, user: &str) -> Vec<Value> {
+    let position = |e: &Value| e["payload"]["type"] == "QUEUE_POSITION" && e["payload"]["userId"] == user;
+    env.events_written(&env.topics().notification_request, position).await
+}
+
+/// Issue 11 and "nothing lost": a new entrant's `QUEUE_POSITION` used to be written by the
+/// entering request itself, after the entry was made in Redis. With PostgreSQL refusing that
+/// write the request failed, the entry stayed, and the client's retry found it already queued:
+/// the notification was never written. Now the entry and its pending notification are one
+/// atomic step in Redis, and the admission tick writes it once PostgreSQL takes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_position_is_written_after_a_postgres_failure_and_the_entry_is_answered_meanwhile() {
+    let env = TestEnv::new().await;
+    let api = env.api(TTL, QueueSettings::default()).await;
+    let (blocked, _) = api.concert(2, 10).await;
+    let (other, _) = api.concert(2, 10).await;
+    // PostgreSQL refuses QUEUE_POSITION for one schedule, as if it were down for that write.
+    sqlx::query(&format!(
+        "CREATE FUNCTION refuse_position() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF NEW.envelope->'payload'->>'type' = 'QUEUE_POSITION' AND NEW.envelope->'payload'->'data'->>'scheduleId' = '{blocked}' THEN
+             RAISE EXCEPTION 'simulated outage';
+           END IF;
+           RETURN NEW;
+         END $$"
+    ))
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    sqlx::query("CREATE TRIGGER refuse_position BEFORE INSERT ON outbox FOR EACH ROW EXECUTE FUNCTION refuse_position()")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+
+    // The entry does not wait for PostgreSQL: Alice is answered with her place.
+    let alice = api.user("alice").await;
+    let r = api.http.post(api.url("/v1/queue/tokens")).bearer_auth(&alice.token).json(&json!({"scheduleId": blocked})).send().await.unwrap();
+    assert_eq!(r.status(), 201, "the entry is answered while its notification cannot be written");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["position"], 1);
+    // Bob enters another schedule after her; once his notification is out, a tick ran after
+    // Alice's entry and could not write hers.
+    let bob = api.user("bob").await;
+    api.enter_queue(&bob, &other).await;
+    common::eventually(Duration::from_secs(10), || async { position_notifications(&env, &bob.id).await.len() == 1 }).await;
+    assert!(position_notifications(&env, &alice.id).await.is_empty());
+
+    // PostgreSQL takes it again: Alice's notification is written, once, with the place she was given.
+    sqlx::query("DROP TRIGGER refuse_position ON outbox").execute(&env.pool).await.unwrap();
+    common::eventually(Duration::from_secs(10), || async { position_notifications(&env, &alice.id).await.len() == 1 }).await;
+    let written = position_notifications(&env, &alice.id).await;
+    assert_eq!(written[0]["payload"]["data"]["position"], 1);
+    assert_eq!(written[0]["payload"]["data"]["scheduleId"], blocked.as_str());
+
+    // A crash after the commit but before the pending entry left Redis: the re-drain writes
+    // nothing new (the same event id). The entry is put back as the script wrote it.
+    api.stop().await;
+    let pending = env.keys().queue_pending_notifications(sid(&blocked));
+    let mut conn = env.res.redis.clone();
+    let _: () = redis::cmd("RPUSH").arg(&pending).arg(format!("position:{}:1:1", alice.id)).query_async(&mut conn).await.unwrap();
+    let survivor = replica(&env, 10, 100);
+    assert_eq!(survivor.drain_notifications(&env.pool, env.topics(), sid(&blocked)).await.unwrap(), 1);
+    let left: i64 = redis::cmd("LLEN").arg(&pending).query_async(&mut conn).await.unwrap();
+    assert_eq!(left, 0);
+    // The re-drained row carries the first one's event id (the outbox drops it while the first
+    // is unsent; the worker stores one notification per event id).
+    assert_eq!(position_notifications(&env, &alice.id).await.len(), 1, "the same event id");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -17,7 +17,7 @@ use crate::hold_gate::Turn;
 use super::body::parse;
 use super::Api;
 use crate::error::{Error, Result};
-use crate::{admin, catalog, idempotency, notification, payment, points, queue, ranking, refund, reservation, seat_map, user};
+use crate::{admin, catalog, idempotency, notification, payment, points, ranking, refund, reservation, seat_map, user};
 
 type Body = Result<Bytes, Error>;
 
@@ -118,10 +118,9 @@ pub async fn enter_queue(api: Api, auth: Option<String>, body: Body) -> Result<R
     let user = authed(&api, &auth).await?;
     let b: EnterBody = parse(&body?)?;
     let opens_at = api.opening_times.get(&api.pool, b.schedule_id).await?;
+    // A new entrant's QUEUE_POSITION is written by the admission tick (`queue` module docs).
     let (token, place, new_entry) = api.queue.enter(b.schedule_id, opens_at, user).await?;
-    // An early arrival has no position until the draw at opening, so nothing to announce yet.
-    if let (Some(seq), Some(position)) = (new_entry, place.position) {
-        queue::notify_position(&api.group_commit, &api.topics, b.schedule_id, user, seq, position).await?;
+    if new_entry.is_some() && place.position.is_some() {
         metrics::counter!("queue_entries_total").increment(1);
     }
     let mut v = serde_json::to_value(&place).expect("place serializes");

@@ -55,8 +55,6 @@ pub struct ApiState {
     pub max_streams_per_user: usize,
     /// Ends open notification streams so a graceful shutdown does not wait on them.
     pub shutdown: CancellationToken,
-    /// Group commit of the outbox rows written outside a transaction of their own.
-    pub group_commit: crate::outbox::GroupCommit,
     /// Group commit of payments.
     pub payments: crate::payment::GroupCommit,
     /// Tokens already resolved by this process.

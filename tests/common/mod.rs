@@ -254,11 +254,15 @@ impl TestEnv {
     /// relay moved it meanwhile; one seen in both places (acknowledged, its row not yet deleted)
     /// counts once, by event id.
     pub async fn written_events(&self, topic: &str, keep: impl Fn(&Value) -> bool) -> usize {
+        self.events_written(topic, keep).await.len()
+    }
+
+    /// The envelopes `written_events` counts, one per event id.
+    pub async fn events_written(&self, topic: &str, keep: impl Fn(&Value) -> bool) -> Vec<Value> {
         let waiting: Vec<Value> = sqlx::query_scalar("SELECT envelope FROM outbox WHERE topic = $1").bind(topic).fetch_all(&self.pool).await.unwrap();
         let sent = self.read_topic_to_end(topic).await;
-        let ids: std::collections::HashSet<String> =
-            waiting.iter().chain(&sent).filter(|e| keep(e)).map(|e| e["eventId"].as_str().unwrap_or_default().to_string()).collect();
-        ids.len()
+        let mut seen = std::collections::HashSet::new();
+        waiting.into_iter().chain(sent).filter(|e| keep(e)).filter(|e| seen.insert(e["eventId"].as_str().unwrap_or_default().to_string())).collect()
     }
 
     /// How many `RESERVATION_EXPIRED` notifications were written for reservation `id`.
