@@ -156,17 +156,14 @@ async fn a_paused_schedule_admits_nobody_until_resumed_and_a_batch_change_applie
     api.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn queue_activated_is_written_after_a_postgres_failure_and_once_after_a_crash_between_the_steps() {
-    let env = TestEnv::new().await;
-    let api = env.api(TTL, QueueSettings::default()).await;
-    let (blocked, _) = api.concert(2, 10).await;
-    let (other, _) = api.concert(2, 10).await;
-    // PostgreSQL refuses QUEUE_ACTIVATED for one schedule, as if it were down for that write.
+/// Makes PostgreSQL refuse every outbox row of notification type `kind` for `schedule`, through
+/// a trigger named `refuse_<kind in lower case>` (the test drops it to end the outage).
+async fn refuse_notifications(env: &TestEnv, kind: &str, schedule: &str) {
+    let name = format!("refuse_{}", kind.to_lowercase());
     sqlx::query(&format!(
-        "CREATE FUNCTION refuse_activation() RETURNS trigger LANGUAGE plpgsql AS $$
+        "CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN
-           IF NEW.envelope->'payload'->>'type' = 'QUEUE_ACTIVATED' AND NEW.envelope->'payload'->'data'->>'scheduleId' = '{blocked}' THEN
+           IF NEW.envelope->'payload'->>'type' = '{kind}' AND NEW.envelope->'payload'->'data'->>'scheduleId' = '{schedule}' THEN
              RAISE EXCEPTION 'simulated outage';
            END IF;
            RETURN NEW;
@@ -175,10 +172,17 @@ async fn queue_activated_is_written_after_a_postgres_failure_and_once_after_a_cr
     .execute(&env.pool)
     .await
     .unwrap();
-    sqlx::query("CREATE TRIGGER refuse_activation BEFORE INSERT ON outbox FOR EACH ROW EXECUTE FUNCTION refuse_activation()")
-        .execute(&env.pool)
-        .await
-        .unwrap();
+    sqlx::query(&format!("CREATE TRIGGER {name} BEFORE INSERT ON outbox FOR EACH ROW EXECUTE FUNCTION {name}()")).execute(&env.pool).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_activated_is_written_after_a_postgres_failure_and_once_after_a_crash_between_the_steps() {
+    let env = TestEnv::new().await;
+    let api = env.api(TTL, QueueSettings::default()).await;
+    let (blocked, _) = api.concert(2, 10).await;
+    let (other, _) = api.concert(2, 10).await;
+    // PostgreSQL refuses QUEUE_ACTIVATED for one schedule, as if it were down for that write.
+    refuse_notifications(&env, "QUEUE_ACTIVATED", &blocked).await;
 
     let alice = api.user("alice").await;
     api.active_token(&alice, &blocked).await;
@@ -196,7 +200,7 @@ async fn queue_activated_is_written_after_a_postgres_failure_and_once_after_a_cr
     assert_eq!(activated_notifications(&env, &alice.id).await, 0);
 
     // PostgreSQL is back: Alice's notification is written, once.
-    sqlx::query("DROP TRIGGER refuse_activation ON outbox").execute(&env.pool).await.unwrap();
+    sqlx::query("DROP TRIGGER refuse_queue_activated ON outbox").execute(&env.pool).await.unwrap();
     common::eventually(Duration::from_secs(10), || async { activated_notifications(&env, &alice.id).await == 1 }).await;
 
     // A crash between the two steps: admitted in Redis by one replica, which dies before
@@ -246,22 +250,7 @@ async fn queue_position_is_written_after_a_postgres_failure_and_the_entry_is_ans
     let (blocked, _) = api.concert(2, 10).await;
     let (other, _) = api.concert(2, 10).await;
     // PostgreSQL refuses QUEUE_POSITION for one schedule, as if it were down for that write.
-    sqlx::query(&format!(
-        "CREATE FUNCTION refuse_position() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN
-           IF NEW.envelope->'payload'->>'type' = 'QUEUE_POSITION' AND NEW.envelope->'payload'->'data'->>'scheduleId' = '{blocked}' THEN
-             RAISE EXCEPTION 'simulated outage';
-           END IF;
-           RETURN NEW;
-         END $$"
-    ))
-    .execute(&env.pool)
-    .await
-    .unwrap();
-    sqlx::query("CREATE TRIGGER refuse_position BEFORE INSERT ON outbox FOR EACH ROW EXECUTE FUNCTION refuse_position()")
-        .execute(&env.pool)
-        .await
-        .unwrap();
+    refuse_notifications(&env, "QUEUE_POSITION", &blocked).await;
 
     // The entry does not wait for PostgreSQL: Alice is answered with her place.
     let alice = api.user("alice").await;
@@ -277,7 +266,7 @@ async fn queue_position_is_written_after_a_postgres_failure_and_the_entry_is_ans
     assert!(position_notifications(&env, &alice.id).await.is_empty());
 
     // PostgreSQL takes it again: Alice's notification is written, once, with the place she was given.
-    sqlx::query("DROP TRIGGER refuse_position ON outbox").execute(&env.pool).await.unwrap();
+    sqlx::query("DROP TRIGGER refuse_queue_position ON outbox").execute(&env.pool).await.unwrap();
     common::eventually(Duration::from_secs(10), || async { position_notifications(&env, &alice.id).await.len() == 1 }).await;
     let written = position_notifications(&env, &alice.id).await;
     assert_eq!(written[0]["payload"]["data"]["position"], 1);
