@@ -378,8 +378,9 @@ impl Queue {
     }
 
     /// Enters `user` in the queue of `schedule` (existing entrants keep their place). Returns the
-    /// token, the place, and the arrival number when this call created the entry.
-    pub async fn enter(&self, schedule: Uuid, opens_at: DateTime<Utc>, user: Uuid) -> Result<(String, Place, Option<u64>)> {
+    /// token and the place. A new entrant's `QUEUE_POSITION` is left pending by the script and
+    /// written by the admission tick.
+    pub async fn enter(&self, schedule: Uuid, opens_at: DateTime<Utc>, user: Uuid) -> Result<(String, Place)> {
         let mut conn = self.redis.clone();
         let (state, pos, until, seq): (i64, u64, i64, u64) = ENTER.script()
             .key(enter_keys(&self.keys, schedule))
@@ -390,7 +391,11 @@ impl Queue {
         // Listed after the entry exists, never before: see `forget_if_idle`.
         let _: () = redis::cmd("SADD").arg(self.keys.queue_schedules()).arg(schedule.to_string()).query_async(&mut conn).await?;
         let place = self.place(state, pos, until);
-        Ok((self.token(schedule, user), place, (seq > 0).then_some(seq)))
+        // A new entry with a place (an early arrival has none until the draw).
+        if seq > 0 && place.position.is_some() {
+            metrics::counter!("queue_entries_total").increment(1);
+        }
+        Ok((self.token(schedule, user), place))
     }
 
     fn place(&self, state: i64, pos: u64, until: i64) -> Place {

@@ -496,7 +496,7 @@ async fn the_queue_and_its_admission_settings_run_on_redis_cluster() {
     assert_eq!(paused.batch, 2);
     let users: Vec<Uuid> = (0..5).map(|_| Uuid::new_v4()).collect();
     for u in &users {
-        let (_, place, _) = queue.enter(schedule, opened, *u).await.unwrap();
+        let (_, place) = queue.enter(schedule, opened, *u).await.unwrap();
         assert_eq!(place.status, "WAITING", "nobody is admitted while paused");
     }
     let step = queue.admit(schedule).await.unwrap();

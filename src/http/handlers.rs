@@ -118,11 +118,7 @@ pub async fn enter_queue(api: Api, auth: Option<String>, body: Body) -> Result<R
     let user = authed(&api, &auth).await?;
     let b: EnterBody = parse(&body?)?;
     let opens_at = api.opening_times.get(&api.pool, b.schedule_id).await?;
-    // A new entrant's QUEUE_POSITION is written by the admission tick (`queue` module docs).
-    let (token, place, new_entry) = api.queue.enter(b.schedule_id, opens_at, user).await?;
-    if new_entry.is_some() && place.position.is_some() {
-        metrics::counter!("queue_entries_total").increment(1);
-    }
+    let (token, place) = api.queue.enter(b.schedule_id, opens_at, user).await?;
     let mut v = serde_json::to_value(&place).expect("place serializes");
     v["queueToken"] = json!(token);
     Ok(json_reply(StatusCode::CREATED, &v))
