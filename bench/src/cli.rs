@@ -307,9 +307,12 @@ async fn run(a: RunArgs) -> Result<()> {
     }
     if wants("sell-out") || wants("payments") {
         let cfg = sell_out::Config { schedules: a.schedules, seats_per_schedule: a.seats, clients: a.clients };
-        settle(&ctx, "sell-out").await;
+        let r = prepare_sell_out(&ctx, &cfg, "sell-out").await;
         let cpu0 = cpu::snapshot(marker);
-        let r = sell_out::run(&ctx, &cfg).await;
+        let r = match r {
+            Ok(prepared) => sell_out::run(&ctx, &cfg, prepared).await,
+            Err(e) => Err(e),
+        };
         results.cpu.insert("sell-out".into(), cpu0.usage_since(marker));
         match r {
             Ok(sold) => {
@@ -333,9 +336,12 @@ async fn run(a: RunArgs) -> Result<()> {
         // The sell-out's seats, all in one schedule: a sale of one date, where every hold is
         // of the same schedule (issue 11, migration 0230).
         let cfg = sell_out::Config { schedules: 1, seats_per_schedule: a.schedules * a.seats, clients: a.clients };
-        settle(&ctx, "one-schedule").await;
+        let r = prepare_sell_out(&ctx, &cfg, "one-schedule").await;
         let cpu0 = cpu::snapshot(marker);
-        let r = sell_out::run(&ctx, &cfg).await;
+        let r = match r {
+            Ok(prepared) => sell_out::run(&ctx, &cfg, prepared).await,
+            Err(e) => Err(e),
+        };
         results.cpu.insert("one-schedule".into(), cpu0.usage_since(marker));
         match r {
             Ok(sold) => results.one_schedule = Some(sold.result),
@@ -471,6 +477,16 @@ mod tests {
         use clap::CommandFactory;
         super::Cli::command().debug_assert();
     }
+}
+
+/// Prepares a sell-out after the previous scenario's aftermath, then waits again for its own
+/// setup's (the bookers' queue notifications) before its clock starts.
+async fn prepare_sell_out(ctx: &Ctx, cfg: &sell_out::Config, scenario: &str) -> Result<sell_out::Prepared> {
+    settle(ctx, scenario).await;
+    let prepared = sell_out::prepare(ctx, cfg).await?;
+    let waited = cpu::settle(Duration::from_secs(10)).await;
+    ctx.say(&format!("{scenario}: bookers ACTIVE; holds started once the machine was quiet again, {:.1} s later", waited.as_secs_f64()));
+    Ok(prepared)
 }
 
 /// Waits for the machine to be quiet before a scenario of the spike (see [`cpu::settle`]), so

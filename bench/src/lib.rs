@@ -11,9 +11,9 @@
 //! | --- | --- | --- |
 //! | `queue-spike` | [`queue_spike::run`] | §7-2 notifications 10,000+/s |
 //! | `seat-fight` | [`seat_fight::run`] | §2-2 bottleneck 1: 500 requests for one seat, 25 s |
-//! | `sell-out` | [`sell_out::run`] | — |
+//! | `sell-out` | [`sell_out::prepare`], then [`sell_out::run`] | — |
 //! | `payments` | [`sell_out::payments`] | §2-2 bottleneck 2: 160 ms, 110 ms without ranking |
-//! | `one-schedule` | [`sell_out::run`], one schedule | — |
+//! | `one-schedule` | [`sell_out::prepare`] and [`sell_out::run`], one schedule | — |
 //! | `expiry` | [`expiry::run`] | §7-1: ±10 s before, ±100 ms after, 80 % less DB load |
 //! | `end-to-end` | [`end_to_end::run`] | §7-2 |
 //! | `notify-drain` | [`notify_drain::run`] | §7-2 notifications 10,000+/s, the worker alone |

@@ -731,7 +731,9 @@ pub fn markdown(r: &Report) -> String {
             md,
             "\n\"other\" is busy time outside the stack's processes: other work on the same machine (such as \
              compilers of concurrent sessions), short-lived processes and the kernel. `postgres` counts every \
-             PostgreSQL process (all databases)."
+             PostgreSQL process (all databases). The sell-out's and the one-schedule sale's rows cover their holds \
+             only: their setup (schedules, bookers queued until ACTIVE, and the notifications that starts) runs \
+             before, and the holds start once the machine is quiet again."
         );
     }
     let _ = writeln!(md, "\n## Charts\n");

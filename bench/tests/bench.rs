@@ -136,7 +136,8 @@ async fn queue_spike_seat_fight_sell_out_and_payments_at_a_small_size() {
     assert_eq!(f.loser_latency.count, 29);
     assert!(f.all_decided_ms >= f.latency.max_ms * 0.5 && f.latency.max_ms >= f.latency.p99_ms && f.latency.p99_ms >= f.latency.p50_ms);
 
-    let sold = sell_out::run(&ctx, &sell_out::Config { schedules: 3, seats_per_schedule: 10, clients: 6 }).await.unwrap();
+    let cfg = sell_out::Config { schedules: 3, seats_per_schedule: 10, clients: 6 };
+    let sold = sell_out::run(&ctx, &cfg, sell_out::prepare(&ctx, &cfg).await.unwrap()).await.unwrap();
     let s = &sold.result;
     assert_eq!(s.seats, 30);
     assert_eq!(s.holds, 30, "every seat held once: {s:?}");
@@ -153,7 +154,8 @@ async fn queue_spike_seat_fight_sell_out_and_payments_at_a_small_size() {
     assert!(p.ranking_caught_up_ms.is_some(), "the ranking consumer shows every payment");
 
     // The one-schedule sale: the same run on seats all of one schedule.
-    let one = sell_out::run(&ctx, &sell_out::Config { schedules: 1, seats_per_schedule: 20, clients: 6 }).await.unwrap().result;
+    let cfg = sell_out::Config { schedules: 1, seats_per_schedule: 20, clients: 6 };
+    let one = sell_out::run(&ctx, &cfg, sell_out::prepare(&ctx, &cfg).await.unwrap()).await.unwrap().result;
     assert_eq!((one.seats, one.holds, one.errors, one.db_held), (20, 20, 0, 20), "every seat of the one schedule held once: {one:?}");
 
     // The report renders every figure with the document's beside it.
