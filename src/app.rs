@@ -169,6 +169,7 @@ pub async fn run_api(res: Resources, s: ApiSettings, listener: TcpListener, ops:
         shutdown: shutdown.clone(),
         sessions: Default::default(),
         payments: crate::payment::GroupCommit::start(res.pool.clone()),
+        holds: crate::reservation::HoldGroup::start(res.pool.clone()),
         opening_times: Default::default(),
         hold_gate: Default::default(),
     });

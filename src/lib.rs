@@ -24,6 +24,7 @@ pub mod error;
 pub mod expiry;
 pub mod export;
 pub mod floor;
+pub mod group_commit;
 pub mod health;
 pub mod hold_gate;
 pub mod http;

@@ -115,6 +115,7 @@ pub fn describe_metrics(daemon: Daemon, topic_prefix: &str) {
     describe_counter!("outbox_set_aside_total", "Outbox events set aside because Kafka refused them for good");
     describe_counter!("queue_vacuums_total", "VACUUMs of a table read as a queue (notification_deliveries) run by the process that marked its rows done, by table");
     describe_histogram!("payment_group_size", "Payments written by one statement and one commit (payment::GroupCommit)");
+    describe_histogram!("hold_group_size", "Holds written by one statement and one commit (reservation::HoldGroup)");
     describe_histogram!("outbox_relay_step_seconds", Unit::Seconds, "Time of one relay step that held the relay lock, by outcome (published: read, send, Kafka's acks, delete, commit; idle: found nothing; failed: Kafka refused or timed out)");
     describe_counter!("outbox_producer_rebuilds_total", "Outbox producers replaced after a fatal error of the idempotent producer");
     // Delay scheduler.

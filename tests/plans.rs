@@ -132,9 +132,8 @@ async fn lookups_by_key_read_a_handful_of_rows_while_the_statistics_say_no_hold_
     // A hold on a free seat: the look, the seat limit's count, the insert.
     let free = w.seats[LIVE as usize];
     let hold = |seat: Uuid| async move {
-        let conn = pool.acquire().await?;
         let req = HoldRequest { user: w.buyer, seat, ttl: Duration::from_secs(300), max_seats: 4, key: None };
-        reservation::hold(conn, topics, req, w.schedule).await
+        reservation::hold(pool, &reservation::HoldGroup::start(pool.clone()), topics, req, w.schedule).await
     };
     let (read, held) = rows_read(pool, hold(free)).await;
     let held = held.expect("hold").fresh.expect("a new hold");
@@ -328,6 +327,7 @@ async fn holds_leave_their_schedules_row_unlocked_and_a_reservation_names_its_se
     let env = TestEnv::new().await;
     let (pool, topics) = (&env.pool, env.topics());
     let concert = on_sale(pool, "one row", 2, 4).await;
+    let group = reservation::HoldGroup::start(pool.clone());
     let (schedule, other) = (concert.schedules[0].schedule_id, concert.schedules[1].schedule_id);
     let seats: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM seats WHERE schedule_id = $1 ORDER BY seat_no").bind(schedule).fetch_all(pool).await.unwrap();
     // A row lock writes the locker into the row's xmax (a MultiXact when there are several).
@@ -337,7 +337,7 @@ async fn holds_leave_their_schedules_row_unlocked_and_a_reservation_names_its_se
     for (i, seat) in seats.iter().enumerate() {
         let user = booking::user::create(pool, &format!("buyer {i}")).await.expect("user").user_id;
         let req = HoldRequest { user, seat: *seat, ttl: Duration::from_secs(300), max_seats: 4, key: None };
-        let held = reservation::hold(pool.acquire().await.unwrap(), topics, req, schedule).await.expect("hold");
+        let held = reservation::hold(pool, &group, topics, req, schedule).await.expect("hold");
         assert!(held.fresh.is_some(), "hold {i}");
     }
     assert_eq!(xmax().await, before, "four holds locked their schedule's row");

@@ -166,9 +166,8 @@ pub async fn hold(api: Api, auth: Option<String>, token: Option<String>, key: Op
     // The queue place first (Redis; the signed token names its schedule), then the hold, which
     // checks that the seat is in that schedule: no connection waits on Redis.
     let schedule = api.queue.active_schedule(token.as_deref(), user).await?;
-    let conn = api.pool.acquire().await?;
     let req = reservation::HoldRequest { user, seat: b.seat_id, ttl: api.hold_ttl, max_seats: api.max_seats_per_user, key: key.as_deref() };
-    let held = reservation::hold(conn, &api.topics, req, schedule).await?;
+    let held = reservation::hold(&api.pool, &api.holds, &api.topics, req, schedule).await?;
     if let (Some(c), true) = (contender.as_mut(), held.fresh.is_some()) {
         c.held();
     }

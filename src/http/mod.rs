@@ -57,6 +57,8 @@ pub struct ApiState {
     pub shutdown: CancellationToken,
     /// Group commit of payments.
     pub payments: crate::payment::GroupCommit,
+    /// Group commit of holds without a key.
+    pub holds: crate::reservation::HoldGroup,
     /// Tokens already resolved by this process.
     pub sessions: crate::user::Sessions,
     /// Schedules' booking opening times already read by this process.
