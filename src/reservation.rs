@@ -7,9 +7,10 @@
 //!
 //! **A user holds or owns at most `--max-seats-per-user` seats of one schedule** (issue 12), also
 //! enforced by PostgreSQL in the hold's transaction: [`hold`] takes a transaction-scoped advisory
-//! lock on (user, schedule) (the function `hold_seat`, `migrations/0180_hold_in_one_statement.sql`),
-//! then counts that user's live seats (HELD and unexpired, or
-//! CONFIRMED) before inserting. Concurrent holds by one user, on any api replica, queue on that
+//! lock on (user, schedule) (the functions `hold_seats`, `migrations/0240_hold_seats_in_groups.sql`,
+//! for holds written in a group, and `hold_seat`, `migrations/0180_hold_in_one_statement.sql`, for
+//! a hold alone), then counts that user's live seats (HELD and unexpired, or CONFIRMED) before
+//! inserting. Concurrent holds by one user, on any api replica, queue on that
 //! lock for the few milliseconds of the insert, so they cannot overshoot; other users never wait
 //! on it. Expired, cancelled (and refunded) reservations are not counted.
 //!
