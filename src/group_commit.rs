@@ -72,20 +72,24 @@ impl<A: Grouped> GroupCommit<A> {
                     let asks: Vec<&A> = group.iter().map(|(a, _)| a).collect();
                     let outcome = A::write(&pool, &asks).await;
                     metrics::histogram!(A::SIZE_METRIC).record(group.len() as f64);
-                    match outcome {
-                        Ok(rows) if rows.len() == group.len() => {
-                            for ((_, done), row) in group.into_iter().zip(rows) {
-                                let _ = done.send(Ok(row));
-                            }
+                    let rows = match outcome {
+                        Ok(rows) if rows.len() == group.len() => rows,
+                        Ok(rows) => {
+                            tracing::error!(rows = rows.len(), requests = group.len(), metric = A::SIZE_METRIC, "a group's statement answered the wrong number of rows; each request runs alone");
+                            Vec::new()
                         }
-                        outcome => {
-                            match outcome {
-                                Err(e) => tracing::debug!(error = %e, requests = group.len(), metric = A::SIZE_METRIC, "a group failed; each request runs alone"),
-                                Ok(rows) => tracing::error!(rows = rows.len(), requests = group.len(), metric = A::SIZE_METRIC, "a group's statement answered the wrong number of rows; each request runs alone"),
-                            }
-                            for (ask, done) in group {
-                                let _ = done.send(Err(ask));
-                            }
+                        Err(e) => {
+                            tracing::debug!(error = %e, requests = group.len(), metric = A::SIZE_METRIC, "a group failed; each request runs alone");
+                            Vec::new()
+                        }
+                    };
+                    if rows.is_empty() {
+                        for (ask, done) in group {
+                            let _ = done.send(Err(ask));
+                        }
+                    } else {
+                        for ((_, done), row) in group.into_iter().zip(rows) {
+                            let _ = done.send(Ok(row));
                         }
                     }
                 }

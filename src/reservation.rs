@@ -170,7 +170,7 @@ pub struct Held {
 pub async fn hold(pool: &PgPool, group: &HoldGroup, topics: &Topics, req: HoldRequest<'_>, schedule: Uuid) -> Result<Held> {
     let ask = HoldAsk::new(topics, &req, schedule);
     if req.key.is_some() {
-        return hold_alone(pool, topics, &req, ask).await;
+        return hold_alone(pool, topics, req.key, ask).await;
     }
     let (id, user, seat) = (ask.id, ask.user, ask.seat);
     let row = match group.write(ask).await {
@@ -182,7 +182,7 @@ pub async fn hold(pool: &PgPool, group: &HoldGroup, topics: &Topics, req: HoldRe
     };
     // A stale hold takes the slow path, which ends it first (a new ask: nothing was written).
     if row.get::<&str, _>(0) == "stale" {
-        return hold_alone(pool, topics, &req, HoldAsk::new(topics, &req, schedule)).await;
+        return hold_alone(pool, topics, None, HoldAsk::new(topics, &req, schedule)).await;
     }
     let r = held(&row, id, user, seat, schedule)?;
     outbox::committed();
@@ -194,8 +194,8 @@ pub async fn hold(pool: &PgPool, group: &HoldGroup, topics: &Topics, req: HoldRe
 /// (sent with `BEGIN`, its answer dropped: a failure aborts the transaction and the next
 /// statement reports it), before the key's claim, so that a keyed retry and its original take the
 /// two in the same order. `hold_seat` takes it again, at no cost.
-async fn hold_alone(pool: &PgPool, topics: &Topics, req: &HoldRequest<'_>, ask: HoldAsk) -> Result<Held> {
-    let (seat, user, key) = (req.seat, req.user, req.key);
+async fn hold_alone(pool: &PgPool, topics: &Topics, key: Option<&str>, ask: HoldAsk) -> Result<Held> {
+    let (seat, user) = (ask.seat, ask.user);
     let conn = pool.acquire().await?;
     let mut tx = crate::db::begin_on(conn, format!("BEGIN; SELECT pg_advisory_xact_lock({})", ask.lock)).await?;
     if let Some(key) = key {
